@@ -1,0 +1,22 @@
+"""mrpool: a local MapReduce job runner that never loses work.
+
+The folder is the architecture, one module per concept:
+
+    spec.py        the job file: parse and validate
+    items.py       read the input once, give items identities, keep the job's copy
+    journal.py     the append-only, checksummed record of everything (group commit)
+    store.py       a job's directory, replayed state, checkpoint
+    dlq.py         the dead letter queue: parked items, history, signatures
+    lock.py        one process per job: fasteners lock + holder record + psutil
+    planner.py     what a session runs: pending > failed > DLQ, deduplicated
+    slots.py       per-worker shared-memory slots (item, since, heartbeat)
+    worker.py      a worker process: runs command / callable attempts
+    executor.py    the executor boundary; LocalExecutor = forked workers
+    supervisor.py  one session: dispatch, outcomes, retries, stop path
+    reduce.py      the reduce step
+    api.py         the Python API;  cli.py  the command line
+    failpoints.py  named crash/IO-error points for tests
+"""
+
+__version__ = "0.1.0"
+__all__ = ["__version__"]

@@ -1,0 +1,394 @@
+"""The command line: ``python -m mrpool ...`` / ``mrpool ...``.
+
+Parsing and printing only; the work is in ``api``. Errors are ``MrpoolError``s
+mapped to exit codes in ``main`` (see errors.py): one line on stderr, never a
+traceback. stdout carries data (the job id, JSON, JSONL); humans get stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, MrpoolError, UsageError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (the contract)
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--state-dir",
+        default=argparse.SUPPRESS,
+        help="where job state lives (default: $MRPOOL_HOME, else ~/.local/state/mrpool)",
+    )
+    parser = _Parser(
+        prog="mrpool",
+        description="A local MapReduce job runner that never loses work.",
+        parents=[common],
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"mrpool {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("run", parents=[common], help="start a new job from a job file")
+    p.add_argument("jobfile")
+    p.add_argument("--job-id")
+    p.add_argument("--workers", type=_positive_int)
+    p.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
+
+    p = sub.add_parser("resume", parents=[common], help="run what is left of a job")
+    p.add_argument("job_id")
+    p.add_argument("--no-dlq", action="store_true", help="leave DLQ items parked")
+    p.add_argument(
+        "--reset-failed",
+        action="store_true",
+        help="restart attempt numbers of failed and DLQ items at 1",
+    )
+    p.add_argument(
+        "--max-additional-retries",
+        type=_positive_int,
+        metavar="N",
+        help="attempts for failed and DLQ items in this resume",
+    )
+    p.add_argument("--workers", type=_positive_int)
+    p.add_argument(
+        "--wait",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long for the job's lock",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the plan and final report as JSON on stdout"
+    )
+
+    p = sub.add_parser(
+        "status", parents=[common], help="a job's counts and state, or a table of all jobs"
+    )
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser(
+        "results", parents=[common], help="successful results as JSONL, in input order"
+    )
+    p.add_argument("job_id")
+    p.add_argument("--reduce", action="store_true", help="print the reduce step's output instead")
+
+    p = sub.add_parser("events", parents=[common], help="the job's event log as JSONL")
+    p.add_argument("job_id")
+    p.add_argument(
+        "--follow", action="store_true", help="keep printing until the job has no live holder"
+    )
+
+    p = sub.add_parser(
+        "dlq", parents=[common], help="inspect, retry, purge or export the dead letter queue"
+    )
+    dsub = p.add_subparsers(dest="dlq_command", required=True, parser_class=_Parser)
+    d = dsub.add_parser(
+        "list", parents=[common], help="DLQ items: id, attempts, last error, signature"
+    )
+    d.add_argument("job_id")
+    d.add_argument("--json", action="store_true")
+    d = dsub.add_parser(
+        "show", parents=[common], help="one DLQ item whole, with its failure history"
+    )
+    d.add_argument("job_id")
+    d.add_argument("item_id")
+    d = dsub.add_parser("stats", parents=[common], help="DLQ counts by error signature")
+    d.add_argument("job_id")
+    d.add_argument("--json", action="store_true")
+    d = dsub.add_parser("retry", parents=[common], help="re-run DLQ items (all, or those named)")
+    d.add_argument("job_id")
+    d.add_argument("item_ids", nargs="*")
+    d.add_argument("--workers", type=_positive_int)
+    d.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS")
+    d.add_argument("--json", action="store_true")
+    d = dsub.add_parser("purge", parents=[common], help="drop DLQ items for good (needs --yes)")
+    d.add_argument("job_id")
+    d.add_argument("item_ids", nargs="*")
+    d.add_argument("--yes", action="store_true", help="really drop them")
+    d.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS")
+    d = dsub.add_parser("export", parents=[common], help="DLQ items as JSONL")
+    d.add_argument("job_id")
+    d.add_argument("-o", "--output", metavar="FILE")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("expected seconds >= 0")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _build_parser().parse_args(argv)
+        return _dispatch(args)
+    except MrpoolError as e:
+        _say(f"mrpool: {e}")
+        return e.exit_code
+    except KeyboardInterrupt:
+        _say("mrpool: interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (| head): not an error
+        return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from . import api
+
+    state_dir = getattr(args, "state_dir", None)
+    if args.command == "run":
+        report = api.run_job(
+            args.jobfile,
+            job_id=args.job_id,
+            workers=args.workers,
+            state_dir=state_dir,
+            on_created=_print_job_id,
+            progress=True,
+        )
+        return _finish(report, args.json)
+    if args.command == "resume":
+        report = api.resume_job(
+            args.job_id,
+            state_dir=state_dir,
+            workers=args.workers,
+            no_dlq=args.no_dlq,
+            reset_failed=args.reset_failed,
+            max_additional_retries=args.max_additional_retries,
+            wait=args.wait,
+            progress=True,
+            on_plan=_print_plan,
+        )
+        return _finish(report, args.json)
+    if args.command == "status":
+        return _status(args, state_dir)
+    if args.command == "results":
+        if args.reduce:
+            output = api.reduce_output(args.job_id, state_dir=state_dir)
+            if not output.get("ok"):
+                _say(f"mrpool: the reduce step failed: {output.get('error')}")
+                return EXIT_FAILURES
+            _out(orjson.dumps(output["output"]) + b"\n")
+            return 0
+        _write_lines(
+            orjson.dumps(row) + b"\n" for row in api.iter_results(args.job_id, state_dir=state_dir)
+        )
+        return 0
+    if args.command == "events":
+        _write_lines(
+            orjson.dumps(e) + b"\n"
+            for e in api.iter_events(args.job_id, state_dir=state_dir, follow=args.follow)
+        )
+        return 0
+    return _dlq(args, state_dir)
+
+
+def _dlq(args: argparse.Namespace, state_dir: str | None) -> int:
+    from . import api
+
+    cmd = args.dlq_command
+    if cmd == "retry":
+        report = api.retry_dlq(
+            args.job_id,
+            args.item_ids or None,
+            state_dir=state_dir,
+            workers=args.workers,
+            wait=args.wait,
+            progress=True,
+            on_plan=_print_plan,
+        )
+        return _finish(report, args.json)
+    if cmd == "purge":
+        if not args.yes:
+            raise UsageError("dlq purge drops items for good; add --yes to confirm")
+        count = api.purge_dlq(
+            args.job_id, args.item_ids or None, state_dir=state_dir, wait=args.wait
+        )
+        _say(f"purged {count} item(s) from the DLQ of {args.job_id}")
+        return 0
+    dlq = api.open_dlq(args.job_id, state_dir=state_dir)
+    if cmd == "list":
+        entries = [e.brief() for e in dlq.entries()]
+        if args.json:
+            _out(orjson.dumps(entries) + b"\n")
+        else:
+            _table(
+                ["ID", "ATTEMPTS", "SIGNATURE", "ERROR"],
+                [[e["id"], e["attempts"], e["signature"], e["error"]] for e in entries],
+            )
+            _say(f"{len(entries)} item(s) in the DLQ of {args.job_id}")
+        return 0
+    if cmd == "show":
+        _out(orjson.dumps(dlq.get(args.item_id).full(), option=orjson.OPT_INDENT_2) + b"\n")
+        return 0
+    if cmd == "stats":
+        groups = dlq.stats()
+        if args.json:
+            _out(orjson.dumps(groups) + b"\n")
+        else:
+            for g in groups:
+                _out(
+                    f"{g['count']} item(s): {g['kind']}: {g['example']}  [signature {g['signature']}]\n".encode()
+                )
+        return 0
+    if cmd == "export":
+        lines = dlq.export()
+        if args.output:
+            with open(args.output, "wb") as handle:
+                handle.writelines(lines)
+        else:
+            _write_lines(lines)
+        return 0
+    raise UsageError(f"unknown dlq command {cmd!r}")
+
+
+def _status(args: argparse.Namespace, state_dir: str | None) -> int:
+    from . import api
+
+    if args.job_id:
+        status = api.job_status(args.job_id, state_dir=state_dir)
+        if args.json:
+            _out(orjson.dumps(status) + b"\n")
+            return 0
+        for key in (
+            "job_id",
+            "name",
+            "state",
+            "total",
+            "succeeded",
+            "dlq",
+            "failed",
+            "pending",
+            "duplicates_in_input",
+        ):
+            _out(f"{key:20} {status[key]}\n".encode())
+        lock = status["lock"]
+        _out(f"{'lock':20} {'-' if not lock else _holder_text(lock)}\n".encode())
+        return 0
+    rows = api.list_jobs(state_dir=state_dir)
+    if args.json:
+        _out(orjson.dumps(rows) + b"\n")
+        return 0
+    _table(
+        ["JOB ID", "STATE", "TOTAL", "OK", "DLQ", "FAILED", "PENDING", "CREATED"],
+        [
+            [
+                r["job_id"],
+                r["state"],
+                r.get("total", ""),
+                r.get("succeeded", ""),
+                r.get("dlq", ""),
+                r.get("failed", ""),
+                r.get("pending", ""),
+                _when(r.get("created_at")),
+            ]
+            for r in rows
+        ],
+    )
+    return 0
+
+
+# -- output helpers ----------------------------------------------------------------
+def _print_job_id(job_id: str) -> None:
+    _out(job_id.encode() + b"\n")
+
+
+def _print_plan(plan) -> None:
+    s = plan.summary()
+    _say(
+        f"plan: {s['total']} item(s) to run ({s['pending']} pending, {s['failed']} failed, {s['dlq']} from the DLQ; "
+        f"{s['duplicates']} duplicate(s) collapsed; {s['poison_parked']} parked as poison)"
+    )
+
+
+def _finish(report, as_json: bool) -> int:
+    c = report.counts
+    if as_json:
+        _out(
+            orjson.dumps(
+                {
+                    "job_id": report.job_id,
+                    "state": report.state,
+                    "exit_code": report.exit_code,
+                    **c,
+                    "plan": report.plan,
+                    "message": report.message,
+                    "reduce": report.reduce,
+                }
+            )
+            + b"\n"
+        )
+    job = report.job_id
+    if report.message:
+        _say(f"mrpool: {report.message}")
+    _say(
+        f"job {job}: {report.state} - {c['succeeded']} succeeded, {c['dlq']} in the DLQ, {c['failed']} failed, "
+        f"{c['pending']} pending, {c['total']} total"
+    )
+    if report.state == "interrupted" or c["pending"] or c["failed"]:
+        _say(f"continue with: mrpool resume {job}")
+    elif c["dlq"]:
+        _say(f"inspect with: mrpool dlq list {job}  |  retry with: mrpool dlq retry {job}")
+    return report.exit_code
+
+
+def _holder_text(lock: dict[str, Any]) -> str:
+    return f"pid {lock['pid']} on {lock['hostname']} since {_when(lock['acquired_at'])} ({lock.get('command')})"
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="seconds") if ts else "-"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> None:
+    cells = [header, *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for row in cells:
+        _out(("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n").encode())
+
+
+def _out(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _write_lines(lines) -> None:
+    out = sys.stdout.buffer
+    for line in lines:
+        out.write(line)
+    out.flush()
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

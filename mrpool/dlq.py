@@ -1,0 +1,268 @@
+"""The dead letter queue: items whose attempts are exhausted, with their history.
+
+Verbs: ``entries`` (list), ``get``, ``stats``, ``export``, ``purge``, and
+``save_snapshot``. The CLI and the planner use these and never touch files.
+
+Where it lives
+--------------
+An item is *in* the DLQ exactly when the journal's last settling record for it
+is an ``f`` record with ``"next": "dlq"`` (``JobState.status == DLQ``). Parking
+and leaving are therefore single journal appends: a success recorded by
+``resume`` or ``dlq retry`` *is* the removal from the DLQ, so no crash can leave
+an item both succeeded and parked, or lose the success.
+
+``dlq.json`` (version 1) is a derived, atomically replaced snapshot that keeps
+``dlq`` commands fast on long journals: one journal-codec record
+``{"k":"dlq","v":1,"journal_offset":N,"histories":{"<index>":[attempt, ...]}}``
+holding the failure history of every item that was failed or parked at offset
+N. Readers load it and replay the journal after N; a damaged snapshot is
+ignored and rebuilt from the journal.
+
+Error signatures
+----------------
+``signature`` groups failures that differ only in numbers, paths, addresses,
+UUIDs, hex tokens or the item's own id: ``kind`` plus the normalised message,
+hashed to 12 hex digits. ``stats`` shows one line per signature with an example.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import orjson
+
+from .errors import NoSuchJob
+from .fsutil import atomic_write
+from .items import identity_text, iter_item_lines, split_line
+from .journal import FORMAT_VERSION, decode_line, encode_record, read_records
+from .store import DLQ, FAILED, JobState, JobStore
+
+__all__ = ["DlqEntry", "DeadLetterQueue", "error_signature", "normalise_message"]
+
+SNAPSHOT_FILE = "dlq.json"
+_HISTORY_KEYS = ("a", "t", "kind", "msg", "tail", "dur", "pid", "code", "signal")
+_NORMALISERS = [
+    (
+        re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"),
+        "<uuid>",
+    ),
+    (re.compile(r"0x[0-9a-fA-F]+"), "<addr>"),
+    (re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.\-]+)+[\\/]?"), "<path>"),
+    (re.compile(r"\b[0-9a-fA-F]{12,}\b"), "<hex>"),
+    (re.compile(r"\d+(?:\.\d+)?"), "<n>"),
+]
+
+
+@dataclass
+class DlqEntry:
+    id: Any
+    index: int
+    item: Any
+    attempts: int
+    first_failure: float | None
+    last_failure: float | None
+    error: str
+    kind: str
+    signature: str
+    history: list[dict[str, Any]]
+
+    def brief(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "attempts": self.attempts,
+            "error": self.error,
+            "kind": self.kind,
+            "signature": self.signature,
+            "first_failure": self.first_failure,
+            "last_failure": self.last_failure,
+        }
+
+    def full(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def normalise_message(message: str, item_id: str | None = None) -> str:
+    if item_id:
+        message = message.replace(item_id, "<id>")
+    for pattern, token in _NORMALISERS:
+        message = pattern.sub(token, message)
+    return " ".join(message.split())
+
+
+def error_signature(kind: str, message: str, item_id: str | None = None) -> tuple[str, str]:
+    """``(signature hash, normalised label)`` for grouping similar failures."""
+    label = f"{kind}: {normalise_message(message, item_id)}"
+    return hashlib.sha1(label.encode()).hexdigest()[:12], label
+
+
+class DeadLetterQueue:
+    """The DLQ of one job. Reading needs nothing; ``purge`` needs the job lock."""
+
+    def __init__(self, store: JobStore, state: JobState | None = None) -> None:
+        self.store = store
+        self.info = store.info()
+        self.state = state or store.load_state(self.info.total)
+
+    # -- reading -----------------------------------------------------------
+    def indices(self) -> list[int]:
+        status = self.state.status
+        return [i for i in range(self.state.total) if status[i] == DLQ]
+
+    def entries(self, only: Iterable[int] | None = None) -> list[DlqEntry]:
+        """DLQ items in input order (all, or the given indices that are parked)."""
+        wanted = set(
+            self.indices() if only is None else (i for i in only if self.state.status[i] == DLQ)
+        )
+        if not wanted:
+            return []
+        histories = self._histories(wanted)
+        return [
+            self._entry(index, line, histories.get(index, []))
+            for index, line in self._lines(wanted)
+        ]
+
+    def get(self, item_id: str) -> DlqEntry:
+        index = self.find(item_id)
+        if index is None or self.state.status[index] != DLQ:
+            raise NoSuchJob(f"item {item_id!r} is not in the DLQ of job {self.store.job_id}")
+        return self.entries([index])[0]
+
+    def find(self, item_id: str) -> int | None:
+        """The index of the item whose id (compared as text) is ``item_id``."""
+        for index, line in enumerate(iter_item_lines(self.store.dir)):
+            raw = line[: line.index(b"\t")]
+            if identity_text(orjson.loads(raw)) == item_id:
+                return index
+        return None
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Counts by error signature, largest group first."""
+        groups: dict[str, dict[str, Any]] = {}
+        counter: Counter[str] = Counter()
+        for entry in self.entries():
+            counter[entry.signature] += 1
+            group = groups.setdefault(
+                entry.signature,
+                {
+                    "signature": entry.signature,
+                    "kind": entry.kind,
+                    "example": entry.error,
+                    "ids": [],
+                },
+            )
+            if len(group["ids"]) < 5:
+                group["ids"].append(entry.id)
+        return [{**groups[sig], "count": n} for sig, n in counter.most_common()]
+
+    def export(self) -> Iterator[bytes]:
+        for entry in self.entries():
+            yield orjson.dumps(entry.full()) + b"\n"
+
+    # -- writing (lock holder only) ------------------------------------------
+    def purge(self, indices: Iterable[int], journal) -> int:
+        """Drop parked items for good: one ``purge`` record. Returns how many."""
+        victims = sorted(i for i in set(indices) if self.state.status[i] == DLQ)
+        if victims:
+            record = {"k": "purge", "b": victims}
+            journal.append({**record, "t": time.time()})
+            self.state.apply(record)
+            journal.sync(force=True)
+        return len(victims)
+
+    def save_snapshot(self) -> None:
+        """Rewrite ``dlq.json`` as of the end of the journal."""
+        histories, offset = self._replay(self._load_snapshot(), want=None)
+        keep = {i: h for i, h in histories.items() if self.state.status[i] in (FAILED, DLQ)}
+        record = {
+            "k": "dlq",
+            "v": FORMAT_VERSION,
+            "journal_offset": offset,
+            "histories": {str(i): h for i, h in keep.items()},
+        }
+        atomic_write(
+            self.store.dir / SNAPSHOT_FILE, encode_record(record), failpoint="dlq.before_replace"
+        )
+
+    # -- internals ---------------------------------------------------------
+    def _histories(self, wanted: set[int]) -> dict[int, list[dict[str, Any]]]:
+        histories, _ = self._replay(self._load_snapshot(), want=wanted)
+        return histories
+
+    def _load_snapshot(self) -> tuple[dict[int, list[dict[str, Any]]], int]:
+        path = self.store.dir / SNAPSHOT_FILE
+        try:
+            record = decode_line(path.read_bytes())
+        except FileNotFoundError:
+            return {}, 0
+        try:
+            if record is None or record.get("k") != "dlq":
+                raise ValueError("checksum or format mismatch")
+            offset = int(record["journal_offset"])
+            if offset > self.store.journal_path.stat().st_size:
+                raise ValueError("points past the end of the journal")
+            return {int(i): h for i, h in record["histories"].items()}, offset
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            print(
+                f"mrpool: {path}: damaged DLQ snapshot ({e}); rebuilding from the journal",
+                file=sys.stderr,
+            )
+            return {}, 0
+
+    def _replay(
+        self, snapshot, want: set[int] | None
+    ) -> tuple[dict[int, list[dict[str, Any]]], int]:
+        histories, offset = snapshot
+        if want is not None:
+            histories = {i: h for i, h in histories.items() if i in want}
+        for _, end, record in read_records(self.store.journal_path, offset):
+            kind = record["k"]
+            if kind == "f":
+                index = record["i"]
+                if want is None or index in want:
+                    histories.setdefault(index, []).append(
+                        {k: record[k] for k in _HISTORY_KEYS if k in record}
+                    )
+            elif kind == "ok":
+                for entry in record["b"]:
+                    histories.pop(entry[0], None)
+            elif kind == "purge":
+                for index in record["b"]:
+                    histories.pop(index, None)
+            offset = end
+        return histories, offset
+
+    def _lines(self, wanted: set[int]) -> Iterator[tuple[int, bytes]]:
+        remaining = len(wanted)
+        for index, line in enumerate(iter_item_lines(self.store.dir)):
+            if index in wanted:
+                yield index, line
+                remaining -= 1
+                if not remaining:
+                    return
+
+    def _entry(self, index: int, line: bytes, history: list[dict[str, Any]]) -> DlqEntry:
+        item_id, item_json = split_line(line)
+        last = history[-1] if history else {"kind": "unknown", "msg": "(no failure record)"}
+        signature, _ = error_signature(
+            last.get("kind", "unknown"), last.get("msg", ""), identity_text(item_id)
+        )
+        history_out = [{("attempt" if k == "a" else k): v for k, v in h.items()} for h in history]
+        return DlqEntry(
+            id=item_id,
+            index=index,
+            item=orjson.loads(item_json),
+            attempts=self.state.attempts[index],
+            first_failure=history[0].get("t") if history else None,
+            last_failure=last.get("t"),
+            error=last.get("msg", ""),
+            kind=last.get("kind", "unknown"),
+            signature=signature,
+            history=history_out,
+        )

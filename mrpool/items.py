@@ -1,0 +1,179 @@
+"""Work items: read the user's input once, give each item its identity, store it.
+
+``ingest`` streams the input (``.jsonl`` line by line, or a ``.json`` document
+with an optional JSONPath), validates every item *before* any job state exists,
+collapses duplicate identities (first wins, the rest are counted) and writes the
+job's own copy, ``items.jsonl``. Everything later -- dispatch, resume, results,
+the DLQ -- reads that copy, so editing or deleting the input after ``run`` can
+never change what a job means.
+
+``items.jsonl`` format (one line per unique item, in input order; the line
+number is the item's *index*, the key the journal uses):
+
+    <id as compact JSON> TAB <item as compact JSON> LF
+
+The id part is orjson output and so never contains a raw TAB; the supervisor
+forwards lines to workers without parsing them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .errors import InputError, JobSpecError
+from .fsutil import open_private
+from .spec import JobSpec
+
+__all__ = ["IngestReport", "ingest", "iter_item_lines", "split_line", "identity_text", "read_ids"]
+
+ITEMS_FILE = "items.jsonl"
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    total: int
+    duplicates: int
+    id_mode: str  # "field:<name>" or "content-hash"
+
+
+class _NeedContentHash(Exception):
+    """Default id mode met an item without an ``id``: start over hashing content."""
+
+
+def identity_text(value: Any) -> str:
+    """The text an id is compared by: 7 and "7" are one identity."""
+    return value if isinstance(value, str) else str(value)
+
+
+def content_id(item: Any) -> str:
+    canonical = orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(canonical, digest_size=16).hexdigest()
+
+
+def ingest(spec: JobSpec, dest_dir: Path) -> IngestReport:
+    """Validate the whole input and write ``dest_dir/items.jsonl`` (fsynced)."""
+    if spec.id_field:
+        return _ingest(spec, dest_dir, id_field=spec.id_field, strict=True)
+    try:
+        return _ingest(spec, dest_dir, id_field="id", strict=False)
+    except _NeedContentHash:
+        return _ingest(spec, dest_dir, id_field=None, strict=False)
+
+
+def _ingest(spec: JobSpec, dest_dir: Path, id_field: str | None, strict: bool) -> IngestReport:
+    seen: set[str] = set()
+    total = duplicates = 0
+    path = dest_dir / ITEMS_FILE
+    with os.fdopen(open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb", buffering=1 << 20) as out:
+        for where, item in _read_input(spec):
+            if id_field is None:
+                raw_id: Any = content_id(item)
+            else:
+                raw_id = _item_id(where, item, id_field, strict)
+            key = identity_text(raw_id)
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            out.write(orjson.dumps(raw_id) + b"\t" + orjson.dumps(item) + b"\n")
+            total += 1
+        out.flush()
+        os.fsync(out.fileno())
+    if total == 0:
+        raise InputError(f"{spec.input}: the input holds no items")
+    mode = f"field:{id_field}" if id_field else "content-hash"
+    return IngestReport(total=total, duplicates=duplicates, id_mode=mode)
+
+
+def _item_id(where: str, item: Any, id_field: str, strict: bool) -> Any:
+    if not isinstance(item, dict) or id_field not in item:
+        if not strict:
+            raise _NeedContentHash()
+        what = "is not an object" if not isinstance(item, dict) else f"has no {id_field!r} field"
+        raise InputError(f"{where}: item {what} (id_field is {id_field!r})")
+    value = item[id_field]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        kind = "null" if value is None else type(value).__name__
+        kind = {"bool": "boolean", "dict": "object", "list": "array"}.get(kind, kind)
+        raise InputError(
+            f"{where}: field {id_field!r} is {kind}; an id must be a string or an integer"
+        )
+    if isinstance(value, str) and not value:
+        raise InputError(f"{where}: field {id_field!r} is an empty string")
+    return value
+
+
+def _read_input(spec: JobSpec) -> Iterator[tuple[str, Any]]:
+    """Yield ``(where, item)``: ``where`` names file and line for error messages."""
+    path = Path(spec.input)
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such input file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: input is a directory, expected a .jsonl or .json file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read input: {e.strerror}") from None
+    with handle:
+        if path.suffix == ".jsonl":
+            yield from _read_jsonl(path, handle)
+        else:
+            yield from _read_json(spec, path, handle.read())
+
+
+def _read_jsonl(path: Path, handle) -> Iterator[tuple[str, Any]]:
+    for lineno, line in enumerate(handle, 1):
+        if not line.strip():
+            continue
+        try:
+            item = orjson.loads(line)
+        except orjson.JSONDecodeError as e:
+            raise InputError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+        yield f"{path}:{lineno}", item
+
+
+def _read_json(spec: JobSpec, path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if spec.json_path:
+        from jsonpath_ng.ext import parse
+
+        try:
+            items = [m.value for m in parse(spec.json_path).find(document)]
+        except Exception as e:  # noqa: BLE001 - jsonpath-ng raises assorted types
+            raise JobSpecError(
+                f"{spec.source}: json_path: cannot apply {spec.json_path!r}: {e}"
+            ) from None
+        label = f"{path} at {spec.json_path}"
+    elif isinstance(document, list):
+        items, label = document, str(path)
+    else:
+        raise InputError(f"{path}: the document must be a JSON array of items (or set json_path)")
+    for n, item in enumerate(items):
+        yield f"{label} item {n}", item
+
+
+def split_line(line: bytes) -> tuple[Any, bytes]:
+    """``(id value, item JSON bytes)`` of one ``items.jsonl`` line."""
+    raw_id, _, item = line.rstrip(b"\n").partition(b"\t")
+    return orjson.loads(raw_id), item
+
+
+def iter_item_lines(job_dir: Path) -> Iterator[bytes]:
+    """Stream the lines of a job's ``items.jsonl``; the n-th line is index n."""
+    with open(job_dir / ITEMS_FILE, "rb", buffering=1 << 20) as handle:
+        yield from handle
+
+
+def read_ids(job_dir: Path) -> list[Any]:
+    """Every item's id value, by index (for commands that show ids)."""
+    return [orjson.loads(line[: line.index(b"\t")]) for line in iter_item_lines(job_dir)]

@@ -1,0 +1,197 @@
+"""The journal: the job's append-only, checksummed record of everything.
+
+File format (``journal.log``, version 1)
+----------------------------------------
+One record per line::
+
+    <crc32 of PAYLOAD as 8 lowercase hex digits> SP <PAYLOAD> LF
+
+PAYLOAD is one compact JSON object written by orjson (it never holds a raw LF).
+Every object has ``k`` (the kind) and ``t`` (unix time). The first record of the
+file is ``{"k":"job","v":1,...}``. Kinds: ``job``, ``open`` (a command started
+a session), ``plan``, ``s`` (attempts started, batched), ``ok`` (successes with
+their results, batched), ``f`` (one failed attempt), ``reset``, ``purge``,
+``worker``, ``ckpt``, ``reduce``, ``close`` (a session ended cleanly).
+
+Reading
+-------
+Records are checked in order. A line that is incomplete or fails its checksum
+is a *torn tail* when no valid record follows it: it is what a crash during an
+append leaves, and it is dropped (the writer truncates it away before appending
+again). A bad line *followed by* a valid record cannot come from a crash: it is
+corruption, and reading stops with an error naming the file and byte offset --
+data is never skipped silently.
+
+Writing (group commit)
+----------------------
+Only the lock holder appends. ``append`` encodes a record into a buffer;
+``write`` hands the buffer to the kernel with one ``write(2)``, after which the
+records survive a SIGKILL of this process; ``sync`` adds an ``fsync`` at most
+every ``commit_interval`` seconds (and always when forced), after which they
+survive a power cut. The supervisor writes before it tells a worker to start
+and right after outcomes arrive, so nothing a user can see is only in memory.
+
+The checkpoint and DLQ snapshot files are single records in the same codec.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import failpoints
+from .errors import CorruptStateError, StorageError
+from .fsutil import fsync_dir, open_private
+
+__all__ = ["FORMAT_VERSION", "encode_record", "decode_line", "read_records", "JournalWriter"]
+
+FORMAT_VERSION = 1
+JOURNAL_FILE = "journal.log"
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    payload = orjson.dumps(record)
+    return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+
+def decode_line(line: bytes) -> dict[str, Any] | None:
+    """The record on ``line``, or None when it is torn or fails its checksum."""
+    if len(line) < 11 or line[-1:] != b"\n" or line[8:9] != b" ":
+        return None
+    payload = line[9:-1]
+    try:
+        if int(line[:8], 16) != zlib.crc32(payload):
+            return None
+        record = orjson.loads(payload)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def read_records(path: Path, start: int = 0) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """Yield ``(offset, end, record)`` from ``start``; stop quietly at a torn tail.
+
+    Raises ``CorruptStateError`` for a damaged record that has valid ones after it.
+    """
+    try:
+        handle = open(path, "rb", buffering=1 << 20)
+    except FileNotFoundError:
+        return
+    with handle:
+        handle.seek(start)
+        offset = start
+        bad_at: int | None = None
+        for line in handle:
+            end = offset + len(line)
+            record = decode_line(line)
+            if record is None:
+                if bad_at is None:
+                    bad_at = offset
+            elif bad_at is not None:
+                raise CorruptStateError(
+                    f"{path}: corrupt record at byte {bad_at} (checksum or format mismatch) "
+                    f"followed by valid records; refusing to skip data"
+                )
+            else:
+                yield offset, end, record
+            offset = end
+
+
+def valid_length(path: Path, start: int = 0) -> int:
+    """Byte length of the journal's valid prefix (where a torn tail begins)."""
+    end = start
+    for _, record_end, _ in read_records(path, start):
+        end = record_end
+    return end
+
+
+class JournalWriter:
+    """Appends records with group commit. Not thread-safe; one per lock holder."""
+
+    def __init__(self, path: Path, valid_end: int, commit_interval: float = 0.05) -> None:
+        self.path = path
+        self.commit_interval = commit_interval
+        self._fd = open_private(path, os.O_WRONLY | os.O_CREAT)
+        self._buffer: list[bytes] = []
+        self._dirty = False
+        self._last_sync = time.monotonic()
+        try:
+            size = os.fstat(self._fd).st_size
+            if size > valid_end:  # a torn tail from a crash: cut it before appending
+                os.ftruncate(self._fd, valid_end)
+                os.fsync(self._fd)
+            self.offset = valid_end
+            os.lseek(self._fd, valid_end, os.SEEK_SET)
+        except OSError as e:
+            os.close(self._fd)
+            raise StorageError(f"{path}: cannot open journal: {e.strerror}") from None
+        if size == 0:
+            fsync_dir(path.parent)
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Buffer one record; it reaches the kernel at the next ``write``."""
+        self._buffer.append(encode_record(record))
+
+    def write(self) -> None:
+        """Hand buffered records to the kernel: from now on they survive a SIGKILL."""
+        if not self._buffer:
+            return
+        data = b"".join(self._buffer)
+        self._buffer.clear()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            if failpoints.ENABLED:
+                failpoints.hit("journal.after_write")
+        except OSError as e:
+            self._undo_partial_write()
+            raise StorageError(f"{self.path}: cannot append to journal: {e.strerror}") from None
+        self.offset += len(data)
+        self._dirty = True
+
+    def sync(self, force: bool = False) -> bool:
+        """``write`` and, if the commit interval has passed (or ``force``), fsync."""
+        self.write()
+        if not self._dirty or (
+            not force and time.monotonic() - self._last_sync < self.commit_interval
+        ):
+            return False
+        try:
+            os.fsync(self._fd)
+            if failpoints.ENABLED:
+                failpoints.hit("journal.after_fsync")
+        except OSError as e:
+            raise StorageError(f"{self.path}: cannot fsync journal: {e.strerror}") from None
+        self._dirty = False
+        self._last_sync = time.monotonic()
+        return True
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            try:
+                self.sync(force=True)
+            finally:
+                os.close(self._fd)
+                self._fd = -1
+
+    def abandon(self) -> None:
+        """Close without writing what is buffered (after a storage error)."""
+        self._buffer.clear()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _undo_partial_write(self) -> None:
+        """A failed write may have left part of a record: cut back to the last whole one."""
+        try:
+            os.ftruncate(self._fd, self.offset)
+            os.lseek(self._fd, self.offset, os.SEEK_SET)
+        except OSError:
+            pass  # the reader treats the fragment as a torn tail

@@ -1,0 +1,237 @@
+"""The job lock: one process at a time runs a job (``run``, ``resume``, ``dlq retry``).
+
+What it guarantees
+------------------
+* Of any number of processes on one host trying to take a job, exactly one
+  succeeds; the rest get ``LockedError`` naming the holder (pid, host, since
+  when, command) at once, or wait with ``wait=``.
+* A holder that died never blocks anyone: the lock is a POSIX record lock
+  (``fasteners.InterProcessLock``, ``lockf``), which the kernel drops when the
+  process dies, however it dies.
+* After ``release`` nothing is left: no ``lock`` file, no ``holder.json``.
+
+Why each guard exists (the sharp edges)
+---------------------------------------
+* POSIX locks belong to the *process*: a second lock object in the same
+  process would also "acquire", and closing any descriptor of the file drops the
+  lock. So a process-wide registry refuses a second acquire of the same job
+  from this process (another thread, another ``JobLock``), and nothing else in
+  mrpool ever opens the lock file.
+* Removing the lock file on release opens a race: a waiter that opened the old
+  file acquires it after we unlink it, while a newcomer locks a fresh file at
+  the same path. So after acquiring we check that the path still names the
+  inode we locked, and retry if it does not.
+* ``holder.json`` is informative, the kernel lock is the truth. A holder record
+  is *live* only if on this host its pid exists, is not a zombie and has the
+  recorded start time (PIDs are reused). A record from another host cannot be
+  checked from here: it is reported and never broken.
+* The lock file is created 0600 without following symlinks; after locking we
+  check the locked descriptor is a regular file at that very path.
+
+What it does not guarantee
+--------------------------
+Exclusion across hosts sharing a network file system depends on that file
+system's ``lockf`` support; a holder record from another host makes us refuse.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import fasteners
+import orjson
+import psutil
+
+from .errors import LockedError
+from .fsutil import atomic_write, fsync_dir, open_private
+
+__all__ = ["JobLock", "live_holder", "describe_holder"]
+
+LOCK_FILE = "lock"
+HOLDER_FILE = "holder.json"
+_HOSTNAME = socket.gethostname()
+_REGISTRY: dict[str, JobLock] = {}
+_REGISTRY_GUARD = threading.RLock()  # re-entrant: _is_live runs under it
+
+
+class JobLock:
+    """Exclusive, self-cleaning lock on one job directory; a context manager."""
+
+    def __init__(self, job_dir: str | os.PathLike, command: str = "mrpool") -> None:
+        self.job_dir = Path(job_dir)
+        self.command = command
+        self._lock: fasteners.InterProcessLock | None = None
+        self.holder: dict[str, Any] | None = None
+
+    # -- taking ----------------------------------------------------------
+    def acquire(self, wait: float = 0.0) -> JobLock:
+        """Take the lock, waiting up to ``wait`` seconds; raise ``LockedError`` if held."""
+        deadline = time.monotonic() + max(0.0, wait)
+        grace = time.monotonic() + 0.3  # a fresh holder may not have written holder.json yet
+        while True:
+            holder = self._try_once()
+            if holder is None:
+                return self
+            now = time.monotonic()
+            if now >= deadline and (holder or now >= grace):
+                raise LockedError(_locked_message(self.job_dir.name, holder))
+            time.sleep(0.02 if not holder else 0.05)
+
+    def _try_once(self) -> dict[str, Any] | None:
+        """None when acquired; else the holder record ({} if not yet readable)."""
+        key = str(self.job_dir.resolve())
+        with _REGISTRY_GUARD:
+            other = _REGISTRY.get(key)
+            if other is not None:
+                return other.holder or {"pid": os.getpid(), "hostname": _HOSTNAME}
+            path = self.job_dir / LOCK_FILE
+            os.close(open_private(path, os.O_RDWR | os.O_CREAT))
+            lock = fasteners.InterProcessLock(str(path))
+            if not lock.acquire(blocking=False):
+                return read_holder(self.job_dir) or {}
+            if not _same_file(lock, path):  # unlinked by the previous holder's release
+                lock.release()
+                return {}
+            foreign = read_holder(self.job_dir)
+            if foreign and (foreign.get("hostname") != _HOSTNAME or _is_live(foreign)):
+                lock.release()  # never break a record we cannot prove dead
+                return foreign
+            self._lock = lock
+            self.holder = self._write_holder()
+            _REGISTRY[key] = self
+            return None
+
+    def _write_holder(self) -> dict[str, Any]:
+        me = psutil.Process()
+        holder = {
+            "v": 1,
+            "pid": me.pid,
+            "hostname": _HOSTNAME,
+            "create_time": me.create_time(),
+            "acquired_at": time.time(),
+            "command": self.command,
+        }
+        atomic_write(self.job_dir / HOLDER_FILE, orjson.dumps(holder))
+        return holder
+
+    # -- giving back -----------------------------------------------------
+    def release(self) -> None:
+        """Remove holder.json and the lock file, then drop the lock. Idempotent."""
+        lock, self._lock = self._lock, None
+        if lock is None:
+            return
+        with _REGISTRY_GUARD:
+            for name in (HOLDER_FILE, LOCK_FILE):
+                try:
+                    os.unlink(self.job_dir / name)
+                except FileNotFoundError:
+                    pass
+            try:
+                fsync_dir(self.job_dir)
+            except OSError:
+                pass
+            lock.release()
+            _REGISTRY.pop(str(self.job_dir.resolve()), None)
+            _REGISTRY.pop(str(self.job_dir), None)
+        self.holder = None
+
+    def relocate(self, new_dir: Path) -> None:
+        """Follow the job directory after ``run`` publishes it with a rename."""
+        with _REGISTRY_GUARD:
+            for key, value in list(_REGISTRY.items()):
+                if value is self:
+                    del _REGISTRY[key]
+            self.job_dir = Path(new_dir)
+            if self._lock is not None:
+                self._lock.path = str(self.job_dir / LOCK_FILE)
+                _REGISTRY[str(self.job_dir.resolve())] = self
+
+    @property
+    def held(self) -> bool:
+        return self._lock is not None
+
+    def __enter__(self) -> JobLock:
+        return self if self.held else self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _same_file(lock: fasteners.InterProcessLock, path: Path) -> bool:
+    try:
+        held = os.fstat(lock.lockfile.fileno())
+        there = os.lstat(path)
+    except (OSError, AttributeError):
+        return False
+    return stat.S_ISREG(there.st_mode) and (held.st_dev, held.st_ino) == (
+        there.st_dev,
+        there.st_ino,
+    )
+
+
+def read_holder(job_dir: Path) -> dict[str, Any] | None:
+    try:
+        raw = (Path(job_dir) / HOLDER_FILE).read_bytes()
+        holder = orjson.loads(raw)
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _is_live(holder: dict[str, Any]) -> bool:
+    """True only if the recorded holder provably still runs on this host."""
+    if holder.get("hostname") != _HOSTNAME:
+        return False
+    pid = holder.get("pid")
+    if not isinstance(pid, int):
+        return False
+    if pid == os.getpid():
+        with _REGISTRY_GUARD:
+            return any(lock.holder == holder for lock in _REGISTRY.values())
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return abs(proc.create_time() - float(holder.get("create_time", -1))) < 0.01
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError, TypeError):
+        return False
+
+
+def live_holder(job_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The holder record if a live process holds the job, else None (never a dead one).
+
+    A record from another host cannot be checked and is returned as is, marked
+    ``"unverified": true``.
+    """
+    holder = read_holder(Path(job_dir))
+    if not holder:
+        return None
+    if holder.get("hostname") != _HOSTNAME:
+        return {**holder, "unverified": True}
+    return holder if _is_live(holder) else None
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    if not holder.get("pid"):
+        return "another process (its holder record is not written yet)"
+    since = holder.get("acquired_at")
+    when = datetime.fromtimestamp(since).isoformat(sep=" ", timespec="seconds") if since else "?"
+    return f"pid {holder['pid']} on {holder.get('hostname', '?')} since {when} ({holder.get('command', '?')})"
+
+
+def _locked_message(job_id: str, holder: dict[str, Any]) -> str:
+    return (
+        f"job {job_id} is locked by {describe_holder(holder)}; wait for it, or pass --wait SECONDS"
+    )
+
+
+if sys.platform == "win32":  # pragma: no cover - POSIX only, say so plainly
+    raise ImportError("mrpool's job lock needs POSIX record locks")

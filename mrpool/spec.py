@@ -1,0 +1,373 @@
+"""The job file: parse, validate and normalise it into a ``JobSpec``.
+
+Every error names the job file and the field (or the YAML line) so the user can
+fix it at once; nothing here touches the state directory. The validated spec is
+stored in the job directory (``JobSpec.to_dict``) so ``resume`` runs exactly the
+job that ``run`` started, even if the job file has changed since.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import JobSpecError
+
+__all__ = [
+    "MapSpec",
+    "ReduceSpec",
+    "DlqSpec",
+    "JobSpec",
+    "load_job_file",
+    "spec_from_dict",
+    "import_callable",
+]
+
+_TOP_KEYS = {"name", "input", "json_path", "id_field", "workers", "map", "reduce", "dlq"}
+_MAP_KEYS = {"command", "callable", "timeout", "retries", "backoff"}
+_REDUCE_KEYS = {"command", "callable", "timeout"}
+_DLQ_KEYS = {"max_items", "on_full"}
+_CALLABLE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_PLACEHOLDER_RE = re.compile(r"\{item(?:\.([^{}]+))?\}")
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    command: list[str] | None = None
+    callable: str | None = None
+    timeout: float | None = None
+    retries: int = 0
+    backoff: float = 0.0
+
+
+@dataclass(frozen=True)
+class ReduceSpec:
+    command: list[str] | None = None
+    callable: str | None = None
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class DlqSpec:
+    max_items: int | None = None
+    on_full: str = "stop"  # "stop": end the run with an error; "keep_failed": leave the item failed
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    input: str  # absolute path
+    base_dir: str  # the job file's directory: cwd of commands, sys.path entry for callables
+    map: MapSpec
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    json_path: str | None = None
+    id_field: str | None = None
+    reduce: ReduceSpec | None = None
+    dlq: DlqSpec = field(default_factory=DlqSpec)
+    source: str = ""  # the job file it came from, for messages
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_job_file(path: str | os.PathLike) -> JobSpec:
+    """Read and validate a YAML or JSON job file."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise JobSpecError(f"{path}: no such job file") from None
+    except OSError as e:
+        raise JobSpecError(f"{path}: cannot read job file: {e.strerror}") from None
+    data = _parse_document(path, text)
+    return spec_from_dict(
+        data, base_dir=path.resolve().parent, source=str(path), default_name=path.stem
+    )
+
+
+def _parse_document(path: Path, text: bytes) -> Any:
+    if path.suffix == ".json":
+        import orjson
+
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError as e:
+            raise JobSpecError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        problem = " ".join(str(e.problem or e.context or "invalid YAML").split())
+        raise JobSpecError(f"{path}{line}: invalid YAML: {problem}") from None
+    except yaml.YAMLError as e:
+        raise JobSpecError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+    except UnicodeDecodeError:
+        raise JobSpecError(f"{path}: job file is not valid UTF-8") from None
+
+
+def spec_from_dict(
+    data: Any, base_dir: str | os.PathLike, source: str = "<job>", default_name: str = "job"
+) -> JobSpec:
+    """Validate a job description (the job file's content) and resolve its paths."""
+    where = _Where(source)
+    if not isinstance(data, dict):
+        raise where.error("", "the job file must be a mapping of keys to values")
+    where.unknown_keys("", data, _TOP_KEYS)
+    base = Path(base_dir).resolve()
+    name = data.get("name", default_name)
+    if not isinstance(name, str) or not name.strip():
+        raise where.error("name", "must be a non-empty string")
+    if "input" not in data:
+        raise where.error("input", "is required")
+    inp = data["input"]
+    if not isinstance(inp, str) or not inp:
+        raise where.error("input", "must be a path (string)")
+    input_path = (base / inp).resolve()
+    if input_path.suffix not in (".jsonl", ".json"):
+        raise where.error("input", f"must be a .jsonl or .json file, got {inp!r}")
+    json_path = data.get("json_path")
+    if json_path is not None:
+        if not isinstance(json_path, str) or not json_path:
+            raise where.error("json_path", 'must be a JSONPath string such as "$.items[*]"')
+        if input_path.suffix != ".json":
+            raise where.error("json_path", "applies only to a .json input")
+        _check_json_path(where, json_path)
+    id_field = data.get("id_field")
+    if id_field is not None and (not isinstance(id_field, str) or not id_field):
+        raise where.error("id_field", "must be a non-empty string (the key holding each item's id)")
+    workers = data.get("workers", os.cpu_count() or 1)
+    if not _is_int(workers) or workers < 1:
+        raise where.error("workers", "must be a whole number >= 1")
+    if "map" not in data:
+        raise where.error("map", "is required")
+    map_spec = _map_spec(where, data["map"])
+    reduce_spec = None if data.get("reduce") is None else _reduce_spec(where, data["reduce"])
+    dlq_spec = _dlq_spec(where, data.get("dlq"))
+    return JobSpec(
+        name=name.strip(),
+        input=str(input_path),
+        base_dir=str(base),
+        map=map_spec,
+        workers=workers,
+        json_path=json_path,
+        id_field=id_field,
+        reduce=reduce_spec,
+        dlq=dlq_spec,
+        source=str(source),
+    )
+
+
+def spec_from_stored(data: dict[str, Any]) -> JobSpec:
+    """Rebuild the spec saved in a job directory (already validated once)."""
+    reduce = data.get("reduce")
+    return JobSpec(
+        name=data["name"],
+        input=data["input"],
+        base_dir=data["base_dir"],
+        map=MapSpec(**data["map"]),
+        workers=data["workers"],
+        json_path=data.get("json_path"),
+        id_field=data.get("id_field"),
+        reduce=ReduceSpec(**reduce) if reduce else None,
+        dlq=DlqSpec(**data.get("dlq", {})),
+        source=data.get("source", ""),
+    )
+
+
+def import_callable(path: str, base_dir: str) -> Callable[..., Any]:
+    """Import ``pkg.module:function`` with ``base_dir`` on ``sys.path``.
+
+    Raises ``ImportError``/``AttributeError``/``TypeError`` with a readable message;
+    callers turn them into a ``JobSpecError`` naming the field.
+    """
+    module_name, _, attr_path = path.partition(":")
+    if base_dir not in sys.path:
+        sys.path.insert(0, base_dir)
+    module = importlib.import_module(module_name)
+    target: Any = module
+    for part in attr_path.split("."):
+        target = getattr(target, part)
+    if not callable(target):
+        raise TypeError(f"{path} is not callable")
+    return target
+
+
+def check_callables(spec: JobSpec) -> None:
+    """Import every callable the job names, so a typo fails before anything runs."""
+    for field_name, dotted in (
+        ("map.callable", spec.map.callable),
+        ("reduce.callable", spec.reduce and spec.reduce.callable),
+    ):
+        if not dotted:
+            continue
+        try:
+            import_callable(dotted, spec.base_dir)
+        except Exception as e:  # noqa: BLE001 - any import-time error is the user's to see
+            detail = " ".join(f"{type(e).__name__}: {e}".split())
+            raise JobSpecError(
+                f"{spec.source}: {field_name}: cannot import {dotted!r}: {detail}"
+            ) from None
+
+
+class _Where:
+    """Builds ``file: field: message`` errors."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def error(self, field_name: str, message: str) -> JobSpecError:
+        return JobSpecError(f"{self.source}: {field_name + ': ' if field_name else ''}{message}")
+
+    def unknown_keys(self, prefix: str, data: dict, allowed: set[str]) -> None:
+        for key in data:
+            if key not in allowed:
+                name = f"{prefix}{key}" if isinstance(key, str) else repr(key)
+                raise self.error(
+                    name, f"unknown key (expected one of: {', '.join(sorted(allowed))})"
+                )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _exactly_one_step(where: _Where, section: str, data: Any, allowed: set[str]) -> dict:
+    if not isinstance(data, dict):
+        raise where.error(section, "must be a mapping with exactly one of: command, callable")
+    where.unknown_keys(section + ".", data, allowed)
+    present = [k for k in ("command", "callable") if data.get(k) is not None]
+    if len(present) != 1:
+        raise where.error(section, "needs exactly one of: command, callable")
+    return data
+
+
+def _command(where: _Where, field_name: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        try:
+            argv = shlex.split(value)
+        except ValueError as e:
+            raise where.error(field_name, f"cannot split command: {e}") from None
+    elif isinstance(value, list) and all(isinstance(a, str) for a in value):
+        argv = list(value)
+    else:
+        raise where.error(field_name, "must be a list of strings or one string")
+    if not argv or not argv[0]:
+        raise where.error(field_name, "must name a program to run")
+    if any("\0" in a for a in argv):
+        raise where.error(field_name, "must not contain NUL characters")
+    return argv
+
+
+def _callable(where: _Where, field_name: str, value: Any) -> str:
+    if not isinstance(value, str) or not _CALLABLE_RE.match(value):
+        raise where.error(field_name, f"must look like 'package.module:function', got {value!r}")
+    return value
+
+
+def _timeout(where: _Where, field_name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if not _is_number(value) or value <= 0:
+        raise where.error(field_name, "must be a positive number of seconds")
+    return float(value)
+
+
+def _map_spec(where: _Where, data: Any) -> MapSpec:
+    data = _exactly_one_step(where, "map", data, _MAP_KEYS)
+    retries = data.get("retries", 0)
+    if not _is_int(retries) or retries < 0:
+        raise where.error("map.retries", "must be a whole number >= 0")
+    backoff = data.get("backoff", 0.0)
+    if not _is_number(backoff) or backoff < 0:
+        raise where.error("map.backoff", "must be a number of seconds >= 0")
+    return MapSpec(
+        command=_command(where, "map.command", data["command"])
+        if data.get("command") is not None
+        else None,
+        callable=_callable(where, "map.callable", data["callable"])
+        if data.get("callable") is not None
+        else None,
+        timeout=_timeout(where, "map.timeout", data.get("timeout")),
+        retries=retries,
+        backoff=float(backoff),
+    )
+
+
+def _reduce_spec(where: _Where, data: Any) -> ReduceSpec:
+    data = _exactly_one_step(where, "reduce", data, _REDUCE_KEYS)
+    return ReduceSpec(
+        command=_command(where, "reduce.command", data["command"])
+        if data.get("command") is not None
+        else None,
+        callable=_callable(where, "reduce.callable", data["callable"])
+        if data.get("callable") is not None
+        else None,
+        timeout=_timeout(where, "reduce.timeout", data.get("timeout")),
+    )
+
+
+def _dlq_spec(where: _Where, data: Any) -> DlqSpec:
+    if data is None:
+        return DlqSpec()
+    if not isinstance(data, dict):
+        raise where.error("dlq", "must be a mapping (max_items, on_full)")
+    where.unknown_keys("dlq.", data, _DLQ_KEYS)
+    max_items = data.get("max_items")
+    if max_items is not None and (not _is_int(max_items) or max_items < 0):
+        raise where.error("dlq.max_items", "must be a whole number >= 0")
+    on_full = data.get("on_full", "stop")
+    if on_full not in ("stop", "keep_failed"):
+        raise where.error("dlq.on_full", "must be 'stop' or 'keep_failed'")
+    return DlqSpec(max_items=max_items, on_full=on_full)
+
+
+def _check_json_path(where: _Where, expr: str) -> None:
+    from jsonpath_ng.ext import parse
+
+    try:
+        parse(expr)
+    except Exception as e:  # noqa: BLE001 - the parser raises several exception types
+        raise where.error(
+            "json_path", f"invalid JSONPath {expr!r}: {' '.join(str(e).split())}"
+        ) from None
+
+
+def placeholders(argv: list[str]) -> list[str | None]:
+    """The ``{item.KEY}`` keys used in ``argv`` (None stands for ``{item}``)."""
+    return [m.group(1) for arg in argv for m in _PLACEHOLDER_RE.finditer(arg)]
+
+
+def render_argv(argv: list[str], item: Any) -> list[str]:
+    """Fill ``{item.KEY}`` / ``{item}`` inside each argv element, in one pass.
+
+    The result of a substitution is never re-scanned, so a value containing
+    ``{item.x}`` stays literal; a value never reaches a shell. Raises ``KeyError``
+    naming the missing key.
+    """
+    import orjson
+
+    def fill(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if key is None:
+            value = item
+        elif isinstance(item, dict) and key in item:
+            value = item[key]
+        else:
+            raise KeyError(key)
+        return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+    return [_PLACEHOLDER_RE.sub(fill, arg) if "{item" in arg else arg for arg in argv]

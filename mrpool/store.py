@@ -1,0 +1,394 @@
+"""The job store: one job's directory, its replayed state, and its checkpoint.
+
+Layout of ``<state dir>/jobs/<job id>/`` (all files 0600, the directory 0700)::
+
+    job.json         what the job is: spec, item count, duplicates (written once)
+    items.jsonl      the job's copy of its items (see items.py)
+    journal.log      every event and outcome, append-only (see journal.py)
+    checkpoint.json  the replayed state as of a journal offset (derived, optional)
+    dlq.json         the DLQ's entries as of a journal offset (derived, see dlq.py)
+    lock, holder.json  only while a command holds the job (see lock.py)
+
+Truth lives in the journal alone; every other file is derived from it and can
+be rebuilt, which is what makes the crash story short: an outcome is recorded
+by one append, so there is never a moment where two files disagree.
+
+Checkpoint format (``checkpoint.json``, version 1): a single journal-codec
+record ``{"k":"checkpoint","v":1,"journal_offset":N,"total":T,"status":B64,
+"attempts":B64,"streak":B64,"open":[[index,attempt],...],"reduce":R}``, where
+each B64 is a zlib-compressed array (status: one byte per item; attempts: uint32
+per item; streak: one byte per item). A checkpoint that fails its checksum is
+reported and ignored: the state is rebuilt from the journal, losing nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import secrets
+import shutil
+import sys
+import time
+import zlib
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .errors import CorruptStateError, JobExists, NoSuchJob, UsageError
+from .fsutil import atomic_write, fsync_dir, make_private_dir, sweep_temp_files
+from .journal import FORMAT_VERSION, JOURNAL_FILE, decode_line, encode_record, read_records
+from .spec import JobSpec, spec_from_stored
+
+__all__ = [
+    "PENDING",
+    "SUCCEEDED",
+    "FAILED",
+    "DLQ",
+    "PURGED",
+    "JobState",
+    "JobStore",
+    "state_root",
+    "validate_job_id",
+    "list_job_ids",
+]
+
+PENDING, SUCCEEDED, FAILED, DLQ, PURGED = range(5)
+STATUS_NAMES = ("pending", "succeeded", "failed", "dlq", "purged")
+JOB_FILE = "job.json"
+CHECKPOINT_FILE = "checkpoint.json"
+_JOB_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+def state_root(state_dir: str | os.PathLike | None = None) -> Path:
+    """``--state-dir``, else ``$MRPOOL_HOME``, else ``~/.local/state/mrpool``."""
+    if state_dir:
+        return Path(state_dir).expanduser().resolve()
+    env = os.environ.get("MRPOOL_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+    return (base / "mrpool").resolve()
+
+
+def validate_job_id(job_id: str) -> str:
+    if not isinstance(job_id, str) or not _JOB_ID_RE.match(job_id) or ".." in job_id:
+        raise UsageError(
+            f"invalid job id {job_id!r}: use letters, digits, '_', '.', '-' (at most 128, no '..', not starting with '.' or '-')"
+        )
+    return job_id
+
+
+def list_job_ids(root: Path) -> list[str]:
+    try:
+        names = os.listdir(root / "jobs")
+    except FileNotFoundError:
+        return []
+    return sorted(
+        n for n in names if _JOB_ID_RE.match(n) and (root / "jobs" / n / JOB_FILE).exists()
+    )
+
+
+class JobState:
+    """Per-item state replayed from the journal: compact arrays, O(1) per record.
+
+    ``status`` holds each item's last *settled* place (pending / succeeded /
+    failed / dlq / purged). ``open`` maps items whose attempt started with no
+    outcome recorded to that attempt: in flight now, or cut short by a crash.
+    ``streak`` counts how many sessions in a row ended (by crash) with the item
+    in flight -- the poison-item detector.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.status = bytearray(total)
+        self.attempts = array("I", bytes(4 * total))
+        self.streak = bytearray(total)
+        self.open: dict[int, int] = {}
+        self.counts = [total, 0, 0, 0, 0]
+        self.reduce: dict[str, Any] | None = None
+        self.offset = 0  # journal bytes applied
+
+    # -- transitions -----------------------------------------------------
+    def set_status(self, index: int, new: int) -> None:
+        old = self.status[index]
+        if old != new:
+            self.counts[old] -= 1
+            self.counts[new] += 1
+            self.status[index] = new
+
+    def apply(self, record: dict[str, Any]) -> None:
+        kind = record["k"]
+        if kind == "s":
+            for index, attempt in record["b"]:
+                self.open[index] = attempt
+                if attempt > self.attempts[index]:
+                    self.attempts[index] = attempt
+        elif kind == "ok":
+            for entry in record["b"]:
+                index = entry[0]
+                self.open.pop(index, None)
+                self.streak[index] = 0
+                self.set_status(index, SUCCEEDED)
+        elif kind == "f":
+            index = record["i"]
+            self.open.pop(index, None)
+            self.streak[index] = 0
+            if record.get("a", 0) > self.attempts[index]:
+                self.attempts[index] = record["a"]
+            self.set_status(index, DLQ if record["next"] == "dlq" else FAILED)
+        elif kind == "open":
+            # A new session began while attempts were open: the last one crashed.
+            for index in self.open:
+                if self.streak[index] < 255:
+                    self.streak[index] += 1
+            self.open.clear()
+        elif kind == "close":
+            self.open.clear()  # a clean stop: attempts were interrupted, not crashed
+        elif kind == "reset":
+            for index in record["b"]:
+                self.attempts[index] = 0
+        elif kind == "purge":
+            for index in record["b"]:
+                if self.status[index] == DLQ:
+                    self.set_status(index, PURGED)
+        elif kind == "reduce":
+            self.reduce = record
+
+    # -- views -----------------------------------------------------------
+    def summary(self) -> dict[str, int]:
+        c = self.counts
+        return {
+            "total": self.total - c[PURGED],
+            "succeeded": c[SUCCEEDED],
+            "dlq": c[DLQ],
+            "failed": c[FAILED],
+            "pending": c[PENDING],
+            "purged": c[PURGED],
+            "in_flight": len(self.open),
+        }
+
+    def finished_state(self) -> str:
+        c = self.counts
+        if c[PENDING] or c[FAILED]:
+            return "interrupted"
+        return "completed_with_failures" if c[DLQ] else "completed"
+
+    # -- checkpoint codec ------------------------------------------------
+    def to_checkpoint(self) -> bytes:
+        pack = lambda raw: base64.b64encode(zlib.compress(raw, 1)).decode()  # noqa: E731
+        return encode_record(
+            {
+                "k": "checkpoint",
+                "v": FORMAT_VERSION,
+                "t": time.time(),
+                "journal_offset": self.offset,
+                "total": self.total,
+                "status": pack(bytes(self.status)),
+                "attempts": pack(self.attempts.tobytes()),
+                "streak": pack(bytes(self.streak)),
+                "open": list(self.open.items()),
+                "reduce": self.reduce,
+            }
+        )
+
+    @classmethod
+    def from_checkpoint(cls, record: dict[str, Any]) -> JobState:
+        unpack = lambda text: zlib.decompress(base64.b64decode(text))  # noqa: E731
+        state = cls(record["total"])
+        state.status = bytearray(unpack(record["status"]))
+        state.attempts = array("I")
+        state.attempts.frombytes(unpack(record["attempts"]))
+        state.streak = bytearray(unpack(record["streak"]))
+        if not (len(state.status) == len(state.attempts) == len(state.streak) == state.total):
+            raise ValueError("array lengths disagree with total")
+        state.open = {int(i): a for i, a in record["open"]}
+        state.counts = [state.status.count(s) for s in range(5)]
+        state.reduce = record.get("reduce")
+        state.offset = record["journal_offset"]
+        return state
+
+
+@dataclass
+class JobInfo:
+    """What ``job.json`` says: fixed at creation."""
+
+    job_id: str
+    name: str
+    created_at: float
+    total: int
+    duplicates_in_input: int
+    id_mode: str
+    spec: JobSpec
+
+
+class JobStore:
+    """One job's directory. Reading is safe at any time; writing needs the job lock."""
+
+    def __init__(self, root: Path, job_id: str) -> None:
+        validate_job_id(job_id)
+        self.root = root
+        self.job_id = job_id
+        self.dir = root / "jobs" / job_id
+        self.journal_path = self.dir / JOURNAL_FILE
+
+    # -- lookup ----------------------------------------------------------
+    @classmethod
+    def open(cls, root: Path, job_id: str) -> JobStore:
+        store = cls(root, job_id)
+        if not (store.dir / JOB_FILE).is_file():
+            raise NoSuchJob(f"no such job: {job_id} (state dir {root})")
+        return store
+
+    def info(self) -> JobInfo:
+        raw = orjson.loads((self.dir / JOB_FILE).read_bytes())
+        return JobInfo(
+            job_id=raw["job_id"],
+            name=raw["name"],
+            created_at=raw["created_at"],
+            total=raw["total"],
+            duplicates_in_input=raw["duplicates_in_input"],
+            id_mode=raw["id_mode"],
+            spec=spec_from_stored(raw["spec"]),
+        )
+
+    # -- state -----------------------------------------------------------
+    def load_state(self, total: int) -> JobState:
+        """Checkpoint (if sound) plus every journal record after it."""
+        state = self._load_checkpoint(total)
+        for _, end, record in read_records(self.journal_path, state.offset):
+            state.apply(record)
+            state.offset = end
+        return state
+
+    def _load_checkpoint(self, total: int) -> JobState:
+        path = self.dir / CHECKPOINT_FILE
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return JobState(total)
+        record = decode_line(raw)
+        try:
+            if record is None or record.get("k") != "checkpoint":
+                raise ValueError("checksum or format mismatch")
+            state = JobState.from_checkpoint(record)
+            if state.total != total:
+                raise ValueError("item count differs from job.json")
+            if state.offset > self.journal_path.stat().st_size:
+                raise ValueError("points past the end of the journal")
+        except (ValueError, KeyError, TypeError, zlib.error, OSError) as e:
+            print(
+                f"mrpool: {path}: damaged checkpoint ({e}); rebuilding state from the journal",
+                file=sys.stderr,
+            )
+            return JobState(total)
+        return state
+
+    def write_checkpoint(self, state: JobState) -> None:
+        """Persist ``state`` atomically; the journal must be fsynced up to ``state.offset``."""
+        atomic_write(
+            self.dir / CHECKPOINT_FILE, state.to_checkpoint(), failpoint="checkpoint.before_replace"
+        )
+
+    # -- results ---------------------------------------------------------
+    def iter_results(self, total: int) -> Iterator[tuple[int, Any]]:
+        """``(index, result)`` of every success, in input order, each index once."""
+        where = array("q", [-1]) * total
+        for offset, _, record in read_records(self.journal_path):
+            if record["k"] == "ok":
+                for entry in record["b"]:
+                    if where[entry[0]] < 0:
+                        where[entry[0]] = offset
+        cache: dict[int, dict[int, Any]] = {}
+        with open(self.journal_path, "rb") as handle:
+            for index in range(total):
+                offset = where[index]
+                if offset < 0:
+                    continue
+                results = cache.get(offset)
+                if results is None:
+                    if len(cache) > 64:
+                        cache.clear()
+                    handle.seek(offset)
+                    record = decode_line(handle.readline())
+                    if record is None:
+                        raise CorruptStateError(
+                            f"{self.journal_path}: record at byte {offset} changed while reading"
+                        )
+                    results = cache[offset] = {e[0]: e[3] for e in record["b"]}
+                yield index, results[index]
+
+    # -- housekeeping ----------------------------------------------------
+    def sweep(self) -> None:
+        sweep_temp_files(self.dir)
+
+
+def create_job_dir(root: Path, job_id: str, build) -> JobStore:
+    """Build a job in a private temp directory, then publish it with one rename.
+
+    ``build(tmp_dir)`` does the slow, fallible work (reading the input, taking
+    the lock); until the rename nothing exists under ``jobs/``, so a crash or a
+    refusal leaves no job behind, only a temp dir the next command sweeps.
+    """
+    store = JobStore(root, job_id)
+    if store.dir.exists():
+        raise JobExists(
+            f"job {job_id!r} already exists; use 'mrpool resume {job_id}' to continue it"
+        )
+    jobs = make_private_dir(root / "jobs")
+    tmp_root = make_private_dir(root / "tmp")
+    sweep_stale_build_dirs(tmp_root)
+    tmp = tmp_root / f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir(mode=0o700)
+    try:
+        build(tmp)
+        fsync_dir(tmp)
+        try:
+            os.rename(tmp, store.dir)
+        except OSError:
+            if store.dir.exists():
+                raise JobExists(
+                    f"job {job_id!r} already exists; use 'mrpool resume {job_id}' to continue it"
+                ) from None
+            raise
+        fsync_dir(jobs)
+        fsync_dir(tmp_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return store
+
+
+def write_job_file(
+    tmp: Path, job_id: str, spec: JobSpec, total: int, duplicates: int, id_mode: str
+) -> None:
+    info = {
+        "v": FORMAT_VERSION,
+        "job_id": job_id,
+        "name": spec.name,
+        "created_at": time.time(),
+        "total": total,
+        "duplicates_in_input": duplicates,
+        "id_mode": id_mode,
+        "spec": spec.to_dict(),
+    }
+    atomic_write(tmp / JOB_FILE, orjson.dumps(info, option=orjson.OPT_INDENT_2))
+
+
+def sweep_stale_build_dirs(tmp_root: Path) -> None:
+    """Remove half-built job dirs left by a ``run`` that was killed early."""
+    from .fsutil import _pid_alive
+
+    try:
+        names = os.listdir(tmp_root)
+    except FileNotFoundError:
+        return
+    for name in names:
+        pid = name.split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp_root / name, ignore_errors=True)

@@ -1,0 +1,248 @@
+"""A worker process: runs the attempts the supervisor sends, one after another.
+
+Protocol on the worker's own pipe (``multiprocessing`` Connection, bytes):
+
+* supervisor -> worker: a *batch*: ``orjson([[index, attempt], ...]) LF`` then
+  the items' lines from ``items.jsonl`` in the same order. An empty message
+  means "exit".
+* worker -> supervisor: a list of *outcomes* ``[index, attempt, ok, payload,
+  duration]``: ``payload`` is the result when ``ok``, else a failure record
+  ``{"kind", "msg", "tail", "code"?, "signal"?}``. Outcomes are sent when a
+  batch ends or 20 ms after the previous send, so fast items travel in bulk
+  and a slow item is reported the moment it ends.
+
+Before each attempt the worker writes the item into its shared slot, and a
+watchdog thread heartbeats every 0.1 s; if the supervisor disappears (its pid
+is no longer our parent), the watchdog kills the running map command and exits,
+so nothing runs on unsupervised.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import psutil
+
+from .slots import SlotTable
+from .spec import import_callable, render_argv
+
+__all__ = ["WorkerConfig", "worker_main", "kill_tree"]
+
+TAIL_BYTES = 2048
+FLUSH_EVERY = 0.02
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    job_id: str
+    base_dir: str
+    command: list[str] | None
+    callable: str | None
+    timeout: float | None
+
+
+def worker_main(config: WorkerConfig, slots: SlotTable, slot: int, conn, parent_pid: int) -> None:
+    """Entry point of a forked worker process."""
+    signal.signal(signal.SIGINT, _ignore)  # the supervisor decides what Ctrl-C means
+    signal.signal(signal.SIGTERM, lambda *_: _exit_now(slots, slot))
+    pid = os.getpid()
+    slots.claim(slot, pid)
+    if config.callable:
+        _die_with_parent()
+    threading.Thread(target=_watchdog, args=(slots, slot, parent_pid), daemon=True).start()
+    run = _command_runner(config, slots, slot) if config.command else _callable_runner(config)
+    pending: list[list[Any]] = []
+    last_send = time.monotonic()
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except (EOFError, OSError):
+            break
+        if not message:
+            break
+        header, _, body = message.partition(b"\n")
+        lines = body.split(b"\n")
+        for (index, attempt), line in zip(orjson.loads(header), lines):
+            slots.begin(slot, pid, index, attempt)
+            started = time.monotonic()
+            ok, payload = run(index, attempt, line)
+            pending.append([index, attempt, ok, payload, round(time.monotonic() - started, 6)])
+            slots.end(slot, pid)
+            if time.monotonic() - last_send >= FLUSH_EVERY:
+                _send(conn, pending)
+                last_send = time.monotonic()
+        _send(conn, pending)
+        last_send = time.monotonic()
+    os._exit(0)
+
+
+def _send(conn, pending: list[list[Any]]) -> None:
+    if pending:
+        conn.send_bytes(orjson.dumps(pending))
+        pending.clear()
+
+
+def _ignore(*_: object) -> None:
+    """A no-op handler, not SIG_IGN: exec() resets it, so map commands still get Ctrl-C."""
+
+
+def _exit_now(slots: SlotTable, slot: int) -> None:
+    _kill_child(slots, slot)
+    os._exit(143)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker if the supervisor dies, even mid C call holding the GIL."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def _watchdog(slots: SlotTable, slot: int, parent_pid: int) -> None:
+    while True:
+        slots.beat(slot)
+        if os.getppid() != parent_pid:
+            _kill_child(slots, slot)
+            os._exit(70)
+        time.sleep(0.1)
+
+
+def _kill_child(slots: SlotTable, slot: int) -> None:
+    child = slots.read(slot).child
+    if child > 0:
+        kill_tree(child)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and all its descendants (a map command may start its own)."""
+    try:
+        proc = psutil.Process(pid)
+        victims = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return
+    for victim in victims:
+        try:
+            victim.kill()
+        except psutil.Error:
+            pass
+
+
+# -- running one attempt -----------------------------------------------------
+def _failure(kind: str, msg: str, tail: str = "", **extra: Any) -> dict[str, Any]:
+    return {"kind": kind, "msg": msg, "tail": tail[-TAIL_BYTES:], **extra}
+
+
+def _callable_runner(config: WorkerConfig):
+    function = import_callable(config.callable, config.base_dir)
+
+    def run(index: int, attempt: int, line: bytes) -> tuple[bool, Any]:
+        try:
+            item = orjson.loads(line[line.index(b"\t") + 1 :])
+            result = function(item)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - a map's failure is data, not our crash
+            return False, _failure(
+                "exception", _one_line(f"{type(e).__name__}: {e}"), traceback.format_exc()
+            )
+        try:
+            return True, orjson.Fragment(orjson.dumps(result))
+        except TypeError as e:
+            return False, _failure("exception", f"result is not JSON-serializable: {e}")
+
+    return run
+
+
+def _command_runner(config: WorkerConfig, slots: SlotTable, slot: int):
+    base_env = dict(os.environ)
+    base_env["MRPOOL_JOB_ID"] = config.job_id
+
+    def run(index: int, attempt: int, line: bytes) -> tuple[bool, Any]:
+        raw_id, _, item_json = line.partition(b"\t")
+        item = orjson.loads(item_json)
+        try:
+            argv = render_argv(config.command, item)
+        except KeyError as e:
+            return False, _failure(
+                "template",
+                f"item has no key {e.args[0]!r} used by {{item.{e.args[0]}}} in map.command",
+            )
+        item_id = orjson.loads(raw_id)
+        env = dict(base_env)
+        env["MRPOOL_ITEM_ID"] = item_id if isinstance(item_id, str) else str(item_id)
+        env["MRPOOL_ATTEMPT"] = str(attempt)
+        env["MRPOOL_ITEM"] = item_json.decode()
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=config.base_dir,
+                env=env,
+            )
+        except OSError as e:
+            return False, _failure("exec", f"cannot run {argv[0]!r}: {e.strerror}")
+        view = slots.read(slot)
+        slots.set_child(slot, view, proc.pid)
+        try:
+            out, err = proc.communicate(item_json, timeout=config.timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc.pid)
+            out, err = proc.communicate()
+            return False, _failure("timeout", f"timed out after {config.timeout:g} s", _text(err))
+        code = proc.returncode
+        if code == 0:
+            return True, _command_result(out)
+        if code < 0:
+            name = _signal_name(-code)
+            return False, _failure(
+                "signal", f"killed by signal {-code} ({name})", _text(err), signal=-code
+            )
+        return False, _failure(
+            "exit", f"exit status {code}: {_last_line(err)}", _text(err), code=code
+        )
+
+    return run
+
+
+def _command_result(out: bytes) -> Any:
+    try:
+        return orjson.Fragment(orjson.dumps(orjson.loads(out)))
+    except orjson.JSONDecodeError:
+        return out.decode("utf-8", errors="replace")
+
+
+def _text(data: bytes) -> str:
+    return data[-TAIL_BYTES:].decode("utf-8", errors="replace")
+
+
+def _last_line(err: bytes) -> str:
+    lines = [ln for ln in _text(err).splitlines() if ln.strip()]
+    return _one_line(lines[-1]) if lines else "(no stderr)"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:500]
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+if sys.platform == "win32":  # pragma: no cover
+    raise ImportError("mrpool workers need fork() and POSIX signals")
