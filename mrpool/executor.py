@@ -83,6 +83,7 @@ class _Worker:
     slot: int
     process: Any
     conn: Any
+    pid: int = 0
     in_flight: deque = field(default_factory=deque)
     batches: int = 0
     per_item: float = 0.0  # EWMA of an item's duration; 0 = unknown
@@ -118,7 +119,7 @@ class LocalExecutor:
         )
         process.start()
         child_end.close()
-        worker = self.workers[slot] = _Worker(slot, process, parent_end)
+        worker = self.workers[slot] = _Worker(slot, process, parent_end, process.pid)
         self.events.append({"k": "worker", "ev": "started", "pid": process.pid, "slot": slot})
         return worker
 
@@ -198,7 +199,7 @@ class LocalExecutor:
 
     def _send(self, w: _Worker, batch: list[Attempt]) -> None:
         header = orjson.dumps([[a.index, a.attempt] for a in batch])
-        body = b"".join(a.line if a.line.endswith(b"\n") else a.line + b"\n" for a in batch)
+        body = b"".join([a.line for a in batch])  # items.jsonl lines end with LF
         w.in_flight.extend(batch)
         try:
             w.conn.send_bytes(header + b"\n" + body)
@@ -225,34 +226,22 @@ class LocalExecutor:
         return outcomes
 
     def _receive(self, w: _Worker, outcomes: list[Outcome]) -> None:
+        pid = w.pid
+        in_flight = w.in_flight
         try:
             while w.conn.poll():
-                message = w.conn.recv_bytes()
-                for index, _attempt_no, ok, payload, duration in orjson.loads(message):
-                    attempt = w.in_flight.popleft()
-                    assert attempt.index == index, "worker answered out of order"
-                    w.per_item = duration if w.per_item <= 0 else 0.8 * w.per_item + 0.2 * duration
+                rows = orjson.loads(w.conn.recv_bytes())
+                for index, _attempt_no, ok, payload, duration in rows:
+                    attempt = in_flight.popleft()
+                    if attempt.index != index:
+                        raise RuntimeError(f"worker {pid} answered for item {index}, expected {attempt.index}")
                     if ok:
-                        outcomes.append(
-                            Outcome(
-                                attempt,
-                                True,
-                                result=payload,
-                                duration=duration,
-                                worker=w.process.pid,
-                            )
-                        )
+                        outcomes.append(Outcome(attempt, True, payload, None, duration, pid))
                     else:
-                        payload["pid"] = w.process.pid
-                        outcomes.append(
-                            Outcome(
-                                attempt,
-                                False,
-                                error=payload,
-                                duration=duration,
-                                worker=w.process.pid,
-                            )
-                        )
+                        payload["pid"] = pid
+                        outcomes.append(Outcome(attempt, False, None, payload, duration, pid))
+                mean = sum(row[4] for row in rows) / len(rows)
+                w.per_item = mean if w.per_item <= 0 else 0.7 * w.per_item + 0.3 * mean
         except (EOFError, OSError):
             pass  # died mid-send: _worker_lost attributes what is left
 
@@ -278,7 +267,7 @@ class LocalExecutor:
                     )
                 )
             else:
-                outcomes.append(Outcome(attempt, False, requeue=True, worker=w.process.pid))
+                outcomes.append(Outcome(attempt, False, requeue=True, worker=w.pid))
         w.in_flight.clear()
         self.events.append(
             {

@@ -70,19 +70,24 @@ def ingest(spec: JobSpec, dest_dir: Path) -> IngestReport:
 def _ingest(spec: JobSpec, dest_dir: Path, id_field: str | None, strict: bool) -> IngestReport:
     seen: set[str] = set()
     total = duplicates = 0
-    path = dest_dir / ITEMS_FILE
-    with os.fdopen(open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb", buffering=1 << 20) as out:
-        for where, item in _read_input(spec):
+    dumps = orjson.dumps
+    # This loop runs once per input item before anything starts: keep it tight
+    # (no per-item generator frames, closures or f-strings on the happy path).
+    with open(dest_dir / ITEMS_FILE, "wb", buffering=1 << 20, opener=_private) as out:
+        write = out.write
+        for n, item, raw in _read_input(spec):
             if id_field is None:
                 raw_id: Any = content_id(item)
             else:
-                raw_id = _item_id(where, item, id_field, strict)
-            key = identity_text(raw_id)
+                raw_id = item.get(id_field, _MISSING) if type(item) is dict else _MISSING
+                if type(raw_id) is not str and type(raw_id) is not int:
+                    raw_id = _item_id(_where(spec, n), item, id_field, strict)
+            key = raw_id if type(raw_id) is str else str(raw_id)
             if key in seen:
                 duplicates += 1
                 continue
             seen.add(key)
-            out.write(orjson.dumps(raw_id) + b"\t" + orjson.dumps(item) + b"\n")
+            write(dumps(raw_id) + b"\t" + (raw if raw is not None else dumps(item)) + b"\n")
             total += 1
         out.flush()
         os.fsync(out.fileno())
@@ -90,6 +95,20 @@ def _ingest(spec: JobSpec, dest_dir: Path, id_field: str | None, strict: bool) -
         raise InputError(f"{spec.input}: the input holds no items")
     mode = f"field:{id_field}" if id_field else "content-hash"
     return IngestReport(total=total, duplicates=duplicates, id_mode=mode)
+
+
+def _private(path: str, flags: int) -> int:
+    return open_private(path, flags)
+
+
+def _where(spec: JobSpec, n: int) -> str:
+    """Name an item for an error message: file and line (.jsonl) or position (.json)."""
+    if spec.input.endswith(".jsonl"):
+        return f"{spec.input}:{n}"
+    return f"{spec.input}{' at ' + spec.json_path if spec.json_path else ''} item {n}"
+
+
+_MISSING = object()
 
 
 def _item_id(where: str, item: Any, id_field: str, strict: bool) -> Any:
@@ -105,13 +124,12 @@ def _item_id(where: str, item: Any, id_field: str, strict: bool) -> Any:
         raise InputError(
             f"{where}: field {id_field!r} is {kind}; an id must be a string or an integer"
         )
-    if isinstance(value, str) and not value:
-        raise InputError(f"{where}: field {id_field!r} is an empty string")
     return value
 
 
-def _read_input(spec: JobSpec) -> Iterator[tuple[str, Any]]:
-    """Yield ``(where, item)``: ``where`` names file and line for error messages."""
+def _read_input(spec: JobSpec) -> Iterator[tuple[Any, Any, bytes | None]]:
+    """Yield ``(n, item, raw)``: ``n`` is the line (.jsonl) or position (.json) for
+    error messages; ``raw`` is the item's own one-line JSON when it can be kept as is."""
     path = Path(spec.input)
     try:
         handle = open(path, "rb")
@@ -128,18 +146,23 @@ def _read_input(spec: JobSpec) -> Iterator[tuple[str, Any]]:
             yield from _read_json(spec, path, handle.read())
 
 
-def _read_jsonl(path: Path, handle) -> Iterator[tuple[str, Any]]:
-    for lineno, line in enumerate(handle, 1):
-        if not line.strip():
-            continue
+def _read_jsonl(path: Path, handle) -> Iterator[tuple[int, Any, bytes | None]]:
+    loads = orjson.loads
+    lineno = 0
+    for line in handle:
+        lineno += 1
         try:
-            item = orjson.loads(line)
+            item = loads(line)
         except orjson.JSONDecodeError as e:
+            if not line.strip():
+                continue  # blank lines (a trailing newline, say) are not items
             raise InputError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-        yield f"{path}:{lineno}", item
+        raw = line.strip()
+        # Keep the user's bytes when they are already one clean line; re-encode otherwise.
+        yield lineno, item, (None if b"\t" in raw or b"\r" in raw else raw)
 
 
-def _read_json(spec: JobSpec, path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
+def _read_json(spec: JobSpec, path: Path, data: bytes) -> Iterator[tuple[Any, Any, bytes | None]]:
     try:
         document = orjson.loads(data)
     except orjson.JSONDecodeError as e:
@@ -150,16 +173,13 @@ def _read_json(spec: JobSpec, path: Path, data: bytes) -> Iterator[tuple[str, An
         try:
             items = [m.value for m in parse(spec.json_path).find(document)]
         except Exception as e:  # noqa: BLE001 - jsonpath-ng raises assorted types
-            raise JobSpecError(
-                f"{spec.source}: json_path: cannot apply {spec.json_path!r}: {e}"
-            ) from None
-        label = f"{path} at {spec.json_path}"
+            raise JobSpecError(f"{spec.source}: json_path: cannot apply {spec.json_path!r}: {e}") from None
     elif isinstance(document, list):
-        items, label = document, str(path)
+        items = document
     else:
         raise InputError(f"{path}: the document must be a JSON array of items (or set json_path)")
     for n, item in enumerate(items):
-        yield f"{label} item {n}", item
+        yield n, item, None
 
 
 def split_line(line: bytes) -> tuple[Any, bytes]:

@@ -13,13 +13,14 @@ the last process mapping it exits, SIGKILL included.
 
 Slot layout (64 bytes, little endian)::
 
-    seq u32 | state i32 | pid i32 | child i32 | index i64 | attempt i32 | pad 4
-    | started f64 | heartbeat f64 | pad 16
+    state i32 | pid i32 | child i32 | attempt i32 | index i64 | started f64
+    | heartbeat f64 | pad 24
 
-``seq`` is a sequence lock: odd while the worker rewrites the fields, so the
-supervisor retries a read that raced a write. ``heartbeat`` is written alone by
-the worker's watchdog thread. Times are ``time.monotonic()``, one clock for all
-processes on Linux.
+A worker rewrites its slot with a single ``pack_into`` per attempt start and
+end (this is on the hot path: one call, no lock). The supervisor reads a slot
+twice and retries until both reads agree, so it never acts on a half-written
+record. ``heartbeat`` is written alone by the worker's watchdog thread. Times
+are ``time.monotonic()``, one clock for all processes on Linux.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from dataclasses import dataclass
 __all__ = ["IDLE", "RUNNING", "SlotTable", "SlotView"]
 
 IDLE, RUNNING = 0, 1
-_FIELDS = struct.Struct("<IiiiqiIdd")
+_FIELDS = struct.Struct("<iiiiqd")
 _HEARTBEAT = struct.Struct("<d")
-_HEARTBEAT_AT = 40
+_HEARTBEAT_AT = _FIELDS.size
 _SLOT_SIZE = 64
 
 
@@ -57,30 +58,18 @@ class SlotTable:
         self._mem = mmap.mmap(-1, max(1, n) * _SLOT_SIZE)
 
     # -- worker side -----------------------------------------------------
-    def _write(
-        self, slot: int, state: int, pid: int, child: int, index: int, attempt: int, started: float
-    ) -> None:
-        base = slot * _SLOT_SIZE
-        seq = struct.unpack_from("<I", self._mem, base)[0]
-        struct.pack_into("<I", self._mem, base, seq + 1)  # odd: being written
-        heartbeat = _HEARTBEAT.unpack_from(self._mem, base + _HEARTBEAT_AT)[0]
-        _FIELDS.pack_into(
-            self._mem, base, seq + 1, state, pid, child, index, attempt, 0, started, heartbeat
-        )
-        struct.pack_into("<I", self._mem, base, seq + 2)  # even: consistent
-
     def claim(self, slot: int, pid: int) -> None:
-        self._write(slot, IDLE, pid, 0, -1, 0, 0.0)
+        _FIELDS.pack_into(self._mem, slot * _SLOT_SIZE, IDLE, pid, 0, 0, -1, 0.0)
         self.beat(slot)
 
     def begin(self, slot: int, pid: int, index: int, attempt: int) -> None:
-        self._write(slot, RUNNING, pid, 0, index, attempt, time.monotonic())
+        _FIELDS.pack_into(self._mem, slot * _SLOT_SIZE, RUNNING, pid, 0, attempt, index, time.monotonic())
 
     def set_child(self, slot: int, view: SlotView, child: int) -> None:
-        self._write(slot, view.state, view.pid, child, view.index, view.attempt, view.started)
+        _FIELDS.pack_into(self._mem, slot * _SLOT_SIZE, view.state, view.pid, child, view.attempt, view.index, view.started)
 
     def end(self, slot: int, pid: int) -> None:
-        self._write(slot, IDLE, pid, 0, -1, 0, 0.0)
+        _FIELDS.pack_into(self._mem, slot * _SLOT_SIZE, IDLE, pid, 0, 0, -1, 0.0)
 
     def beat(self, slot: int) -> None:
         _HEARTBEAT.pack_into(self._mem, slot * _SLOT_SIZE + _HEARTBEAT_AT, time.monotonic())
@@ -88,12 +77,15 @@ class SlotTable:
     # -- supervisor side -------------------------------------------------
     def read(self, slot: int) -> SlotView:
         base = slot * _SLOT_SIZE
+        fields = _FIELDS.unpack_from(self._mem, base)
         while True:
-            fields = _FIELDS.unpack_from(self._mem, base)
-            seq = fields[0]
-            if seq % 2 == 0 and struct.unpack_from("<I", self._mem, base)[0] == seq:
-                _, state, pid, child, index, attempt, _, started, heartbeat = fields
-                return SlotView(state, pid, child, index, attempt, started, heartbeat)
+            again = _FIELDS.unpack_from(self._mem, base)
+            if again == fields:
+                break
+            fields = again
+        state, pid, child, attempt, index, started = fields
+        heartbeat = _HEARTBEAT.unpack_from(self._mem, base + _HEARTBEAT_AT)[0]
+        return SlotView(state, pid, child, index, attempt, started, heartbeat)
 
     def reset(self, slot: int) -> None:
         self._mem[slot * _SLOT_SIZE : (slot + 1) * _SLOT_SIZE] = bytes(_SLOT_SIZE)

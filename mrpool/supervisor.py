@@ -96,6 +96,8 @@ class Session:
         self.stop_error: Exception | None = None
         self._fresh = plan.items()
         self._fresh_done = False
+        self._budget_pending = 1 + options.retries
+        self._budget_settled = 1 + options.retries if options.additional_retries is None else options.additional_retries
         self._last_checkpoint = time.monotonic()
         self.progress = Progress(plan.total, enabled=options.progress)
 
@@ -154,27 +156,25 @@ class Session:
 
     # -- dispatch ----------------------------------------------------------
     def _next_fresh(self) -> Attempt | None:
-        if self._fresh_done:
-            return None
         for index, source, line in self._fresh:
-            budget = 1 + self.options.retries
-            if source != "pending" and self.options.additional_retries is not None:
-                budget = self.options.additional_retries
-            if budget <= 0:
-                continue
-            return Attempt(index, 0, line, source, 0, budget)
+            budget = self._budget_pending if source == "pending" else self._budget_settled
+            if budget > 0:
+                return Attempt(index, 0, line, source, 0, budget)
         self._fresh_done = True
         return None
 
     def _dispatch(self) -> None:
         room = self.executor.capacity()
         batch: list[Attempt] = []
+        attempts = self.state.attempts
+        ready = self.ready
         while len(batch) < room:
-            attempt = self.ready.popleft() if self.ready else self._next_fresh()
-            if attempt is None:
+            if ready:
+                attempt = ready.popleft()
+            elif self._fresh_done or (attempt := self._next_fresh()) is None:
                 break
             if attempt.attempt == 0:  # a new try (not a hand-back): next cumulative number
-                attempt.attempt = self.state.attempts[attempt.index] + 1
+                attempt.attempt = attempts[attempt.index] + 1
             batch.append(attempt)
         if not batch:
             return

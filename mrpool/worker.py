@@ -63,8 +63,10 @@ def worker_main(config: WorkerConfig, slots: SlotTable, slot: int, conn, parent_
     threading.Thread(target=_watchdog, args=(slots, slot, parent_pid), daemon=True).start()
     run = _command_runner(config, slots, slot) if config.command else _callable_runner(config)
     pending: list[list[Any]] = []
-    last_send = time.monotonic()
-    while True:
+    monotonic = time.monotonic
+    last_send = monotonic()
+    begin, end = slots.begin, slots.end
+    while True:  # the hot loop: one iteration per attempt, no avoidable calls
         try:
             message = conn.recv_bytes()
         except (EOFError, OSError):
@@ -72,18 +74,18 @@ def worker_main(config: WorkerConfig, slots: SlotTable, slot: int, conn, parent_
         if not message:
             break
         header, _, body = message.partition(b"\n")
-        lines = body.split(b"\n")
-        for (index, attempt), line in zip(orjson.loads(header), lines):
-            slots.begin(slot, pid, index, attempt)
-            started = time.monotonic()
+        for (index, attempt), line in zip(orjson.loads(header), body.split(b"\n")):
+            begin(slot, pid, index, attempt)
+            started = monotonic()
             ok, payload = run(index, attempt, line)
-            pending.append([index, attempt, ok, payload, round(time.monotonic() - started, 6)])
-            slots.end(slot, pid)
-            if time.monotonic() - last_send >= FLUSH_EVERY:
+            now = monotonic()
+            pending.append([index, attempt, ok, payload, now - started])
+            end(slot, pid)
+            if now - last_send >= FLUSH_EVERY:
                 _send(conn, pending)
-                last_send = time.monotonic()
+                last_send = now
         _send(conn, pending)
-        last_send = time.monotonic()
+        last_send = monotonic()
     os._exit(0)
 
 

@@ -1,0 +1,79 @@
+"""Shared helpers for the benchmark scripts: job setup, timing, medians, output.
+
+Every benchmark measures mrpool and its peers in the same run on the same
+machine and prints ratios (mrpool / peer, higher is better for throughput), so
+the figures mean something on any machine. Figures are also written as JSON to
+``benchmarks/results/NAME.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+
+def make_job(directory: Path, n: int, map_step: dict, workers: int = 2, item=lambda i: {"id": i}) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "items.jsonl", "w") as handle:
+        for i in range(n):
+            handle.write(json.dumps(item(i)) + "\n")
+    job = {"name": "bench", "input": "items.jsonl", "workers": workers, "map": map_step}
+    path = directory / "job.json"
+    path.write_text(json.dumps(job))
+    return path
+
+
+def time_mrpool_cli(job_file: Path, state_dir: Path, *extra: str) -> float:
+    """Wall time of `python -m mrpool run` end to end (start-up, ingest, run, fsync)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "mrpool", "run", str(job_file), "--state-dir", str(state_dir), *extra],
+        env=env, capture_output=True, text=True,
+    )
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"mrpool run failed ({proc.returncode}): {proc.stderr}")
+    return elapsed
+
+
+def median_of(repeats: int, measure) -> float:
+    return statistics.median(measure() for _ in range(repeats))
+
+
+def scratch() -> Path:
+    return Path(tempfile.mkdtemp(prefix="mrpool-bench-"))
+
+
+def report(name: str, rows: list[dict], notes: list[str] | None = None) -> None:
+    """Print a table and write benchmarks/results/NAME.json."""
+    keys = list(rows[0].keys()) if rows else []
+    widths = {k: max(len(k), *(len(_fmt(r.get(k))) for r in rows)) for k in keys}
+    print("  ".join(k.ljust(widths[k]) for k in keys))
+    for r in rows:
+        print("  ".join(_fmt(r.get(k)).ljust(widths[k]) for k in keys))
+    for note in notes or []:
+        print(f"note: {note}")
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    payload = {"benchmark": name, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "python": platform.python_version(),
+               "cpus": os.cpu_count(), "rows": rows, "notes": notes or []}
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}" if value < 100 else f"{value:,.0f}"
+    return "" if value is None else str(value)

@@ -1,0 +1,81 @@
+"""Throughput of no-op Python callables: mrpool vs the stdlib process pools.
+
+    python benchmarks/throughput.py [--items 100000] [--workers 2] [--repeats 3]
+
+mrpool is timed end to end through its CLI (interpreter start-up, reading and
+validating the input, running, journaling every outcome durably); the peers
+are timed from pool creation to the last result, with the items already in
+memory and nothing recorded -- so the ratio is a conservative one for mrpool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+from _common import make_job, median_of, report, scratch, time_mrpool_cli
+from noop_map import noop
+
+
+def _pool_imap(items, workers: int, chunksize: int) -> float:
+    start = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        for _ in pool.imap_unordered(noop, items, chunksize=chunksize):
+            pass
+    return time.perf_counter() - start
+
+
+def _executor_map(items, workers: int, chunksize: int) -> float:
+    start = time.perf_counter()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as ex:
+        for _ in ex.map(noop, items, chunksize=chunksize):
+            pass
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--executor-items", type=int, default=None, help="items for ProcessPoolExecutor default (slow)")
+    args = parser.parse_args()
+    n, w = args.items, args.workers
+    work = scratch()
+    job = make_job(work / "job", n, {"callable": "noop_map:noop"}, workers=w)
+    shutil.copy(__file__.replace("throughput.py", "noop_map.py"), work / "job" / "noop_map.py")
+    items = [{"id": i} for i in range(n)]
+
+    def run_mrpool() -> float:
+        state = work / f"state-{time.monotonic_ns()}"
+        try:
+            return time_mrpool_cli(job, state)
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
+
+    timings = {"mrpool (durable journal)": median_of(args.repeats, run_mrpool)}
+    timings["Pool.imap_unordered chunksize=1"] = median_of(args.repeats, lambda: _pool_imap(items, w, 1))
+    timings["Pool.imap_unordered chunksize=100"] = median_of(args.repeats, lambda: _pool_imap(items, w, 100))
+    # ProcessPoolExecutor.map with the default chunksize is slow; time a slice and scale per item.
+    m = args.executor_items or min(n, 20_000)
+    timings["ProcessPoolExecutor.map default"] = median_of(args.repeats, lambda: _executor_map(items[:m], w, 1)) * n / m
+    timings["ProcessPoolExecutor.map chunksize=100"] = median_of(args.repeats, lambda: _executor_map(items, w, 100))
+    ours = timings["mrpool (durable journal)"]
+    rows = [
+        {"runner": name, "seconds": t, "items/s": n / t, "mrpool speed ratio": t / ours}
+        for name, t in timings.items()
+    ]
+    notes = [
+        f"{n} no-op items, {w} workers, median of {args.repeats}; ratio = peer seconds / mrpool seconds (>1: mrpool faster)",
+        f"ProcessPoolExecutor.map default measured on {m} items and scaled to {n}",
+        "targets (issue 7): >= 0.5 vs imap_unordered chunksize=100, >= 20 vs ProcessPoolExecutor.map default",
+    ]
+    report("throughput", rows, notes)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
