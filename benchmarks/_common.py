@@ -24,7 +24,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 
-def make_job(directory: Path, n: int, map_step: dict, workers: int = 2, item=lambda i: {"id": i}) -> Path:
+def make_job(
+    directory: Path, n: int, map_step: dict, workers: int = 2, item=lambda i: {"id": i}
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "items.jsonl", "w") as handle:
         for i in range(n):
@@ -40,8 +42,19 @@ def time_mrpool_cli(job_file: Path, state_dir: Path, *extra: str) -> float:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "mrpool", "run", str(job_file), "--state-dir", str(state_dir), *extra],
-        env=env, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mrpool",
+            "run",
+            str(job_file),
+            "--state-dir",
+            str(state_dir),
+            *extra,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
@@ -68,8 +81,14 @@ def report(name: str, rows: list[dict], notes: list[str] | None = None) -> None:
         print(f"note: {note}")
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    payload = {"benchmark": name, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "python": platform.python_version(),
-               "cpus": os.cpu_count(), "rows": rows, "notes": notes or []}
+    payload = {
+        "benchmark": name,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "rows": rows,
+        "notes": notes or [],
+    }
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
 
 

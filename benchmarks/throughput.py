@@ -41,7 +41,12 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--executor-items", type=int, default=None, help="items for ProcessPoolExecutor default (slow)")
+    parser.add_argument(
+        "--executor-items",
+        type=int,
+        default=None,
+        help="items for ProcessPoolExecutor default (slow)",
+    )
     args = parser.parse_args()
     n, w = args.items, args.workers
     work = scratch()
@@ -57,12 +62,20 @@ def main() -> None:
             shutil.rmtree(state, ignore_errors=True)
 
     timings = {"mrpool (durable journal)": median_of(args.repeats, run_mrpool)}
-    timings["Pool.imap_unordered chunksize=1"] = median_of(args.repeats, lambda: _pool_imap(items, w, 1))
-    timings["Pool.imap_unordered chunksize=100"] = median_of(args.repeats, lambda: _pool_imap(items, w, 100))
+    timings["Pool.imap_unordered chunksize=1"] = median_of(
+        args.repeats, lambda: _pool_imap(items, w, 1)
+    )
+    timings["Pool.imap_unordered chunksize=100"] = median_of(
+        args.repeats, lambda: _pool_imap(items, w, 100)
+    )
     # ProcessPoolExecutor.map with the default chunksize is slow; time a slice and scale per item.
     m = args.executor_items or min(n, 20_000)
-    timings["ProcessPoolExecutor.map default"] = median_of(args.repeats, lambda: _executor_map(items[:m], w, 1)) * n / m
-    timings["ProcessPoolExecutor.map chunksize=100"] = median_of(args.repeats, lambda: _executor_map(items, w, 100))
+    timings["ProcessPoolExecutor.map default"] = (
+        median_of(args.repeats, lambda: _executor_map(items[:m], w, 1)) * n / m
+    )
+    timings["ProcessPoolExecutor.map chunksize=100"] = median_of(
+        args.repeats, lambda: _executor_map(items, w, 100)
+    )
     ours = timings["mrpool (durable journal)"]
     rows = [
         {"runner": name, "seconds": t, "items/s": n / t, "mrpool speed ratio": t / ours}

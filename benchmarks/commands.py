@@ -1,0 +1,80 @@
+"""Throughput of a trivial map command (`true`): mrpool vs GNU parallel --joblog vs xargs -P.
+
+    python benchmarks/commands.py [--items 2000] [--workers 2] [--repeats 3]
+
+GNU parallel is skipped with a note when it is not installed
+(`apt-get install parallel` or `brew install parallel`). Every runner forks
+one `true` per item; mrpool also journals every outcome durably.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import time
+
+from _common import make_job, median_of, report, scratch, time_mrpool_cli
+
+
+def _xargs(items_file, workers: int) -> float:
+    start = time.perf_counter()
+    with open(items_file, "rb") as handle:
+        subprocess.run(["xargs", "-P", str(workers), "-n", "1", "true"], stdin=handle, check=True)
+    return time.perf_counter() - start
+
+
+def _parallel(items_file, workers: int, joblog) -> float:
+    start = time.perf_counter()
+    with open(items_file, "rb") as handle:
+        subprocess.run(
+            ["parallel", "--will-cite", "-j", str(workers), "--joblog", str(joblog), "true", "{}"],
+            stdin=handle,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    n, w = args.items, args.workers
+    work = scratch()
+    job = make_job(work / "job", n, {"command": ["true", "{item.id}"]}, workers=w)
+    plain = work / "args.txt"
+    plain.write_text("".join(f"{i}\n" for i in range(n)))
+
+    def run_mrpool() -> float:
+        state = work / f"state-{time.monotonic_ns()}"
+        try:
+            return time_mrpool_cli(job, state)
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
+
+    timings = {"mrpool (durable journal)": median_of(args.repeats, run_mrpool)}
+    notes = [
+        f"{n} items of `true`, {w} workers, median of {args.repeats}; ratio = peer seconds / mrpool seconds (>1: mrpool faster)"
+    ]
+    if shutil.which("parallel"):
+        timings["GNU parallel --joblog"] = median_of(
+            args.repeats, lambda: _parallel(plain, w, work / "joblog")
+        )
+    else:
+        notes.append("GNU parallel not installed: skipped (apt-get install parallel)")
+    timings["xargs -P"] = median_of(args.repeats, lambda: _xargs(plain, w))
+    ours = timings["mrpool (durable journal)"]
+    rows = [
+        {"runner": k, "seconds": t, "items/s": n / t, "peer s / mrpool s": t / ours}
+        for k, t in timings.items()
+    ]
+    notes.append("targets (issue 7): >= 5 vs GNU parallel --joblog, >= 0.8 vs xargs -P")
+    report("commands", rows, notes)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
