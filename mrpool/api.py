@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .dlq import DeadLetterQueue
-from .errors import MrpoolError, UsageError
+from .errors import MrpoolError, StorageError, UsageError
 from .executor import LocalExecutor
 from .items import identity_text, ingest, read_ids
 from .journal import JournalWriter, read_records
@@ -246,9 +246,22 @@ def _run_session(
                 report.exit_code = 1
                 report.message = f"reduce failed: {report.reduce['error']}"
         DeadLetterQueue(store, state).save_snapshot()
-        return report
-    finally:
+    except StorageError as e:
+        _close_quietly(journal)
+        raise StorageError(f"{e}; everything recorded before it is safe: free space, then 'mrpool resume {store.job_id}'") from None
+    except BaseException:
+        _close_quietly(journal)
+        raise
+    journal.close()
+    return report
+
+
+def _close_quietly(journal: JournalWriter) -> None:
+    """Save what can be saved after a failure, without masking the failure."""
+    try:
         journal.close()
+    except Exception:  # noqa: BLE001 - the original error is the one to report
+        journal.abandon()
 
 
 def _nothing_left(job_id: str, state, plan: ResumePlan) -> SessionReport:

@@ -8,6 +8,7 @@ traceback. stdout carries data (the job id, JSON, JSONL); humans get stderr.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from datetime import datetime
 from typing import Any
@@ -146,6 +147,7 @@ def _seconds(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM stops like Ctrl-C does
     try:
         args = _build_parser().parse_args(argv)
         return _dispatch(args)
@@ -158,7 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         sys.stderr.close()  # the reader went away (| head): not an error
         return 0
+    except OSError as e:  # an unexpected system error: still one line, no traceback
+        _say(f"mrpool: {e}")
+        return EXIT_FAILURES
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 def _dispatch(args: argparse.Namespace) -> int:
     from . import api

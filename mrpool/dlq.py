@@ -89,8 +89,10 @@ class DlqEntry:
 
 
 def normalise_message(message: str, item_id: str | None = None) -> str:
-    if item_id:
-        message = message.replace(item_id, "<id>")
+    # Whole tokens only, and not numeric ids (numbers become <n> anyway): a bare
+    # substring replace of id "5" turned "errno 5" / "offset 20480" into different labels.
+    if item_id and not item_id.isdigit():
+        message = re.sub(rf"(?<!\w){re.escape(item_id)}(?!\w)", "<id>", message)
     for pattern, token in _NORMALISERS:
         message = pattern.sub(token, message)
     return " ".join(message.split())
@@ -187,7 +189,7 @@ class DeadLetterQueue:
             "histories": {str(i): h for i, h in keep.items()},
         }
         atomic_write(
-            self.store.dir / SNAPSHOT_FILE, encode_record(record), failpoint="dlq.before_replace"
+            self.store.dir / SNAPSHOT_FILE, encode_record(record), failpoint="dlq"
         )
 
     # -- internals ---------------------------------------------------------

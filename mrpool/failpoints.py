@@ -29,9 +29,10 @@ POINTS = {
     "checkpoint.before_replace": "checkpoint temp file written and fsynced, not yet renamed",
     "checkpoint.after_replace": "checkpoint renamed, directory not yet fsynced",
     "dlq.before_replace": "DLQ snapshot temp file written, not yet renamed",
+    "dlq.after_replace": "DLQ snapshot renamed, directory not yet fsynced",
     "supervisor.after_dispatch": "attempt starts journaled and sent to a worker",
     "supervisor.after_outcome": "an outcome batch journaled",
-    "retry.after_success": "a DLQ item's success journaled, DLQ snapshot not yet rewritten",
+    "retry.after_success": "a DLQ item's success written to the journal (= left the DLQ), snapshot not yet rewritten",
     "run.after_create": "job directory created and locked, id not yet printed",
 }
 

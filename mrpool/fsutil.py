@@ -17,6 +17,7 @@ import secrets
 from pathlib import Path
 
 from . import failpoints
+from .errors import StorageError
 
 __all__ = [
     "TEMP_MARK",
@@ -56,8 +57,19 @@ def open_private(path: str | os.PathLike, flags: int) -> int:
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, failpoint: str | None = None) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file whole."""
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file whole.
+
+    ``failpoint`` names a pair of failpoints, ``NAME.before_replace`` and
+    ``NAME.after_replace``. A failing disk raises ``StorageError`` naming the file.
+    """
     path = Path(path)
+    try:
+        _atomic_write(path, data, failpoint)
+    except OSError as e:
+        raise StorageError(f"{path}: cannot write: {e.strerror or e}") from None
+
+
+def _atomic_write(path: Path, data: bytes, failpoint: str | None) -> None:
     tmp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
     fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
@@ -72,11 +84,13 @@ def atomic_write(path: str | os.PathLike, data: bytes, failpoint: str | None = N
     os.close(fd)
     try:
         if failpoints.ENABLED and failpoint:
-            failpoints.hit(failpoint)
+            failpoints.hit(f"{failpoint}.before_replace")
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
         raise
+    if failpoints.ENABLED and failpoint:
+        failpoints.hit(f"{failpoint}.after_replace")
     fsync_dir(path.parent)
 
 

@@ -292,7 +292,7 @@ class JobStore:
     def write_checkpoint(self, state: JobState) -> None:
         """Persist ``state`` atomically; the journal must be fsynced up to ``state.offset``."""
         atomic_write(
-            self.dir / CHECKPOINT_FILE, state.to_checkpoint(), failpoint="checkpoint.before_replace"
+            self.dir / CHECKPOINT_FILE, state.to_checkpoint(), failpoint="checkpoint"
         )
 
     # -- results ---------------------------------------------------------

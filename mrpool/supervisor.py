@@ -100,6 +100,7 @@ class Session:
         self._budget_settled = 1 + options.retries if options.additional_retries is None else options.additional_retries
         self._last_checkpoint = time.monotonic()
         self.progress = Progress(plan.total, enabled=options.progress)
+        self.kept_failed = 0  # items not parked because the DLQ was full (keep_failed)
 
     # -- the loop ----------------------------------------------------------
     def run(self) -> None:
@@ -125,6 +126,9 @@ class Session:
                 self._maybe_checkpoint()
             if self.stop_signal is not None or self.stop_error is not None:
                 self._interrupt()
+        except BaseException:
+            self.executor.cancel()  # a storage error or a bug: stop every attempt now
+            raise
         finally:
             self.executor.shutdown()
             for s, handler in previous.items():
@@ -209,6 +213,8 @@ class Session:
         if outcomes and failpoints.ENABLED:
             self.journal.write()
             failpoints.hit("supervisor.after_outcome")
+            if any(o.ok and o.attempt.source == "dlq" for o in outcomes):
+                failpoints.hit("retry.after_success")
 
     def _failed(self, attempt: Attempt, outcome: Outcome) -> None:
         attempt.tries += 1
@@ -242,6 +248,7 @@ class Session:
                 f"the DLQ is full (dlq.max_items = {limit}); stopped with the item kept as failed. "
                 f"Inspect with 'mrpool dlq list {self.store.job_id}', then purge or retry and resume"
             )
+        self.kept_failed += 1
         return "failed"
 
     def _park_poison(self) -> None:
@@ -296,6 +303,11 @@ class Session:
             state = self.state.finished_state()
             code = EXIT_OK if state == "completed" else EXIT_FAILURES
         message = str(self.stop_error) if self.stop_error else ""
+        if not message and self.kept_failed:
+            message = (
+                f"the DLQ is full (dlq.max_items = {self.options.dlq_max_items}); "
+                f"{self.kept_failed} item(s) kept as failed instead of parked (on_full: keep_failed)"
+            )
         return SessionReport(job_id, state, code, counts, self.plan.summary(), message)
 
 

@@ -63,6 +63,8 @@ def worker_main(config: WorkerConfig, slots: SlotTable, slot: int, conn, parent_
     threading.Thread(target=_watchdog, args=(slots, slot, parent_pid), daemon=True).start()
     run = _command_runner(config, slots, slot) if config.command else _callable_runner(config)
     pending: list[list[Any]] = []
+    sending = threading.Lock()
+    threading.Thread(target=_flusher, args=(conn, pending, sending), daemon=True).start()
     monotonic = time.monotonic
     last_send = monotonic()
     begin, end = slots.begin, slots.end
@@ -82,17 +84,29 @@ def worker_main(config: WorkerConfig, slots: SlotTable, slot: int, conn, parent_
             pending.append([index, attempt, ok, payload, now - started])
             end(slot, pid)
             if now - last_send >= FLUSH_EVERY:
-                _send(conn, pending)
+                _send(conn, pending, sending)
                 last_send = now
-        _send(conn, pending)
+        _send(conn, pending, sending)
         last_send = monotonic()
     os._exit(0)
 
 
-def _send(conn, pending: list[list[Any]]) -> None:
-    if pending:
-        conn.send_bytes(orjson.dumps(pending))
-        pending.clear()
+def _send(conn, pending: list[list[Any]], sending: threading.Lock) -> None:
+    with sending:  # the main loop appends meanwhile: send and drop only this prefix
+        n = len(pending)
+        if n:
+            conn.send_bytes(orjson.dumps(pending[:n]))
+            del pending[:n]
+
+
+def _flusher(conn, pending: list[list[Any]], sending: threading.Lock) -> None:
+    """Send finished outcomes every 20 ms even while a slow attempt runs after them."""
+    while True:
+        time.sleep(FLUSH_EVERY)
+        try:
+            _send(conn, pending, sending)
+        except OSError:
+            return
 
 
 def _ignore(*_: object) -> None:
