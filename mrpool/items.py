@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from .errors import InputError, JobSpecError
+from .errors import InputError, JobSpecError, StorageError
 from .fsutil import open_private
 from .spec import JobSpec
 
@@ -59,6 +59,15 @@ def content_id(item: Any) -> str:
 
 def ingest(spec: JobSpec, dest_dir: Path) -> IngestReport:
     """Validate the whole input and write ``dest_dir/items.jsonl`` (fsynced)."""
+    try:
+        return _ingest_with_identity(spec, dest_dir)
+    except OSError as e:
+        if e.filename is not None or isinstance(e, FileNotFoundError):
+            raise
+        raise StorageError(f"{dest_dir / ITEMS_FILE}: cannot write the job's copy of the items: {e.strerror}") from None
+
+
+def _ingest_with_identity(spec: JobSpec, dest_dir: Path) -> IngestReport:
     if spec.id_field:
         return _ingest(spec, dest_dir, id_field=spec.id_field, strict=True)
     try:

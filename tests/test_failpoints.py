@@ -1,0 +1,247 @@
+"""Crash and I/O-error injection at every named failpoint, then recovery.
+
+Each scenario runs a real job with ``MRPOOL_FAILPOINTS`` armed so that the
+supervisor SIGKILLs itself (or gets an I/O error) at an exact spot between two
+syscalls, then resumes without failpoints and checks the guarantees: every item
+ends succeeded or parked, each result exactly once, no recorded success ran
+again, nothing left behind. Disk faults are also produced for real with
+``RLIMIT_FSIZE`` (the kernel answers EFBIG once the journal outgrows it).
+"""
+
+from __future__ import annotations
+
+import resource
+import signal
+import subprocess
+
+import pytest
+from conftest import PY, REPO, journal_records, write_job
+
+from mrpool.failpoints import POINTS
+
+pytestmark = pytest.mark.timeout(180)
+
+MAPPER = """
+import os
+
+def work(item):
+    with open(os.path.join(os.path.dirname(__file__), "side.log"), "a") as f:
+        f.write(f"{item['id']}\\n")
+    if item["id"] in (3, 11) and not os.path.exists(os.path.join(os.path.dirname(__file__), "fixed")):
+        raise ValueError(f"item {item['id']} is broken")
+    return item["id"] * 10
+"""
+N = 16
+
+
+def make_job(tmp_path, retries=0):
+    """16 items; items 3 and 11 fail until a `fixed` file exists (they go to the DLQ)."""
+    return write_job(
+        tmp_path / "job",
+        [{"id": i} for i in range(N)],
+        {"callable": "mapper:work", "retries": retries},
+        workers=2,
+        files={"mapper.py": MAPPER},
+    )
+
+
+def side_log(tmp_path) -> list[int]:
+    path = tmp_path / "job" / "side.log"
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def recorded_ids(mrpool, job_id) -> set[int]:
+    return {row["id"] for row in mrpool.results(job_id)}
+
+
+def finish_and_check(mrpool, tmp_path, job_id, recorded_before: set[int]) -> None:
+    """Resume (and retry the DLQ once the cause is fixed) until done; check the guarantees."""
+    ran_before = len(side_log(tmp_path))
+    r = mrpool.run("resume", job_id)
+    assert r.returncode in (0, 1), r.stderr
+    (tmp_path / "job" / "fixed").touch()
+    r = mrpool.run("dlq", "retry", job_id)
+    assert r.returncode == 0, r.stderr
+    status = mrpool.status(job_id)
+    assert (status["succeeded"], status["dlq"], status["pending"], status["failed"]) == (
+        N,
+        0,
+        0,
+        0,
+    ), status
+    ids = [row["id"] for row in mrpool.results(job_id)]
+    assert sorted(ids) == list(range(N)), "every id exactly once"
+    rerun = set(side_log(tmp_path)[ran_before:]) & recorded_before
+    assert not rerun, f"recorded successes ran again: {rerun}"
+
+
+KILL_POINTS = [
+    ("journal.after_write", 3),
+    ("journal.after_fsync", 2),
+    ("checkpoint.before_replace", 1),
+    ("checkpoint.after_replace", 1),
+    ("dlq.before_replace", 1),
+    ("dlq.after_replace", 1),
+    ("supervisor.after_dispatch", 2),
+    ("supervisor.after_outcome", 2),
+    ("run.after_create", 1),
+]
+
+
+def test_every_failpoint_is_exercised():
+    """The list below covers every failpoint the code defines (a new one needs a test)."""
+    assert {name for name, _ in KILL_POINTS} | {"retry.after_success"} == set(POINTS)
+
+
+@pytest.mark.parametrize("point,nth", KILL_POINTS)
+def test_sigkill_at_failpoint_then_resume_loses_nothing(mrpool, tmp_path, point, nth):
+    """Phases: run with the failpoint armed (dies by SIGKILL) -> check state -> resume to the end."""
+    job = make_job(tmp_path)
+    # -- phase 1: the run kills itself at the failpoint
+    r = mrpool.run(
+        "run",
+        str(job),
+        "--job-id",
+        "fp",
+        env=mrpool.env(MRPOOL_FAILPOINTS=f"{point}={'kill'}@{nth}"),
+    )
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+    # -- phase 2: the job exists and reads cleanly; a dead holder does not block
+    status = mrpool.status("fp")
+    assert (
+        status["lock"] is None
+        and status["state"] == "interrupted"
+        or status["state"].startswith("completed")
+    )
+    assert status["total"] == N
+    recorded = recorded_ids(mrpool, "fp")
+    # -- phase 3: resume finishes; nothing lost, nothing doubled, no recorded success re-run
+    finish_and_check(mrpool, tmp_path, "fp", recorded)
+
+
+def test_kill_between_dlq_success_and_snapshot(mrpool, tmp_path):
+    """A DLQ item's success is recorded, then the retrier dies before rewriting dlq.json:
+    after reopening the item is succeeded and NOT in the DLQ (one record is both)."""
+    job = make_job(tmp_path)
+    # -- phase 1: run; items 3 and 11 are parked
+    r = mrpool.run("run", str(job), "--job-id", "fp")
+    assert r.returncode == 1
+    assert sorted(e["id"] for e in mrpool.dlq("fp")) == [3, 11]
+    # -- phase 2: fix the cause; dlq retry dies right after the first success is written
+    (tmp_path / "job" / "fixed").touch()
+    r = mrpool.run(
+        "dlq", "retry", "fp", env=mrpool.env(MRPOOL_FAILPOINTS="retry.after_success=kill")
+    )
+    assert r.returncode == -signal.SIGKILL
+    succeeded_now = recorded_ids(mrpool, "fp") & {3, 11}
+    assert succeeded_now, "the success before the kill is recorded"
+    in_dlq = {e["id"] for e in mrpool.dlq("fp")}
+    assert not (succeeded_now & in_dlq), "a succeeded item is never also in the DLQ"
+    assert mrpool.status("fp")["succeeded"] + len(in_dlq) + mrpool.status("fp")["pending"] == N
+    # -- phase 3: a second retry finishes; results unique
+    r = mrpool.run("dlq", "retry", "fp")
+    assert r.returncode == 0, r.stderr
+    assert sorted(row["id"] for row in mrpool.results("fp")) == list(range(N))
+    assert mrpool.dlq("fp") == []
+
+
+@pytest.mark.parametrize("error", ["enospc", "eio", "efbig"])
+@pytest.mark.parametrize(
+    "point",
+    [
+        "journal.after_write",
+        "journal.after_fsync",
+        "checkpoint.before_replace",
+        "dlq.before_replace",
+    ],
+)
+def test_io_error_stops_with_clear_message_and_resume_recovers(mrpool, tmp_path, point, error):
+    """A failing disk at each write: one-line error naming the file, exit 1, resume loses nothing."""
+    job = make_job(tmp_path)
+    # -- phase 1: the write fails
+    r = mrpool.run(
+        "run", str(job), "--job-id", "io", env=mrpool.env(MRPOOL_FAILPOINTS=f"{point}={error}@2")
+    )
+    if point.startswith(("checkpoint", "dlq")):
+        armed_at = 1  # these are written once per session: the 2nd hit never comes
+        r = (
+            mrpool.run(
+                "resume", "io", env=mrpool.env(MRPOOL_FAILPOINTS=f"{point}={error}@{armed_at}")
+            )
+            if r.returncode in (0, 1)
+            else r
+        )
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("mrpool:")]
+    assert any("resume" in ln and (".log" in ln or ".json" in ln) for ln in lines), r.stderr
+    assert "Traceback" not in r.stderr
+    # -- phase 2: nothing is held, the job reads cleanly
+    status = mrpool.status("io")
+    assert status["lock"] is None
+    recorded = recorded_ids(mrpool, "io")
+    # -- phase 3: resume recovers everything
+    finish_and_check(mrpool, tmp_path, "io", recorded)
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_real_efbig_from_rlimit_fsize_then_resume(mrpool, tmp_path):
+    """The kernel refuses to grow the journal past RLIMIT_FSIZE (EFBIG): clear stop, full recovery."""
+    items = [{"id": i} for i in range(200)]
+    big_results = MAPPER.replace("(3, 11)", "(-1,)").replace(
+        'return item["id"] * 10', 'return "r" * 150'
+    )
+    job = write_job(
+        tmp_path / "job", items, {"callable": "mapper:work"}, files={"mapper.py": big_results}
+    )
+    # -- phase 1: run under a 15 kB file size limit: the items fit, the journal outgrows it mid-run
+    r = subprocess.run(
+        [PY, "-m", "mrpool", "run", str(job), "--job-id", "big"],
+        env=mrpool.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(REPO),
+        preexec_fn=_limit_file_size(15_000),
+    )
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert (
+        "File too large" in r.stderr and "journal.log" in r.stderr and "Traceback" not in r.stderr
+    )
+    journal = mrpool.job_dir("big") / "journal.log"
+    assert journal.stat().st_size <= 15_000
+    # -- phase 2: the journal holds only whole records; what was recorded stays
+    kinds = [rec["k"] for rec in journal_records(mrpool.job_dir("big"))]
+    assert kinds[0] == "job" and "ok" in kinds
+    recorded = recorded_ids(mrpool, "big")
+    assert 0 < len(recorded) < 200
+    # -- phase 3: without the limit, resume finishes everything exactly once
+    ran_before = len(side_log(tmp_path))
+    r = mrpool.run("resume", "big")
+    assert r.returncode == 0, r.stderr
+    ids = [row["id"] for row in mrpool.results("big")]
+    assert sorted(ids) == list(range(200))
+    assert not set(side_log(tmp_path)[ran_before:]) & recorded
+
+
+def test_failpoints_cost_nothing_when_off():
+    """Disabled failpoints are a module flag: the names list is non-empty, ENABLED is False."""
+    out = subprocess.run(
+        [PY, "-c", "import mrpool.failpoints as f; print(f.ENABLED)"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+    )
+    assert out.stdout.strip() == "False"
+    bad = subprocess.run(
+        [PY, "-c", "import mrpool.failpoints"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "MRPOOL_FAILPOINTS": "no.such=kill"},
+    )
+    assert bad.returncode != 0 and "unknown failpoint" in bad.stderr
