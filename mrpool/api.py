@@ -81,7 +81,7 @@ def run_job(
     if workers is not None:
         spec = _with_workers(spec, workers)
     check_callables(spec)
-    job_id = validate_job_id(job_id) if job_id else _new_job_id(spec.name)
+    job_id = validate_job_id(job_id) if job_id is not None else _new_job_id(spec.name)
     root = state_root(state_dir)
     lock = JobLock(Path("."), command=f"mrpool run {job_id}")
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import orjson
 
-from .errors import NoSuchJob
+from .errors import UsageError
 from .fsutil import atomic_write
 from .items import identity_text, iter_item_lines, split_line
 from .journal import FORMAT_VERSION, decode_line, encode_record, read_records
@@ -133,7 +133,7 @@ class DeadLetterQueue:
     def get(self, item_id: str) -> DlqEntry:
         index = self.find(item_id)
         if index is None or self.state.status[index] != DLQ:
-            raise NoSuchJob(f"item {item_id!r} is not in the DLQ of job {self.store.job_id}")
+            raise UsageError(f"item {item_id!r} is not in the DLQ of job {self.store.job_id}")
         return self.entries([index])[0]
 
     def find(self, item_id: str) -> int | None:

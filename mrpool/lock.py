@@ -96,7 +96,11 @@ class JobLock:
             os.close(open_private(path, os.O_RDWR | os.O_CREAT))
             lock = fasteners.InterProcessLock(str(path))
             if not lock.acquire(blocking=False):
-                return read_holder(self.job_dir) or {}
+                # A dead holder's record lingers until the new holder replaces it: not the holder.
+                holder = read_holder(self.job_dir)
+                if holder and holder.get("hostname") == _HOSTNAME and not _is_live(holder):
+                    return {}
+                return holder or {}
             if not _same_file(lock, path):  # unlinked by the previous holder's release
                 lock.release()
                 return {}

@@ -9,6 +9,7 @@ job that ``run`` started, even if the job file has changed since.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import re
 import shlex
@@ -111,6 +112,8 @@ def _parse_document(path: Path, text: bytes) -> Any:
         raise JobSpecError(f"{path}{line}: invalid YAML: {problem}") from None
     except yaml.YAMLError as e:
         raise JobSpecError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise JobSpecError(f"{path}: invalid YAML: nested too deeply") from None
     except UnicodeDecodeError:
         raise JobSpecError(f"{path}: job file is not valid UTF-8") from None
 
@@ -132,6 +135,8 @@ def spec_from_dict(
     inp = data["input"]
     if not isinstance(inp, str) or not inp:
         raise where.error("input", "must be a path (string)")
+    if any(c < " " or c == "\x7f" for c in inp):
+        raise where.error("input", f"must not contain control characters, got {inp!r}")
     input_path = (base / inp).resolve()
     if input_path.suffix not in (".jsonl", ".json"):
         raise where.error("input", f"must be a .jsonl or .json file, got {inp!r}")
@@ -212,7 +217,7 @@ def check_callables(spec: JobSpec) -> None:
             continue
         try:
             import_callable(dotted, spec.base_dir)
-        except Exception as e:  # noqa: BLE001 - any import-time error is the user's to see
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - any import-time error is the user's to see
             detail = " ".join(f"{type(e).__name__}: {e}".split())
             raise JobSpecError(
                 f"{spec.source}: {field_name}: cannot import {dotted!r}: {detail}"
@@ -226,7 +231,8 @@ class _Where:
         self.source = source
 
     def error(self, field_name: str, message: str) -> JobSpecError:
-        return JobSpecError(f"{self.source}: {field_name + ': ' if field_name else ''}{message}")
+        text = f"{self.source}: {field_name + ': ' if field_name else ''}{message}"
+        return JobSpecError(printable(text))
 
     def unknown_keys(self, prefix: str, data: dict, allowed: set[str]) -> None:
         for key in data:
@@ -238,11 +244,16 @@ class _Where:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, so a message stays on one line."""
+    return "".join(c if " " <= c != "\x7f" else repr(c)[1:-1] for c in text)
 
 
 def _exactly_one_step(where: _Where, section: str, data: Any, allowed: set[str]) -> dict:
@@ -274,7 +285,8 @@ def _command(where: _Where, field_name: str, value: Any) -> list[str]:
 
 def _callable(where: _Where, field_name: str, value: Any) -> str:
     if not isinstance(value, str) or not _CALLABLE_RE.match(value):
-        raise where.error(field_name, f"must look like 'package.module:function', got {value!r}")
+        got = repr(value) if isinstance(value, str) else f"a {type(value).__name__}"
+        raise where.error(field_name, f"must look like 'package.module:function', got {got}")
     return value
 
 

@@ -235,13 +235,15 @@ class Session:
             )
             heapq.heappush(self.delayed, (time.monotonic() + delay, attempt.index, retry))
             return
-        record["next"] = self._park_or_keep()
+        record["next"] = self._park_or_keep(attempt.index)
         self._record(record)
         self.progress.failed += 1
 
-    def _park_or_keep(self) -> str:
+    def _park_or_keep(self, index: int) -> str:
         limit = self.options.dlq_max_items
-        if limit is None or self.state.counts[DLQ] < limit:
+        # an item already parked (retried from the DLQ) takes no new place in it
+        parked = self.state.counts[DLQ] - (self.state.status[index] == DLQ)
+        if limit is None or parked < limit:
             return "dlq"
         if self.options.dlq_on_full == "stop" and self.stop_error is None:
             self.stop_error = DlqFullError(

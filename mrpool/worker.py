@@ -210,6 +210,8 @@ def _command_runner(config: WorkerConfig, slots: SlotTable, slot: int):
             )
         except OSError as e:
             return False, _failure("exec", f"cannot run {argv[0]!r}: {e.strerror}")
+        except ValueError as e:  # an argument filled from the item holds a NUL byte
+            return False, _failure("exec", f"cannot run {argv[0]!r}: {e}")
         view = slots.read(slot)
         slots.set_child(slot, view, proc.pid)
         try:
