@@ -19,4 +19,27 @@ The folder is the architecture, one module per concept:
 """
 
 __version__ = "0.1.0"
-__all__ = ["__version__"]
+
+_API = (
+    "run_job",
+    "resume_job",
+    "retry_dlq",
+    "plan_resume",
+    "job_status",
+    "list_jobs",
+    "iter_results",
+    "reduce_output",
+    "open_dlq",
+    "purge_dlq",
+    "iter_events",
+)
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    """``mrpool.run_job`` etc.: the API, imported on first use (keeps the CLI start-up lean)."""
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'mrpool' has no attribute {name!r}")

@@ -234,7 +234,9 @@ class LocalExecutor:
                 for index, _attempt_no, ok, payload, duration in rows:
                     attempt = in_flight.popleft()
                     if attempt.index != index:
-                        raise RuntimeError(f"worker {pid} answered for item {index}, expected {attempt.index}")
+                        raise RuntimeError(
+                            f"worker {pid} answered for item {index}, expected {attempt.index}"
+                        )
                     if ok:
                         outcomes.append(Outcome(attempt, True, payload, None, duration, pid))
                     else:
@@ -332,6 +334,3 @@ class LocalExecutor:
             if view.heartbeat and now - view.heartbeat > HUNG_AFTER:
                 w.kill_reason = "hung"
                 self._kill(w)
-
-    def busy(self) -> bool:
-        return any(w is not None and w.in_flight for w in self.workers)

@@ -29,7 +29,7 @@ import orjson
 
 from .errors import InputError, JobSpecError, StorageError
 from .fsutil import open_private
-from .spec import JobSpec
+from .spec import JobSpec, printable
 
 __all__ = ["IngestReport", "ingest", "iter_item_lines", "split_line", "identity_text", "read_ids"]
 
@@ -114,7 +114,7 @@ def _where(spec: JobSpec, n: int) -> str:
     """Name an item for an error message: file and line (.jsonl) or position (.json)."""
     if spec.input.endswith(".jsonl"):
         return f"{spec.input}:{n}"
-    return f"{spec.input}{' at ' + spec.json_path if spec.json_path else ''} item {n}"
+    return f"{spec.input}{' at ' + printable(spec.json_path) if spec.json_path else ''} item {n}"
 
 
 _MISSING = object()
@@ -182,7 +182,8 @@ def _read_json(spec: JobSpec, path: Path, data: bytes) -> Iterator[tuple[Any, An
         try:
             items = [m.value for m in parse(spec.json_path).find(document)]
         except Exception as e:  # noqa: BLE001 - jsonpath-ng raises assorted types
-            raise JobSpecError(f"{spec.source}: json_path: cannot apply {spec.json_path!r}: {e}") from None
+            detail = " ".join(str(e).split())
+            raise JobSpecError(f"{spec.source}: json_path: cannot apply {spec.json_path!r}: {detail}") from None
     elif isinstance(document, list):
         items = document
     else:

@@ -77,7 +77,7 @@ def state_root(state_dir: str | os.PathLike | None = None) -> Path:
 
 
 def validate_job_id(job_id: str) -> str:
-    if not isinstance(job_id, str) or not _JOB_ID_RE.match(job_id) or ".." in job_id:
+    if not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id) or ".." in job_id:
         raise UsageError(
             f"invalid job id {job_id!r}: use letters, digits, '_', '.', '-' (at most 128, no '..', not starting with '.' or '-')"
         )
@@ -340,6 +340,7 @@ def create_job_dir(root: Path, job_id: str, build) -> JobStore:
         raise JobExists(
             f"job {job_id!r} already exists; use 'mrpool resume {job_id}' to continue it"
         )
+    make_private_dir(root)  # a new state dir is the owner's alone, like jobs/ and tmp/
     jobs = make_private_dir(root / "jobs")
     tmp_root = make_private_dir(root / "tmp")
     sweep_stale_build_dirs(tmp_root)

@@ -28,8 +28,8 @@ and applies it to the in-memory state, so memory and disk cannot drift.
 from __future__ import annotations
 
 import heapq
+import os
 import signal
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -97,15 +97,17 @@ class Session:
         self._fresh = plan.items()
         self._fresh_done = False
         self._budget_pending = 1 + options.retries
-        self._budget_settled = 1 + options.retries if options.additional_retries is None else options.additional_retries
+        self._budget_settled = (
+            1 + options.retries
+            if options.additional_retries is None
+            else options.additional_retries
+        )
         self._last_checkpoint = time.monotonic()
         self.progress = Progress(plan.total, enabled=options.progress)
         self.kept_failed = 0  # items not parked because the DLQ was full (keep_failed)
 
     # -- the loop ----------------------------------------------------------
     def run(self) -> None:
-        import os
-
         self._record({"k": "open", "cmd": self.options.command, "pid": os.getpid()})
         self._record({"k": "plan", **self.plan.summary()})
         self._park_poison()
@@ -311,7 +313,3 @@ class Session:
                 f"{self.kept_failed} item(s) kept as failed instead of parked (on_full: keep_failed)"
             )
         return SessionReport(job_id, state, code, counts, self.plan.summary(), message)
-
-
-def print_err(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
