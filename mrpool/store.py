@@ -124,17 +124,23 @@ class JobState:
 
     def apply(self, record: dict[str, Any]) -> None:
         kind = record["k"]
-        if kind == "s":
+        if kind == "s":  # hot: one per dispatch batch
+            opened, attempts = self.open, self.attempts
             for index, attempt in record["b"]:
-                self.open[index] = attempt
-                if attempt > self.attempts[index]:
-                    self.attempts[index] = attempt
-        elif kind == "ok":
+                opened[index] = attempt
+                if attempt > attempts[index]:
+                    attempts[index] = attempt
+        elif kind == "ok":  # hot: one per outcome batch
+            status, counts, streak, close = self.status, self.counts, self.streak, self.open.pop
             for entry in record["b"]:
                 index = entry[0]
-                self.open.pop(index, None)
-                self.streak[index] = 0
-                self.set_status(index, SUCCEEDED)
+                close(index, None)
+                streak[index] = 0
+                old = status[index]
+                if old != SUCCEEDED:
+                    counts[old] -= 1
+                    counts[SUCCEEDED] += 1
+                    status[index] = SUCCEEDED
         elif kind == "f":
             index = record["i"]
             self.open.pop(index, None)

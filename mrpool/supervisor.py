@@ -33,6 +33,7 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from . import failpoints
@@ -161,27 +162,28 @@ class Session:
         return "finished"
 
     # -- dispatch ----------------------------------------------------------
-    def _next_fresh(self) -> Attempt | None:
-        for index, source, line in self._fresh:
-            budget = self._budget_pending if source == "pending" else self._budget_settled
-            if budget > 0:
-                return Attempt(index, 0, line, source, 0, budget)
-        self._fresh_done = True
-        return None
+    def _take_fresh(self, room: int) -> list[Attempt]:
+        """Up to ``room`` new attempts from the plan, in input order (one tight loop)."""
+        attempts, pending_budget, settled_budget = self.state.attempts, self._budget_pending, self._budget_settled
+        taken = [
+            Attempt(index, attempts[index] + 1, line, source, 0, pending_budget if source == "pending" else settled_budget)
+            for index, source, line in islice(self._fresh, room)
+        ]
+        if len(taken) < room:
+            self._fresh_done = True
+        return [a for a in taken if a.budget > 0] if settled_budget <= 0 else taken
 
     def _dispatch(self) -> None:
         room = self.executor.capacity()
         batch: list[Attempt] = []
-        attempts = self.state.attempts
-        ready = self.ready
-        while len(batch) < room:
-            if ready:
-                attempt = ready.popleft()
-            elif self._fresh_done or (attempt := self._next_fresh()) is None:
-                break
+        ready, attempts = self.ready, self.state.attempts
+        while ready and len(batch) < room:  # hand-backs and due retries first
+            attempt = ready.popleft()
             if attempt.attempt == 0:  # a new try (not a hand-back): next cumulative number
                 attempt.attempt = attempts[attempt.index] + 1
             batch.append(attempt)
+        if len(batch) < room and not self._fresh_done:
+            batch.extend(self._take_fresh(room - len(batch)))
         if not batch:
             return
         self._record({"k": "s", "b": [[a.index, a.attempt] for a in batch]})
