@@ -41,6 +41,7 @@ __all__ = ["WorkerConfig", "worker_main", "kill_tree"]
 TAIL_BYTES = 2048
 FLUSH_EVERY = 0.02
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ def worker_main(config: WorkerConfig, slots: SlotTable, slot: int, conn, parent_
     slots.claim(slot, pid)
     if config.callable:
         _die_with_parent()
+    else:
+        _adopt_orphans()
     threading.Thread(target=_watchdog, args=(slots, slot, parent_pid), daemon=True).start()
     run = _command_runner(config, slots, slot) if config.command else _callable_runner(config)
     pending: list[list[Any]] = []
@@ -127,6 +130,31 @@ def _die_with_parent() -> None:
         pass
 
 
+def _adopt_orphans() -> None:
+    """Linux: become a child subreaper, so what a map command leaves running in the
+    background is re-parented to this worker (and can be killed) rather than to init."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    except (OSError, AttributeError):
+        pass
+
+
+def _kill_strays(pid: int) -> None:
+    """Kill and reap whatever a finished attempt left behind (adopted orphans)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            strays = [int(p) for p in handle.read().split()]
+    except (OSError, ValueError):
+        return
+    for stray in strays:
+        kill_tree(stray)
+        try:
+            os.waitpid(stray, 0)
+        except ChildProcessError:
+            pass
+
+
 def _watchdog(slots: SlotTable, slot: int, parent_pid: int) -> None:
     while True:
         slots.beat(slot)
@@ -183,6 +211,7 @@ def _callable_runner(config: WorkerConfig):
 def _command_runner(config: WorkerConfig, slots: SlotTable, slot: int):
     base_env = dict(os.environ)
     base_env["MRPOOL_JOB_ID"] = config.job_id
+    worker_pid = os.getpid()
 
     def run(index: int, attempt: int, line: bytes) -> tuple[bool, Any]:
         raw_id, _, item_json = line.partition(b"\t")
@@ -218,8 +247,11 @@ def _command_runner(config: WorkerConfig, slots: SlotTable, slot: int):
             out, err = proc.communicate(item_json, timeout=config.timeout)
         except subprocess.TimeoutExpired:
             kill_tree(proc.pid)
+            proc.wait()
+            _kill_strays(worker_pid)  # background children holding the pipes open
             out, err = proc.communicate()
             return False, _failure("timeout", f"timed out after {config.timeout:g} s", _text(err))
+        _kill_strays(worker_pid)  # nothing an attempt started outlives it
         code = proc.returncode
         if code == 0:
             return True, _command_result(out)

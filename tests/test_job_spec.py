@@ -1,0 +1,407 @@
+"""Bad input is refused whole: malformed job files, inputs, ids and command lines.
+
+Contract guarantee 6: a malformed job file or input file, a bad id, a callable
+that cannot be imported, or a job id that is not a plain name gives exit 2 and
+ONE line on stderr naming the file and the line or field -- never a traceback --
+and no job state is created (no ``jobs/<id>`` directory, no half-built temp dir,
+nothing on stdout, which is where a created job's id would be printed). Also:
+``run`` with an existing ``--job-id`` (exit 2, with a hint to ``resume``),
+``resume`` of an unknown job (exit 4) and an unknown CLI option (exit 2).
+Every case runs the real CLI in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import write_job
+
+pytestmark = pytest.mark.timeout(120)
+
+GOOD_MAP = {"command": ["echo", "{item.id}"]}
+MAPMOD = "def f(item):\n    return item\n"
+
+
+# -- helpers -----------------------------------------------------------------------
+def write_yaml_job(
+    directory: Path, text: str, items: str | None = '{"id": 1}\n{"id": 2}\n'
+) -> Path:
+    """Write ``job.yaml`` (verbatim text) and, unless None, ``items.jsonl``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if items is not None:
+        (directory / "items.jsonl").write_text(items)
+    (directory / "mapmod.py").write_text(MAPMOD)
+    path = directory / "job.yaml"
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+def assert_refused(mrpool, r: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
+    """Exit ``code``, one stderr line containing every needle, no traceback, no job state."""
+    assert r.returncode == code, f"exit {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got: {r.stderr!r}"
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    assert r.stdout == "", (
+        f"nothing may be printed on stdout (a job id means it exists): {r.stdout!r}"
+    )
+    assert_no_job_state(mrpool)
+    return lines[0]
+
+
+def assert_no_job_state(mrpool) -> None:
+    jobs = mrpool.state_dir / "jobs"
+    assert not jobs.exists() or not os.listdir(jobs), f"job state created: {os.listdir(jobs)}"
+    tmp = mrpool.state_dir / "tmp"
+    assert not tmp.exists() or not os.listdir(tmp), f"half-built job left: {os.listdir(tmp)}"
+
+
+def run(mrpool, job: Path, *args: str) -> subprocess.CompletedProcess:
+    return mrpool.run("run", str(job), "--job-id", "j", *args)
+
+
+# -- the job file ------------------------------------------------------------------
+def test_invalid_yaml_names_the_file_and_line(mrpool, tmp_path):
+    """A YAML syntax error on line 4: ``job.yaml:4`` in a one-line message, exit 2."""
+    # Phase 1: line 4 has a mapping value where none is allowed.
+    job = write_yaml_job(
+        tmp_path,
+        """
+        name: t
+        input: items.jsonl
+        map:
+          command: echo: {item.id}
+        """,
+    )
+    # Phase 2: refused with the line.
+    assert_refused(mrpool, run(mrpool, job), "job.yaml:4", "YAML")
+
+
+def test_invalid_json_job_file_names_the_file_and_line(mrpool, tmp_path):
+    """A job file in JSON with a syntax error on line 3: ``job.json:3``."""
+    (tmp_path / "items.jsonl").write_text('{"id": 1}\n')
+    job = tmp_path / "job.json"
+    job.write_text('{\n  "input": "items.jsonl",\n  "map": {"command": ["echo"],}\n}\n')
+    assert_refused(mrpool, run(mrpool, job), "job.json:3")
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("input: items.jsonl\ninptu: x\nmap: {command: [echo]}\n", "inptu"),
+        ("input: items.jsonl\nmap: {command: [echo], retry: 2}\n", "map.retry"),
+        ("map: {command: [echo]}\n", "input"),
+        ("input: items.jsonl\n", "map"),
+        ("input: items.jsonl\nmap: {command: [echo], callable: 'mapmod:f'}\n", "map"),
+        ("input: items.jsonl\nmap: {timeout: 3}\n", "map"),
+        ("input: items.jsonl\nmap: {command: [echo], retries: three}\n", "map.retries"),
+        ("input: items.jsonl\nmap: {command: [echo], retries: -1}\n", "map.retries"),
+        ("input: items.jsonl\nmap: {command: [echo], retries: true}\n", "map.retries"),
+        ("input: items.jsonl\nmap: {command: [echo], timeout: 10s}\n", "map.timeout"),
+        ("input: items.jsonl\nmap: {command: [echo], timeout: 0}\n", "map.timeout"),
+        ("input: items.jsonl\nmap: {command: [echo], backoff: fast}\n", "map.backoff"),
+        ("input: items.jsonl\nworkers: four\nmap: {command: [echo]}\n", "workers"),
+        ("input: items.jsonl\nworkers: 0\nmap: {command: [echo]}\n", "workers"),
+        ("input: items.jsonl\nmap: {command: [echo, 3]}\n", "map.command"),
+        (
+            "input: items.jsonl\nmap: {command: [echo]}\nreduce: {command: [cat], callable: 'mapmod:f'}\n",
+            "reduce",
+        ),
+        ("- input: items.jsonl\n", "job.yaml"),
+    ],
+    ids=[
+        "unknown-key",
+        "unknown-map-key",
+        "missing-input",
+        "missing-map",
+        "command-and-callable",
+        "neither-command-nor-callable",
+        "retries-string",
+        "retries-negative",
+        "retries-bool",
+        "timeout-string",
+        "timeout-zero",
+        "backoff-string",
+        "workers-string",
+        "workers-zero",
+        "command-non-string",
+        "reduce-both",
+        "not-a-mapping",
+    ],
+)
+def test_invalid_job_file_field_is_named(mrpool, tmp_path, text, field):
+    """Each invalid field: exit 2, one line naming the job file and the field."""
+    job = write_yaml_job(tmp_path, text)
+    assert_refused(mrpool, run(mrpool, job), "job.yaml", field)
+
+
+def test_missing_job_file_and_missing_input_file(mrpool, tmp_path):
+    """A job file or input that does not exist is named, exit 2."""
+    # Phase 1: no job file at all.
+    assert_refused(mrpool, run(mrpool, tmp_path / "nope.yaml"), "nope.yaml")
+    # Phase 2: a job file whose input does not exist.
+    job = write_yaml_job(tmp_path, "input: gone.jsonl\nmap: {command: [echo]}\n", items=None)
+    assert_refused(mrpool, run(mrpool, job), "gone.jsonl")
+
+
+# -- callables ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "dotted, module_text",
+    [
+        ("nosuchmodule_xyz:f", None),
+        ("mapmod:missing", None),
+        ("broken:f", "def f(item):\n    return (\n"),
+        ("raising:f", "raise RuntimeError('boom at import')\n"),
+        ("exiting:f", "import sys\nsys.exit(0)\n"),
+        ("/tmp/x.py:f", None),
+        ("mapmod.py:f", None),
+    ],
+    ids=[
+        "no-module",
+        "no-function",
+        "syntax-error",
+        "raises-on-import",
+        "sys-exit-on-import",
+        "file-path",
+        "py-suffix",
+    ],
+)
+def test_a_callable_that_cannot_be_imported_is_refused_before_anything_runs(
+    mrpool, tmp_path, dotted, module_text
+):
+    """``map.callable`` that cannot be imported (or is not ``pkg.module:function``): exit 2, field named."""
+    # Phase 1: a job file naming the callable (and the broken module, where there is one).
+    if module_text is not None:
+        (tmp_path / f"{dotted.split(':')[0]}.py").write_text(module_text)
+    job = write_yaml_job(tmp_path, f"input: items.jsonl\nmap: {{callable: {json.dumps(dotted)}}}\n")
+    # Phase 2: refused, naming the field.
+    assert_refused(mrpool, run(mrpool, job), "job.yaml", "map.callable")
+
+
+def test_a_reduce_callable_that_cannot_be_imported_is_refused(mrpool, tmp_path):
+    """``reduce.callable`` is checked before the map runs: exit 2, field named."""
+    job = write_yaml_job(
+        tmp_path,
+        "input: items.jsonl\nmap: {callable: 'mapmod:f'}\nreduce: {callable: 'mapmod:nope'}\n",
+    )
+    assert_refused(mrpool, run(mrpool, job), "job.yaml", "reduce.callable")
+
+
+# -- the input ---------------------------------------------------------------------
+def test_invalid_json_on_line_n_of_the_input(mrpool, tmp_path):
+    """A bad line 3 in items.jsonl: ``items.jsonl:3`` in the message, nothing created."""
+    items = '{"id": 1}\n{"id": 2}\n{"id": 3,\n{"id": 4}\n'
+    job = write_yaml_job(tmp_path, "input: items.jsonl\nmap: {command: [echo]}\n", items=items)
+    assert_refused(mrpool, run(mrpool, job), "items.jsonl:3")
+
+
+def test_a_bad_line_far_into_a_large_input_refuses_the_whole_input(mrpool, tmp_path):
+    """Line 5000 of 5000 is bad: nothing was started, the line is named (the input is checked whole)."""
+    lines = [json.dumps({"id": n}) for n in range(4999)] + ["not json"]
+    job = write_yaml_job(
+        tmp_path, "input: items.jsonl\nmap: {command: [echo]}\n", items="\n".join(lines) + "\n"
+    )
+    assert_refused(mrpool, run(mrpool, job), "items.jsonl:5000")
+
+
+BAD_IDS = [True, 1.5, None, [1], {"a": 1}]
+BAD_ID_NAMES = ["bool", "float", "null", "array", "object"]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS, ids=BAD_ID_NAMES)
+@pytest.mark.parametrize("id_field", [None, "key"], ids=["default-id", "id_field"])
+def test_an_item_id_that_is_not_a_string_or_integer_is_refused(mrpool, tmp_path, bad, id_field):
+    """An id that is a bool, float, null, array or object: exit 2 naming the file and line 2."""
+    # Phase 1: line 2's id is bad (under "id" by default, or the configured id_field).
+    name = id_field or "id"
+    items = f"{json.dumps({name: 'a'})}\n{json.dumps({name: bad})}\n{json.dumps({name: 'c'})}\n"
+    extra = f"id_field: {id_field}\n" if id_field else ""
+    job = write_yaml_job(
+        tmp_path, f"input: items.jsonl\n{extra}map: {{command: [echo]}}\n", items=items
+    )
+    # Phase 2: refused, naming the line and the field.
+    assert_refused(mrpool, run(mrpool, job), "items.jsonl:2", name)
+
+
+def test_an_item_without_the_configured_id_field_is_refused(mrpool, tmp_path):
+    """With ``id_field`` set, an item lacking it (or not an object) is named by its line."""
+    items = '{"key": 1}\n{"other": 2}\n'
+    job = write_yaml_job(
+        tmp_path, "input: items.jsonl\nid_field: key\nmap: {command: [echo]}\n", items=items
+    )
+    assert_refused(mrpool, run(mrpool, job), "items.jsonl:2", "key")
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"], ids=["empty", "blank-lines"])
+def test_an_empty_input_is_refused(mrpool, tmp_path, content):
+    """An input with no items is refused: exit 2, the file named."""
+    job = write_yaml_job(tmp_path, "input: items.jsonl\nmap: {command: [echo]}\n", items=content)
+    assert_refused(mrpool, run(mrpool, job), "items.jsonl")
+
+
+@pytest.mark.parametrize(
+    "document, json_path, needle",
+    [
+        ({"items": [1, 2]}, None, "data.json"),
+        ("just a string", None, "data.json"),
+        ([], None, "data.json"),
+        ({"items": [1, 2]}, "$.items[", "json_path"),
+        ({"items": [1, 2]}, "", "json_path"),
+        ({"items": []}, "$.items[*]", "data.json"),
+    ],
+    ids=[
+        "object-not-array",
+        "string-not-array",
+        "empty-array",
+        "bad-json_path",
+        "empty-json_path",
+        "json_path-selects-nothing",
+    ],
+)
+def test_bad_json_documents_and_json_paths(mrpool, tmp_path, document, json_path, needle):
+    """A ``.json`` input that is not an array, a bad ``json_path``, or no items: exit 2, named."""
+    # Phase 1: a .json input and (maybe) a json_path.
+    extra = {"input": "data.json"}
+    if json_path is not None:
+        extra["json_path"] = json_path
+    job = write_job(tmp_path, [], GOOD_MAP, extra=extra, files={"data.json": json.dumps(document)})
+    # Phase 2: refused.
+    assert_refused(mrpool, run(mrpool, job), needle)
+
+
+def test_json_path_on_a_jsonl_input_is_refused(mrpool, tmp_path):
+    """``json_path`` applies only to ``.json`` inputs: naming the field."""
+    job = write_yaml_job(
+        tmp_path, "input: items.jsonl\njson_path: '$[*]'\nmap: {command: [echo]}\n"
+    )
+    assert_refused(mrpool, run(mrpool, job), "json_path")
+
+
+def test_invalid_json_in_a_json_input_names_the_line(mrpool, tmp_path):
+    """A syntax error on line 3 of a ``.json`` input: ``data.json:3``."""
+    job = write_job(
+        tmp_path,
+        [],
+        GOOD_MAP,
+        extra={"input": "data.json"},
+        files={"data.json": '[\n {"id": 1},\n {"id": 2,,}\n]\n'},
+    )
+    assert_refused(mrpool, run(mrpool, job), "data.json:3")
+
+
+# -- job ids -----------------------------------------------------------------------
+def test_an_existing_job_id_is_refused_with_a_hint_to_resume(mrpool, tmp_path):
+    """``run --job-id X`` when X exists: exit 2, a hint to ``resume``, and X is left untouched."""
+    # Phase 1: a first, finished job.
+    job = write_job(tmp_path, [{"id": 1}, {"id": 2}], GOOD_MAP)
+    first = mrpool.run("run", str(job), "--job-id", "taken")
+    assert first.returncode == 0, first.stderr
+    job_json = (mrpool.job_dir("taken") / "job.json").read_bytes()
+    journal = (mrpool.job_dir("taken") / "journal.log").read_bytes()
+
+    # Phase 2: the same id again.
+    r = mrpool.run("run", str(job), "--job-id", "taken")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "taken" in lines[0] and "resume" in lines[0]
+
+    # Phase 3: the existing job is untouched, the only job there is.
+    assert (mrpool.job_dir("taken") / "job.json").read_bytes() == job_json
+    assert (mrpool.job_dir("taken") / "journal.log").read_bytes() == journal
+    assert os.listdir(mrpool.state_dir / "jobs") == ["taken"]
+
+
+@pytest.mark.parametrize(
+    "job_id",
+    [
+        "..",
+        "a..b",
+        "a/b",
+        "../escape",
+        "-rf",
+        ".hidden",
+        "",
+        "x" * 129,
+        "new\nline",
+        "bell\x07",
+        "sp ace",
+    ],
+    ids=[
+        "dotdot",
+        "inner-dotdot",
+        "slash",
+        "parent",
+        "leading-dash",
+        "leading-dot",
+        "empty",
+        "too-long",
+        "newline",
+        "bell",
+        "space",
+    ],
+)
+def test_a_job_id_that_is_not_a_plain_name_is_refused(mrpool, tmp_path, job_id):
+    """Job ids with ``..``, ``/``, a leading ``-``, control characters...: exit 2, nothing created."""
+    # Phase 1: a valid job file.
+    job = write_job(tmp_path, [{"id": 1}], GOOD_MAP)
+    # Phase 2: refused (``--job-id=`` so argparse hands a leading "-" through as a value).
+    r = mrpool.run("run", str(job), f"--job-id={job_id}")
+    assert_refused(mrpool, r, "job id")
+    # Phase 3: nothing was created outside the state dir either.
+    assert not (tmp_path / "escape").exists()
+    assert not [
+        p
+        for p in mrpool.state_dir.parent.iterdir()
+        if p.name not in ("state", "job.json", "items.jsonl")
+    ]
+
+
+def test_plain_job_ids_at_the_limits_are_accepted(mrpool, tmp_path):
+    """The refusals above are not over-broad: 128 characters of ``[A-Za-z0-9._-]`` is a fine id."""
+    job = write_job(tmp_path, [{"id": 1}], GOOD_MAP)
+    job_id = "_" + "a.b-C9" * 21 + "x"  # 128 characters
+    r = mrpool.run("run", str(job), "--job-id", job_id)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == job_id
+    assert mrpool.status(job_id)["state"] == "completed"
+
+
+# -- the command line --------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("status", "no-such-job"),
+        ("results", "no-such-job"),
+        ("resume", "no-such-job"),
+    ],
+    ids=["status", "results", "resume"],
+)
+def test_an_unknown_job_exits_4(mrpool, args):
+    """``resume`` (and every reader) of an unknown job: exit 4, one line naming the job."""
+    r = mrpool.run(*args)
+    assert_refused(mrpool, r, "no-such-job", code=4)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("run", "JOB", "--bogus"),
+        ("run", "JOB", "--workers", "0"),
+        ("run",),
+        ("frobnicate",),
+    ],
+    ids=["unknown-option", "workers-zero", "missing-jobfile", "unknown-command"],
+)
+def test_command_line_usage_errors_exit_2(mrpool, tmp_path, args):
+    """An unknown option, a bad option value or a missing argument: exit 2, one line, nothing run."""
+    job = write_job(tmp_path, [{"id": 1}], GOOD_MAP)
+    r = mrpool.run(*[str(job) if a == "JOB" else a for a in args])
+    assert_refused(mrpool, r)
