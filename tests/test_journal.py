@@ -1,0 +1,261 @@
+"""The journal and checkpoint survive torn writes; real corruption is reported, never skipped.
+
+Every test starts from a *real* job directory -- written by ``mrpool run`` in a
+subprocess -- copied to a scratch state dir, then damaged the way a crash or a
+bad disk would damage it:
+
+* a torn tail: the last record cut at every byte offset (what SIGKILL or a power
+  cut during an append leaves), or padded with zeros (what some file systems
+  leave after a power cut). ``read_records`` and ``JobStore.load_state`` must
+  return every earlier record / the state they imply, and ``JournalWriter`` must
+  cut the torn bytes away before appending;
+* a damaged checkpoint (it is derived): the state is rebuilt from the journal;
+* a flipped byte in the middle of the journal: not a crash artefact, so
+  ``status`` / ``results`` fail with one line naming journal.log and the byte offset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import write_job
+
+from mrpool.errors import CorruptStateError
+from mrpool.journal import JournalWriter, encode_record, read_records
+from mrpool.store import JobState, JobStore
+
+pytestmark = pytest.mark.timeout(240)
+
+MAP = """\
+def work(item):
+    if item["id"] == 3:
+        raise ValueError("three is not allowed")
+    return {"n": item["id"], "text": "x" * item["id"]}
+"""
+
+
+# -- helpers -----------------------------------------------------------------------
+def real_job(mrpool, tmp_path: Path) -> tuple[Path, str]:
+    """Run a 6-item job (item 3 fails into the DLQ) and copy its directory to a scratch root."""
+    job_file = write_job(
+        tmp_path / "job",
+        [{"id": i} for i in range(1, 7)],
+        {"callable": "jmap:work"},
+        files={"jmap.py": MAP},
+    )
+    r = mrpool.run("run", str(job_file), "--job-id", "j")
+    assert r.returncode == 1, r.stderr
+    root = tmp_path / "copy"
+    shutil.copytree(mrpool.job_dir("j"), root / "jobs" / "j")
+    return root, "j"
+
+
+def overwrite(path: Path, data: bytes) -> None:
+    """Make ``path`` hold ``data``: pwrite + ftruncate, since ext4 flushes on O_TRUNC (slow)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+
+
+def records_with_offsets(path: Path) -> list[tuple[int, int, dict]]:
+    return list(read_records(path))
+
+
+def replay(records: list[dict], total: int) -> JobState:
+    state = JobState(total)
+    for record in records:
+        state.apply(record)
+    return state
+
+
+def same_state(a: JobState, b: JobState) -> bool:
+    return (
+        a.status == b.status
+        and a.attempts == b.attempts
+        and a.streak == b.streak
+        and a.open == b.open
+        and a.counts == b.counts
+        and a.reduce == b.reduce
+    )
+
+
+def status_cli(mrpool, root: Path, job_id: str, *args: str):
+    return mrpool.run("status", job_id, "--json", *args, env=mrpool.env(MRPOOL_HOME=str(root)))
+
+
+# -- torn tails ----------------------------------------------------------------------
+def test_last_record_torn_at_every_byte_offset_keeps_every_earlier_record(
+    mrpool, tmp_path, monkeypatch
+):
+    """Cut (or zero-pad) the last record anywhere: all earlier records and their state survive."""
+    root, job_id = real_job(mrpool, tmp_path)
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # durability is not the point: ~1000 writers
+    store = JobStore(root, job_id)
+    path = store.journal_path
+    original = path.read_bytes()
+    entries = records_with_offsets(path)
+    total = store.info().total
+    checkpoint = (store.dir / "checkpoint.json").read_bytes()
+    # Tear the last record of the journal as it stands after each of these kinds:
+    # the final "close", the last "f" (a failure) and the last "ok" (results).
+    kinds = {"close", "f", "ok"}
+    chosen = [n for n, (_, _, rec) in enumerate(entries) if rec["k"] in kinds]
+    chosen = sorted({max(n for n in chosen if entries[n][2]["k"] == k) for k in kinds})
+    assert len(chosen) == 3
+    tried = 0
+    for n in chosen:
+        start, end, _ = entries[n]
+        earlier = [rec for _, _, rec in entries[:n]]
+        expected = replay(earlier, total)
+        for cut in range(start, end):
+            padded = original[:cut] + b"\0" * (
+                end - cut
+            )  # same length, zeros where bytes were lost
+            for torn in (original[:cut], padded):
+                # Phase 1: the reader returns exactly the earlier records and stops quietly.
+                overwrite(path, torn)
+                assert [rec for _, _, rec in read_records(path)] == earlier, (n, cut)
+
+                # Phase 2: the replayed state is theirs. A checkpoint is written only after the
+                # journal is fsynced up to its offset, so with a torn tail it can only be one
+                # pointing past the end (a shorter journal): ignored, the state the same.
+                (store.dir / "checkpoint.json").unlink(missing_ok=True)
+                state = store.load_state(total)
+                assert same_state(state, expected) and state.offset == start, (n, cut)
+                if torn is not padded:
+                    overwrite(store.dir / "checkpoint.json", checkpoint)
+                    state = store.load_state(total)
+                    assert same_state(state, expected) and state.offset == start, (n, cut)
+
+                # Phase 3: the writer cuts the torn bytes away before it appends.
+                writer = JournalWriter(path, state.offset)
+                assert path.stat().st_size == start
+                writer.append({"k": "ckpt", "t": 1.0, "off": start})
+                writer.close()
+                assert path.read_bytes() == original[:start] + encode_record(
+                    {"k": "ckpt", "t": 1.0, "off": start}
+                )
+                assert [rec["k"] for _, _, rec in read_records(path)] == [
+                    rec["k"] for rec in earlier
+                ] + ["ckpt"]
+                tried += 1
+    assert tried == 2 * sum(entries[n][1] - entries[n][0] for n in chosen)
+
+
+def test_status_of_a_job_with_a_torn_tail_works_and_resume_cleans_it(mrpool, tmp_path):
+    """``status`` reads past nothing: exit 0 with the earlier records' counts; resume truncates."""
+    root, job_id = real_job(mrpool, tmp_path)
+    store = JobStore(root, job_id)
+    entries = records_with_offsets(store.journal_path)
+    # Tear the last "ok" record: its items go back to pending.
+    last_ok = max(n for n, (_, _, rec) in enumerate(entries) if rec["k"] == "ok")
+    start, end, record = entries[last_ok]
+    lost = len(record["b"])
+    data = store.journal_path.read_bytes()
+    store.journal_path.write_bytes(data[: start + (end - start) // 2])
+    (store.dir / "checkpoint.json").unlink()
+
+    # Phase 1: status works and shows the state without the torn record.
+    r = status_cli(mrpool, root, job_id)
+    assert r.returncode == 0, r.stderr
+    status = json.loads(r.stdout)
+    assert (status["succeeded"], status["dlq"], status["pending"]) == (5 - lost, 1, lost)
+    assert status["state"] == "interrupted"
+
+    # Phase 2: resume cuts the torn bytes and finishes; the journal is whole again.
+    r = mrpool.run("resume", job_id, env=mrpool.env(MRPOOL_HOME=str(root)))
+    assert r.returncode == 1, r.stderr  # item 3 still fails
+    recs = [rec for _, _, rec in read_records(store.journal_path)]
+    assert sum(1 for _ in store.journal_path.open("rb")) == len(recs)  # no bad line anywhere
+    status = json.loads(status_cli(mrpool, root, job_id).stdout)
+    assert (status["succeeded"], status["dlq"], status["pending"]) == (5, 1, 0)
+
+
+# -- checkpoints -----------------------------------------------------------------------
+def test_damaged_checkpoint_is_ignored_and_the_state_rebuilt_from_the_journal(
+    mrpool, tmp_path, capfd
+):
+    """Truncated or byte-flipped checkpoint.json at every offset: identical state from the journal."""
+    root, job_id = real_job(mrpool, tmp_path)
+    store = JobStore(root, job_id)
+    total = store.info().total
+    path = store.dir / "checkpoint.json"
+    good = path.read_bytes()
+    reference = replay([rec for _, _, rec in read_records(store.journal_path)], total)
+    reference_end = store.journal_path.stat().st_size
+
+    # Phase 1: the sound checkpoint gives the journal's state.
+    state = store.load_state(total)
+    assert same_state(state, reference) and state.offset == reference_end
+
+    # Phase 2: every truncation and every flipped byte is detected and rebuilt around.
+    damaged = [good[:cut] for cut in range(len(good))]
+    damaged += [good[:i] + bytes([good[i] ^ 0xFF]) + good[i + 1 :] for i in range(len(good))]
+    for n, data in enumerate(damaged):
+        overwrite(path, data)
+        state = store.load_state(total)
+        assert same_state(state, reference) and state.offset == reference_end, n
+    assert "checkpoint.json: damaged checkpoint" in capfd.readouterr().err
+
+    # Phase 3: an older sound checkpoint is used, and the journal after it replayed.
+    entries = records_with_offsets(store.journal_path)
+    middle = len(entries) // 2
+    older = replay([rec for _, _, rec in entries[: middle + 1]], total)
+    older.offset = entries[middle][1]
+    store.write_checkpoint(older)
+    state = store.load_state(total)
+    assert same_state(state, reference) and state.offset == reference_end
+
+    # Phase 4: the CLI agrees: same counts as with the sound checkpoint, exit 0.
+    path.write_bytes(good[: len(good) // 2])
+    r = status_cli(mrpool, root, job_id)
+    assert r.returncode == 0, r.stderr
+    status = json.loads(r.stdout)
+    assert (status["total"], status["succeeded"], status["dlq"], status["pending"]) == (6, 5, 1, 0)
+    assert "checkpoint.json" in r.stderr
+
+
+# -- corruption ------------------------------------------------------------------------
+def test_flipped_byte_in_the_middle_of_the_journal_is_an_error_naming_file_and_offset(
+    mrpool, tmp_path
+):
+    """A bad record followed by good ones is corruption: one-line error, journal.log + offset."""
+    root, job_id = real_job(mrpool, tmp_path)
+    store = JobStore(root, job_id)
+    path = store.journal_path
+    good = path.read_bytes()
+    entries = records_with_offsets(path)
+    start, end, _ = entries[len(entries) // 2]
+
+    # Phase 1: any byte of a middle record flipped -> the reader refuses, naming the offset.
+    for i in range(start, end):
+        overwrite(path, good[:i] + bytes([good[i] ^ 0xFF]) + good[i + 1 :])
+        with pytest.raises(CorruptStateError) as caught:
+            list(read_records(path))
+        assert "journal.log" in str(caught.value) and f"byte {start} " in str(caught.value), i
+
+    # Phase 2: `status` (no checkpoint to start from) fails with one line, no traceback.
+    flipped = good[: start + 20] + bytes([good[start + 20] ^ 0xFF]) + good[start + 21 :]
+    path.write_bytes(flipped)
+    checkpoint = store.dir / "checkpoint.json"
+    saved = checkpoint.read_bytes()
+    checkpoint.unlink()
+    r = status_cli(mrpool, root, job_id)
+    assert r.returncode not in (0, 2), r.stdout
+    message = r.stderr.strip()
+    assert "\n" not in message and "Traceback" not in message, message
+    assert "journal.log" in message and f"byte {start}" in message, message
+
+    # Phase 3: with a checkpoint past the damage, `results` (which reads it all) still refuses.
+    checkpoint.write_bytes(saved)
+    r = mrpool.run("results", job_id, env=mrpool.env(MRPOOL_HOME=str(root)))
+    assert r.returncode not in (0, 2) and r.stdout == "", r.stdout
+    message = r.stderr.strip()
+    assert "\n" not in message and "journal.log" in message and f"byte {start}" in message
