@@ -31,6 +31,7 @@ from .journal import JournalWriter, read_records
 from .lock import JobLock, live_holder
 from .planner import PlanOptions, ResumePlan, plan_session
 from .reduce import read_reduce_output, run_reduce
+from .slots import SLOTS_FILE, running_at_crash
 from .spec import JobSpec, check_callables, load_job_file, spec_from_dict
 from .store import (
     DLQ,
@@ -178,9 +179,8 @@ def plan_resume(
     """The plan ``resume`` would run now, without running (or locking) anything."""
     store = JobStore.open(state_root(state_dir), job_id)
     state = store.load_state(store.info().total)
-    return plan_session(
-        store.dir, state, PlanOptions(include_dlq=not no_dlq, crash_limit=_crash_limit(store))
-    )
+    options = PlanOptions(include_dlq=not no_dlq, crash_limit=_crash_limit(store))
+    return plan_session(store.dir, state, options, _running_at_crash(store, state))
 
 
 def _run_session(
@@ -201,7 +201,7 @@ def _run_session(
     state = store.load_state(info.total)
     journal = JournalWriter(store.journal_path, state.offset)
     try:
-        plan = plan_session(store.dir, state, plan_options)
+        plan = plan_session(store.dir, state, plan_options, _running_at_crash(store, state))
         if on_plan:
             on_plan(plan)
         reduce_due = spec.reduce is not None and (
@@ -213,6 +213,7 @@ def _run_session(
             and not (reduce_due and state.finished_state() == "completed")
         ):
             journal.close()
+            (store.dir / SLOTS_FILE).unlink(missing_ok=True)
             return _nothing_left(store.job_id, state, plan)
         if reset_failed:
             _reset_attempts(journal, state, plan)
@@ -221,6 +222,7 @@ def _run_session(
                 store.job_id, spec.base_dir, spec.map.command, spec.map.callable, spec.map.timeout
             ),
             workers or spec.workers,
+            slots_path=store.dir / SLOTS_FILE,
         )
         session = Session(
             store,
@@ -248,7 +250,9 @@ def _run_session(
         DeadLetterQueue(store, state).save_snapshot()
     except StorageError as e:
         _close_quietly(journal)
-        raise StorageError(f"{e}; everything recorded before it is safe: free space, then 'mrpool resume {store.job_id}'") from None
+        raise StorageError(
+            f"{e}; everything recorded before it is safe: free space, then 'mrpool resume {store.job_id}'"
+        ) from None
     except BaseException:
         _close_quietly(journal)
         raise
@@ -262,6 +266,16 @@ def _close_quietly(journal: JournalWriter) -> None:
         journal.close()
     except Exception:  # noqa: BLE001 - the original error is the one to report
         journal.abandon()
+
+
+def _running_at_crash(store: JobStore, state) -> list[int] | None:
+    """Open items that a worker of the crashed session was running (None: unknown)."""
+    if not state.open:
+        return []
+    found = running_at_crash(store.dir / SLOTS_FILE)
+    if found is None:
+        return None
+    return sorted({index for index, attempt in found if state.open.get(index) == attempt})
 
 
 def _nothing_left(job_id: str, state, plan: ResumePlan) -> SessionReport:
@@ -487,8 +501,10 @@ def _as_spec(job: Any, base_dir: Any) -> JobSpec:
 def _with_workers(spec: JobSpec, workers: int) -> JobSpec:
     from dataclasses import replace
 
-    if workers < 1:
-        raise UsageError(f"--workers must be >= 1, got {workers}")
+    from .spec import MAX_WORKERS
+
+    if not 1 <= workers <= MAX_WORKERS:
+        raise UsageError(f"--workers must be from 1 to {MAX_WORKERS}, got {workers}")
     return replace(spec, workers=workers)
 
 

@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 def _terminate(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
+
 def _dispatch(args: argparse.Namespace) -> int:
     from . import api
 
@@ -282,7 +283,7 @@ def _dlq(args: argparse.Namespace, state_dir: str | None) -> int:
 def _status(args: argparse.Namespace, state_dir: str | None) -> int:
     from . import api
 
-    if args.job_id:
+    if args.job_id is not None:  # an empty id is a bad id, not "all jobs"
         status = api.job_status(args.job_id, state_dir=state_dir)
         if args.json:
             _out(orjson.dumps(status) + b"\n")

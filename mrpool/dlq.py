@@ -188,9 +188,7 @@ class DeadLetterQueue:
             "journal_offset": offset,
             "histories": {str(i): h for i, h in keep.items()},
         }
-        atomic_write(
-            self.store.dir / SNAPSHOT_FILE, encode_record(record), failpoint="dlq"
-        )
+        atomic_write(self.store.dir / SNAPSHOT_FILE, encode_record(record), failpoint="dlq")
 
     # -- internals ---------------------------------------------------------
     def _histories(self, wanted: set[int]) -> dict[int, list[dict[str, Any]]]:

@@ -28,6 +28,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_any
+from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
@@ -72,8 +73,9 @@ class Executor(Protocol):
     def capacity(self) -> int: ...
     def submit(self, attempts: list[Attempt]) -> None: ...
     def wait(self, timeout: float) -> list[Outcome]: ...
+    def running(self) -> list[int]: ...
     def cancel(self) -> list[Attempt]: ...
-    def shutdown(self) -> None: ...
+    def shutdown(self, keep_slots: bool = False) -> None: ...
 
     events: list[dict[str, Any]]  # worker started/died records for the journal
 
@@ -93,10 +95,10 @@ class _Worker:
 class LocalExecutor:
     """N forked worker processes on this machine."""
 
-    def __init__(self, config: WorkerConfig, workers: int) -> None:
+    def __init__(self, config: WorkerConfig, workers: int, slots_path: Path | None = None) -> None:
         self.config = config
         self.n = workers
-        self.slots = SlotTable(workers)
+        self.slots = SlotTable(workers, slots_path)
         self.workers: list[_Worker | None] = [None] * workers
         self.events: list[dict[str, Any]] = []
         self._ctx = multiprocessing.get_context("fork")
@@ -123,8 +125,11 @@ class LocalExecutor:
         self.events.append({"k": "worker", "ev": "started", "pid": process.pid, "slot": slot})
         return worker
 
-    def shutdown(self) -> None:
-        """Stop every worker: ask politely, then SIGKILL what lingers. Reap all."""
+    def shutdown(self, keep_slots: bool = False) -> None:
+        """Stop every worker: ask politely, then SIGKILL what lingers. Reap all.
+
+        The slot file is removed unless ``keep_slots`` (a failed session: the next
+        one reads from it which items were running)."""
         live = [w for w in self.workers if w is not None]
         for w in live:
             try:
@@ -140,7 +145,11 @@ class LocalExecutor:
             w.conn.close()
             w.process.close()
         self.workers = [None] * self.n
-        self.slots.close()
+        self.slots.close(remove=not keep_slots)
+
+    def running(self) -> list[int]:
+        """Indices of the items workers are running right now (from their slots)."""
+        return [index for index, _ in self.slots.running()]
 
     def cancel(self) -> list[Attempt]:
         """Kill every worker mid-attempt (Ctrl-C); return what they held, unfinished."""

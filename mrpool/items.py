@@ -64,7 +64,9 @@ def ingest(spec: JobSpec, dest_dir: Path) -> IngestReport:
     except OSError as e:
         if e.filename is not None or isinstance(e, FileNotFoundError):
             raise
-        raise StorageError(f"{dest_dir / ITEMS_FILE}: cannot write the job's copy of the items: {e.strerror}") from None
+        raise StorageError(
+            f"{dest_dir / ITEMS_FILE}: cannot write the job's copy of the items: {e.strerror}"
+        ) from None
 
 
 def _ingest_with_identity(spec: JobSpec, dest_dir: Path) -> IngestReport:
@@ -79,27 +81,41 @@ def _ingest_with_identity(spec: JobSpec, dest_dir: Path) -> IngestReport:
 def _ingest(spec: JobSpec, dest_dir: Path, id_field: str | None, strict: bool) -> IngestReport:
     seen: set[str] = set()
     total = duplicates = 0
+    refused: InputError | None = None  # default id mode: a bad id only counts if every item has one
     dumps = orjson.dumps
     # This loop runs once per input item before anything starts: keep it tight
     # (no per-item generator frames, closures or f-strings on the happy path).
     with open(dest_dir / ITEMS_FILE, "wb", buffering=1 << 20, opener=_private) as out:
         write = out.write
-        for n, item, raw in _read_input(spec):
-            if id_field is None:
-                raw_id: Any = content_id(item)
-            else:
-                raw_id = item.get(id_field, _MISSING) if type(item) is dict else _MISSING
-                if type(raw_id) is not str and type(raw_id) is not int:
-                    raw_id = _item_id(_where(spec, n), item, id_field, strict)
-            key = raw_id if type(raw_id) is str else str(raw_id)
-            if key in seen:
-                duplicates += 1
-                continue
-            seen.add(key)
-            write(dumps(raw_id) + b"\t" + (raw if raw is not None else dumps(item)) + b"\n")
-            total += 1
+        try:
+            for n, item, raw in _read_input(spec):
+                if id_field is None:
+                    raw_id: Any = content_id(item)
+                else:
+                    raw_id = item.get(id_field, _MISSING) if type(item) is dict else _MISSING
+                    if type(raw_id) is not str and type(raw_id) is not int:
+                        try:
+                            raw_id = _item_id(_where(spec, n), item, id_field, strict)
+                        except InputError as e:
+                            if strict:
+                                raise
+                            refused = refused or e  # unless a later item has no id at all
+                            continue
+                key = raw_id if type(raw_id) is str else str(raw_id)
+                if key in seen:
+                    duplicates += 1
+                    continue
+                seen.add(key)
+                write(dumps(raw_id) + b"\t" + (raw if raw is not None else dumps(item)) + b"\n")
+                total += 1
+        except InputError:
+            if refused is not None:
+                raise refused from None  # report the first problem in the file
+            raise
         out.flush()
         os.fsync(out.fileno())
+    if refused is not None:
+        raise refused
     if total == 0:
         raise InputError(f"{spec.input}: the input holds no items")
     mode = f"field:{id_field}" if id_field else "content-hash"
@@ -183,7 +199,9 @@ def _read_json(spec: JobSpec, path: Path, data: bytes) -> Iterator[tuple[Any, An
             items = [m.value for m in parse(spec.json_path).find(document)]
         except Exception as e:  # noqa: BLE001 - jsonpath-ng raises assorted types
             detail = " ".join(str(e).split())
-            raise JobSpecError(f"{spec.source}: json_path: cannot apply {spec.json_path!r}: {detail}") from None
+            raise JobSpecError(
+                f"{spec.source}: json_path: cannot apply {spec.json_path!r}: {detail}"
+            ) from None
     elif isinstance(document, list):
         items = document
     else:

@@ -75,7 +75,10 @@ class JobLock:
     def acquire(self, wait: float = 0.0) -> JobLock:
         """Take the lock, waiting up to ``wait`` seconds; raise ``LockedError`` if held."""
         deadline = time.monotonic() + max(0.0, wait)
-        grace = time.monotonic() + 0.3  # a fresh holder may not have written holder.json yet
+        # A fresh holder may not have written holder.json yet (its fsync can stall for
+        # hundreds of ms on a busy disk): use the contract's "exit 3 within a second" to
+        # learn who it is, rather than refusing without naming the holder.
+        grace = time.monotonic() + 0.9
         while True:
             holder = self._try_once()
             if holder is None:

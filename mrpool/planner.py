@@ -52,6 +52,7 @@ class ResumePlan:
     counts: dict[str, int]
     duplicates: int
     poison: list[int] = field(default_factory=list)
+    crash_cut: list[int] | None = None  # items running when the last session crashed
 
     @property
     def total(self) -> int:
@@ -73,8 +74,14 @@ class ResumePlan:
         }
 
 
-def plan_session(job_dir: Path, state: JobState, options: PlanOptions) -> ResumePlan:
-    """Plan from ``state`` as replayed *before* this session's ``open`` record."""
+def plan_session(
+    job_dir: Path, state: JobState, options: PlanOptions, crash_cut: list[int] | None = None
+) -> ResumePlan:
+    """Plan from ``state`` as replayed *before* this session's ``open`` record.
+
+    ``crash_cut``: the open items a worker was running when the last session
+    crashed (see slots.py); only those can be poison. None: unknown, all open.
+    """
     table = bytearray(256)
     if options.include_pending:
         table[PENDING] = FROM_PENDING
@@ -85,11 +92,12 @@ def plan_session(job_dir: Path, state: JobState, options: PlanOptions) -> Resume
     selection = bytearray(bytes(state.status).translate(bytes(table)))
     duplicates = 0
     poison: list[int] = []
+    cut = None if crash_cut is None else set(crash_cut)
     for index in state.open:
         settled = state.status[index]
         if settled in (FAILED, DLQ):
             duplicates += 1  # in flight *and* failed/parked: planned once, as pending
-        if state.streak[index] + 1 >= options.crash_limit:
+        if (cut is None or index in cut) and state.streak[index] + 1 >= options.crash_limit:
             poison.append(index)
             selection[index] = NONE
         elif settled in (PENDING, FAILED, DLQ) and (options.include_pending or selection[index]):
@@ -107,4 +115,5 @@ def plan_session(job_dir: Path, state: JobState, options: PlanOptions) -> Resume
         counts=counts,
         duplicates=duplicates,
         poison=sorted(poison),
+        crash_cut=crash_cut,
     )

@@ -31,11 +31,13 @@ __all__ = [
     "import_callable",
 ]
 
+MAX_WORKERS = 1024  # one process each: beyond this a typo, not a plan
 _TOP_KEYS = {"name", "input", "json_path", "id_field", "workers", "map", "reduce", "dlq"}
 _MAP_KEYS = {"command", "callable", "timeout", "retries", "backoff"}
 _REDUCE_KEYS = {"command", "callable", "timeout"}
 _DLQ_KEYS = {"max_items", "on_full"}
 _CALLABLE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_MAX_TIMEOUT = 2_147_483.0  # (2**31 - 1) ms: a longer wait raises OverflowError in a worker
 _PLACEHOLDER_RE = re.compile(r"\{item(?:\.([^{}]+))?\}")
 
 
@@ -110,6 +112,13 @@ def _parse_document(path: Path, text: bytes) -> Any:
         line = f":{mark.line + 1}" if mark else ""
         problem = " ".join(str(e.problem or e.context or "invalid YAML").split())
         raise JobSpecError(f"{path}{line}: invalid YAML: {problem}") from None
+    except yaml.reader.ReaderError as e:  # bad bytes: name the line, not a byte offset
+        if e.encoding == "unicode":  # a character index into the decoded text
+            head = text.decode("utf-8", "replace")[: e.position].encode()
+        else:  # a byte offset
+            head = text[: e.position]
+        line = head.count(b"\n") + 1
+        raise JobSpecError(f"{path}:{line}: invalid YAML: {str(e).splitlines()[0]}") from None
     except yaml.YAMLError as e:
         raise JobSpecError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
     except RecursionError:
@@ -135,7 +144,7 @@ def spec_from_dict(
     inp = data["input"]
     if not isinstance(inp, str) or not inp:
         raise where.error("input", "must be a path (string)")
-    if any(c < " " or c == "\x7f" for c in inp):
+    if any(c < " " or "\x7f" <= c <= "\x9f" or c in "\u2028\u2029" for c in inp):
         raise where.error("input", f"must not contain control characters, got {inp!r}")
     input_path = (base / inp).resolve()
     if input_path.suffix not in (".jsonl", ".json"):
@@ -151,8 +160,8 @@ def spec_from_dict(
     if id_field is not None and (not isinstance(id_field, str) or not id_field):
         raise where.error("id_field", "must be a non-empty string (the key holding each item's id)")
     workers = data.get("workers", os.cpu_count() or 1)
-    if not _is_int(workers) or workers < 1:
-        raise where.error("workers", "must be a whole number >= 1")
+    if not _is_int(workers) or not 1 <= workers <= MAX_WORKERS:
+        raise where.error("workers", f"must be a whole number from 1 to {MAX_WORKERS}")
     if "map" not in data:
         raise where.error("map", "is required")
     map_spec = _map_spec(where, data["map"])
@@ -237,7 +246,7 @@ class _Where:
     def unknown_keys(self, prefix: str, data: dict, allowed: set[str]) -> None:
         for key in data:
             if key not in allowed:
-                name = f"{prefix}{key}" if isinstance(key, str) else repr(key)
+                name = f"{prefix}{key if isinstance(key, str) and key else repr(key)}"
                 raise self.error(
                     name, f"unknown key (expected one of: {', '.join(sorted(allowed))})"
                 )
@@ -253,7 +262,7 @@ def _is_number(value: Any) -> bool:
 
 def printable(text: str) -> str:
     """``text`` with control characters escaped, so a message stays on one line."""
-    return "".join(c if " " <= c != "\x7f" else repr(c)[1:-1] for c in text)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _exactly_one_step(where: _Where, section: str, data: Any, allowed: set[str]) -> dict:
@@ -284,7 +293,7 @@ def _command(where: _Where, field_name: str, value: Any) -> list[str]:
 
 
 def _callable(where: _Where, field_name: str, value: Any) -> str:
-    if not isinstance(value, str) or not _CALLABLE_RE.match(value):
+    if not isinstance(value, str) or not _CALLABLE_RE.fullmatch(value):
         got = repr(value) if isinstance(value, str) else f"a {type(value).__name__}"
         raise where.error(field_name, f"must look like 'package.module:function', got {got}")
     return value
@@ -295,6 +304,8 @@ def _timeout(where: _Where, field_name: str, value: Any) -> float | None:
         return None
     if not _is_number(value) or value <= 0:
         raise where.error(field_name, "must be a positive number of seconds")
+    if value > _MAX_TIMEOUT:  # subprocess waits poll() in milliseconds held in a C int
+        raise where.error(field_name, f"must be at most {_MAX_TIMEOUT:.0f} seconds (24.8 days)")
     return float(value)
 
 

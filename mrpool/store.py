@@ -148,14 +148,10 @@ class JobState:
             if record.get("a", 0) > self.attempts[index]:
                 self.attempts[index] = record["a"]
             self.set_status(index, DLQ if record["next"] == "dlq" else FAILED)
-        elif kind == "open":
-            # A new session began while attempts were open: the last one crashed.
-            for index in self.open:
-                if self.streak[index] < 255:
-                    self.streak[index] += 1
-            self.open.clear()
-        elif kind == "close":
-            self.open.clear()  # a clean stop: attempts were interrupted, not crashed
+        elif kind == "open":  # a new session began while attempts were open: the last one crashed
+            self._settle_open(record.get("cut"), crashed=True)
+        elif kind == "close":  # a clean stop: open attempts were interrupted, not crashed
+            self._settle_open(record.get("cut"), crashed=False)
         elif kind == "reset":
             for index in record["b"]:
                 self.attempts[index] = 0
@@ -165,6 +161,24 @@ class JobState:
                     self.set_status(index, PURGED)
         elif kind == "reduce":
             self.reduce = record
+
+    def _settle_open(self, cut: list[int] | None, crashed: bool) -> None:
+        """Close the open attempts of an ended session.
+
+        ``cut`` lists the items a worker was actually running when it ended (from
+        the worker slots): their attempt counts, and after a crash it extends their
+        crash streak. Other open items were only queued behind them and never
+        started, so their attempt number is given back. ``cut`` None (unknown, or
+        a journal from before slots were kept): every open attempt counts.
+        """
+        running = None if cut is None else set(cut)
+        for index, attempt in self.open.items():
+            if running is None or index in running:
+                if crashed and self.streak[index] < 255:
+                    self.streak[index] += 1
+            elif self.attempts[index] == attempt:
+                self.attempts[index] = attempt - 1
+        self.open.clear()
 
     # -- views -----------------------------------------------------------
     def summary(self) -> dict[str, int]:
@@ -297,9 +311,7 @@ class JobStore:
 
     def write_checkpoint(self, state: JobState) -> None:
         """Persist ``state`` atomically; the journal must be fsynced up to ``state.offset``."""
-        atomic_write(
-            self.dir / CHECKPOINT_FILE, state.to_checkpoint(), failpoint="checkpoint"
-        )
+        atomic_write(self.dir / CHECKPOINT_FILE, state.to_checkpoint(), failpoint="checkpoint")
 
     # -- results ---------------------------------------------------------
     def iter_results(self, total: int) -> Iterator[tuple[int, Any]]:

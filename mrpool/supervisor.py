@@ -93,6 +93,7 @@ class Session:
         self.ready: deque[Attempt] = deque()
         self.delayed: list[tuple[float, int, Attempt]] = []
         self.in_flight = 0
+        self._cut: list[int] = []  # items running when this session was stopped
         self.stop_signal: int | None = None
         self.stop_error: Exception | None = None
         self._fresh = plan.items()
@@ -109,7 +110,14 @@ class Session:
 
     # -- the loop ----------------------------------------------------------
     def run(self) -> None:
-        self._record({"k": "open", "cmd": self.options.command, "pid": os.getpid()})
+        self._record(
+            {
+                "k": "open",
+                "cmd": self.options.command,
+                "pid": os.getpid(),
+                "cut": self.plan.crash_cut,
+            }
+        )
         self._record({"k": "plan", **self.plan.summary()})
         self._park_poison()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -131,14 +139,16 @@ class Session:
                 self._interrupt()
         except BaseException:
             self.executor.cancel()  # a storage error or a bug: stop every attempt now
+            self.executor.shutdown(keep_slots=True)  # the next session reads who was running
             raise
-        finally:
+        else:
             self.executor.shutdown()
+        finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.progress.close()
         self._flush_events()
-        self._record({"k": "close", "reason": self._close_reason()})
+        self._record({"k": "close", "reason": self._close_reason(), "cut": self._cut})
         self.journal.sync(force=True)
         self.state.offset = self.journal.offset
         self.store.write_checkpoint(self.state)
@@ -164,9 +174,20 @@ class Session:
     # -- dispatch ----------------------------------------------------------
     def _take_fresh(self, room: int) -> list[Attempt]:
         """Up to ``room`` new attempts from the plan, in input order (one tight loop)."""
-        attempts, pending_budget, settled_budget = self.state.attempts, self._budget_pending, self._budget_settled
+        attempts, pending_budget, settled_budget = (
+            self.state.attempts,
+            self._budget_pending,
+            self._budget_settled,
+        )
         taken = [
-            Attempt(index, attempts[index] + 1, line, source, 0, pending_budget if source == "pending" else settled_budget)
+            Attempt(
+                index,
+                attempts[index] + 1,
+                line,
+                source,
+                0,
+                pending_budget if source == "pending" else settled_budget,
+            )
             for index, source, line in islice(self._fresh, room)
         ]
         if len(taken) < room:
@@ -210,7 +231,8 @@ class Session:
                 successes.append([attempt.index, attempt.attempt, outcome.duration, outcome.result])
             elif self.stop_signal is None:
                 self._failed(attempt, outcome)
-            # else: cut short by our own Ctrl-C -- it stays open, i.e. pending
+            else:  # cut short by our own Ctrl-C: it stays open (pending), its attempt counted
+                self._cut.append(attempt.index)
         if successes:
             self._record({"k": "ok", "b": successes})
             self.progress.succeeded += len(successes)
@@ -233,7 +255,9 @@ class Session:
         if attempt.tries < attempt.budget:
             record["next"] = "retry"
             self._record(record)
-            delay = self.options.backoff * (2 ** (attempt.tries - 1))
+            delay = self.options.backoff * 2.0 ** min(
+                attempt.tries - 1, 32
+            )  # no overflow at 1000s of retries
             retry = Attempt(
                 attempt.index, 0, attempt.line, attempt.source, attempt.tries, attempt.budget
             )
@@ -279,6 +303,7 @@ class Session:
         The killed attempts stay *open* in the journal until the ``close`` record:
         resume runs them again, their attempt counted, without a crash streak.
         """
+        self._cut.extend(self.executor.running())
         self.in_flight -= len(self.executor.cancel())
 
     # -- bookkeeping -------------------------------------------------------
