@@ -18,18 +18,32 @@ The folder is the architecture, one module per concept:
     failpoints.py  named crash/IO-error points for tests
 """
 
-import importlib
-
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+# The API's names, listed here so that ``import mrpool`` stays cheap and a
+# submodule import (``from . import failpoints``) never triggers the API import.
+# tests/test_run.py checks this list against ``mrpool.api.__all__``.
+API_NAMES = (
+    "run_job",
+    "resume_job",
+    "retry_dlq",
+    "plan_resume",
+    "job_status",
+    "list_jobs",
+    "iter_results",
+    "reduce_output",
+    "open_dlq",
+    "purge_dlq",
+    "iter_events",
+    "SessionReport",
+)
+__all__ = ["__version__", *API_NAMES]
 
 
 def __getattr__(name: str):
-    """``mrpool.run_job`` etc.: the API (``mrpool.api.__all__``), imported on first use
-    so that ``python -m mrpool status`` does not pay for what it does not use."""
-    if not name.startswith("_"):
-        api = importlib.import_module("mrpool.api")  # not "from . import": that recurses here
-        if name in api.__all__:
-            return getattr(api, name)
+    """``mrpool.run_job`` etc.: the API, imported on first use."""
+    if name in API_NAMES:
+        from . import api
+
+        return getattr(api, name)
     raise AttributeError(f"module 'mrpool' has no attribute {name!r}")

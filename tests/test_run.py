@@ -809,3 +809,12 @@ def test_a_nul_byte_in_an_argv_value_fails_the_item_not_the_worker(mrpool, tmp_p
     assert "null byte" in dlq[0]["error"] and "worker died" not in dlq[0]["error"]
     assert mrpool.results(job_id) == [{"id": 1, "result": "ok\n"}, {"id": 3, "result": "fine\n"}]
     assert not [e for e in events(mrpool, job_id) if e["event"] == "worker_died"]
+
+
+def test_package_exports_exactly_the_api():
+    """``mrpool.<name>`` serves every name of ``mrpool.api.__all__`` (and nothing stale)."""
+    import mrpool
+    import mrpool.api
+
+    assert set(mrpool.API_NAMES) == set(mrpool.api.__all__)
+    assert all(getattr(mrpool, name) is getattr(mrpool.api, name) for name in mrpool.API_NAMES)
