@@ -166,7 +166,7 @@ class LocalExecutor:
     def _kill(self, w: _Worker) -> None:
         child = self.slots.read(w.slot).child
         try:
-            os.kill(w.process.pid, signal.SIGKILL)
+            os.kill(w.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         if child > 0:
@@ -267,15 +267,9 @@ class LocalExecutor:
         blamed = view.index if view.state == RUNNING else -1
         for attempt in w.in_flight:
             if attempt.index == blamed:
-                error = self._death_error(w, code, time.monotonic() - view.started)
+                ran = time.monotonic() - view.started
                 outcomes.append(
-                    Outcome(
-                        attempt,
-                        False,
-                        error=error,
-                        duration=time.monotonic() - view.started,
-                        worker=w.process.pid,
-                    )
+                    Outcome(attempt, False, None, self._death_error(w, code), ran, w.pid)
                 )
             else:
                 outcomes.append(Outcome(attempt, False, requeue=True, worker=w.pid))
@@ -284,7 +278,7 @@ class LocalExecutor:
             {
                 "k": "worker",
                 "ev": "died",
-                "pid": w.process.pid,
+                "pid": w.pid,
                 "slot": w.slot,
                 "exitcode": code,
                 "reason": w.kill_reason,
@@ -295,20 +289,20 @@ class LocalExecutor:
         self.workers[w.slot] = None
         self._spawn(w.slot)
 
-    def _death_error(self, w: _Worker, code: int | None, ran: float) -> dict[str, Any]:
+    def _death_error(self, w: _Worker, code: int | None) -> dict[str, Any]:
         if w.kill_reason == "timeout":
             return {
                 "kind": "timeout",
                 "msg": f"timed out after {self._timeout:g} s",
                 "tail": "",
-                "pid": w.process.pid,
+                "pid": w.pid,
             }
         if w.kill_reason == "hung":
             return {
                 "kind": "hung",
                 "msg": f"worker hung: no heartbeat for {HUNG_AFTER:g} s",
                 "tail": "",
-                "pid": w.process.pid,
+                "pid": w.pid,
             }
         if code is not None and code < 0:
             try:
@@ -322,7 +316,7 @@ class LocalExecutor:
             "kind": "worker_died",
             "msg": msg,
             "tail": "",
-            "pid": w.process.pid,
+            "pid": w.pid,
             "signal": -code if code and code < 0 else None,
         }
 
