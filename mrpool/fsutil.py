@@ -56,27 +56,32 @@ def open_private(path: str | os.PathLike, flags: int) -> int:
     return os.open(path, flags | _NOFOLLOW | _CLOEXEC, 0o600)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes, failpoint: str | None = None) -> None:
+def atomic_write(
+    path: str | os.PathLike, data: bytes, failpoint: str | None = None, durable: bool = True
+) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file whole.
 
     ``failpoint`` names a pair of failpoints, ``NAME.before_replace`` and
     ``NAME.after_replace``. A failing disk raises ``StorageError`` naming the file.
+    ``durable=False`` skips the fsyncs: still atomic against a process crash, but
+    after a power cut the file may be old, empty or missing (for informative files).
     """
     path = Path(path)
     try:
-        _atomic_write(path, data, failpoint)
+        _atomic_write(path, data, failpoint, durable)
     except OSError as e:
         raise StorageError(f"{path}: cannot write: {e.strerror or e}") from None
 
 
-def _atomic_write(path: Path, data: bytes, failpoint: str | None) -> None:
+def _atomic_write(path: Path, data: bytes, failpoint: str | None, durable: bool) -> None:
     tmp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
     fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         _unlink_quietly(tmp)
@@ -91,7 +96,8 @@ def _atomic_write(path: Path, data: bytes, failpoint: str | None) -> None:
         raise
     if failpoints.ENABLED and failpoint:
         failpoints.hit(f"{failpoint}.after_replace")
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def sweep_temp_files(directory: str | os.PathLike) -> int:

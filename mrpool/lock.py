@@ -75,10 +75,9 @@ class JobLock:
     def acquire(self, wait: float = 0.0) -> JobLock:
         """Take the lock, waiting up to ``wait`` seconds; raise ``LockedError`` if held."""
         deadline = time.monotonic() + max(0.0, wait)
-        # A fresh holder may not have written holder.json yet (its fsync can stall for
-        # hundreds of ms on a busy disk): use the contract's "exit 3 within a second" to
-        # learn who it is, rather than refusing without naming the holder.
-        grace = time.monotonic() + 0.9
+        # A fresh holder may not have written holder.json yet: wait a little (within the
+        # contract's "exit 3 within a second") to name it, rather than refuse namelessly.
+        grace = time.monotonic() + 0.5
         while True:
             holder = self._try_once()
             if holder is None:
@@ -126,7 +125,9 @@ class JobLock:
             "acquired_at": time.time(),
             "command": self.command,
         }
-        atomic_write(self.job_dir / HOLDER_FILE, orjson.dumps(holder))
+        # Informative only (the kernel lock is the truth), and read by every loser within
+        # milliseconds: atomic, but not fsynced -- an fsync can stall for 100s of ms.
+        atomic_write(self.job_dir / HOLDER_FILE, orjson.dumps(holder), durable=False)
         return holder
 
     # -- giving back -----------------------------------------------------
