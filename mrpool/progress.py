@@ -36,7 +36,7 @@ class Progress:
         width = 24
         filled = int(width * done / self.total) if self.total else width
         bar = "#" * filled + "-" * (width - filled)
-        line = f"\r[{bar}] {done}/{self.total} ok {self.succeeded} failed {self.failed}  {rate:,.1f}/s  ETA {_clock(eta)} "
+        line = f"\r[{bar}] {done}/{self.total} ok {self.succeeded} parked {self.failed}  {rate:,.1f}/s  ETA {_clock(eta)} "
         sys.stderr.write(line)
         sys.stderr.flush()
 
