@@ -41,7 +41,13 @@ class Mrpool:
         env.update(extra)
         return env
 
-    def run(self, *args: str, timeout: float = 60, env: dict[str, str] | None = None, input: bytes | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        *args: str,
+        timeout: float = 60,
+        env: dict[str, str] | None = None,
+        input: bytes | None = None,
+    ) -> subprocess.CompletedProcess:
         """Run to completion; returns CompletedProcess with text stdout/stderr."""
         return subprocess.run(
             [PY, "-m", "mrpool", *args],
@@ -53,11 +59,19 @@ class Mrpool:
             cwd=str(REPO),
         )
 
-    def start(self, *args: str, env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
+    def start(
+        self, *args: str, env: dict[str, str] | None = None, **popen: Any
+    ) -> subprocess.Popen:
         """Start in its own process group (so a test can SIGKILL the whole group)."""
         popen.setdefault("stdout", subprocess.PIPE)
         popen.setdefault("stderr", subprocess.PIPE)
-        return subprocess.Popen([PY, "-m", "mrpool", *args], env=env or self.env(), start_new_session=True, cwd=str(REPO), **popen)
+        return subprocess.Popen(
+            [PY, "-m", "mrpool", *args],
+            env=env or self.env(),
+            start_new_session=True,
+            cwd=str(REPO),
+            **popen,
+        )
 
     def status(self, job_id: str) -> dict[str, Any]:
         r = self.run("status", job_id, "--json")
@@ -86,7 +100,9 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     proc.wait(timeout=30)
 
 
-def wait_for(predicate, timeout: float = 20.0, interval: float = 0.01, what: str = "condition") -> Any:
+def wait_for(
+    predicate, timeout: float = 20.0, interval: float = 0.01, what: str = "condition"
+) -> Any:
     """Poll ``predicate`` until it returns something truthy (state-based sync, not sleeps)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -120,7 +136,13 @@ def write_job(
             handle.write(json.dumps(item) + "\n")
     for filename, text in (files or {}).items():
         (directory / filename).write_text(text)
-    job = {"name": name, "input": "items.jsonl", "workers": workers, "map": map_step, **(extra or {})}
+    job = {
+        "name": name,
+        "input": "items.jsonl",
+        "workers": workers,
+        "map": map_step,
+        **(extra or {}),
+    }
     path = directory / f"{name}.json"
     path.write_text(json.dumps(job))
     return path
@@ -133,18 +155,27 @@ def mrpool(tmp_path: Path) -> Mrpool:
     return Mrpool(state, uuid.uuid4().hex)
 
 
-def _tagged_processes(tag: str) -> list[psutil.Process]:
+def tagged_processes(tag: str) -> list[psutil.Process]:
+    """Live processes started by a test (they inherit ``MRPOOL_TEST_TAG``)."""
     found = []
     for proc in psutil.process_iter(["pid"]):
         try:
-            if proc.environ().get("MRPOOL_TEST_TAG") == tag and proc.status() != psutil.STATUS_ZOMBIE:
+            if (
+                proc.environ().get("MRPOOL_TEST_TAG") == tag
+                and proc.status() != psutil.STATUS_ZOMBIE
+            ):
                 found.append(proc)
         except (psutil.Error, OSError):
             continue
     return found
 
 
-def _shm_entries() -> set[str]:
+def mrpool_shm(names: set[str]) -> set[str]:
+    """The entries of ``names`` that look like mrpool's or multiprocessing's segments."""
+    return {n for n in names if "mrpool" in n or n.startswith("psm_")}
+
+
+def shm_entries() -> set[str]:
     try:
         return set(os.listdir("/dev/shm"))
     except FileNotFoundError:
@@ -154,23 +185,23 @@ def _shm_entries() -> set[str]:
 @pytest.fixture(autouse=True)
 def no_leftovers(request):
     """After each test: no tagged processes, no new /dev/shm entries, no lock/temp files."""
-    shm_before = _shm_entries()
+    shm_before = shm_entries()
     yield
     fixture = request.node.funcargs.get("mrpool")
     if fixture is None:
         return
     deadline = time.monotonic() + 5
-    leftovers = _tagged_processes(fixture.tag)
+    leftovers = tagged_processes(fixture.tag)
     while leftovers and time.monotonic() < deadline:
         time.sleep(0.05)
-        leftovers = _tagged_processes(fixture.tag)
+        leftovers = tagged_processes(fixture.tag)
     for proc in leftovers:  # clean up before failing, so one failure does not cascade
         try:
             proc.kill()
         except psutil.Error:
             pass
     assert not leftovers, f"processes left running: {[(p.pid, p.cmdline()) for p in leftovers]}"
-    new_shm = {n for n in _shm_entries() - shm_before if "mrpool" in n or n.startswith("psm_")}
+    new_shm = mrpool_shm(shm_entries() - shm_before)
     assert not new_shm, f"shared-memory segments left: {new_shm}"
     jobs = fixture.state_dir / "jobs"
     if jobs.is_dir() and not getattr(request.node, "allow_leftover_files", False):

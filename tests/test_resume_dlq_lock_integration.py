@@ -51,9 +51,17 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
-from conftest import PY, journal_records, kill_group, wait_for, write_job
+from conftest import (
+    PY,
+    journal_records,
+    kill_group,
+    mrpool_shm,
+    shm_entries,
+    tagged_processes,
+    wait_for,
+    write_job,
+)
 
 from mrpool import api
 
@@ -569,24 +577,6 @@ def test_deduplication_with_dlq_and_pending(mrpool, bench):
 
 
 # -- 4 ---------------------------------------------------------------------------------
-def _tagged(tag: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if (
-                proc.environ().get("MRPOOL_TEST_TAG") == tag
-                and proc.status() != psutil.STATUS_ZOMBIE
-            ):
-                found.append(proc)
-        except (psutil.Error, OSError):
-            continue
-    return found
-
-
-def _shm() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if "mrpool" in n or n.startswith("psm_")}
-
-
 def test_retry_success_cleans_up_dlq_and_releases_lock(mrpool, bench):
     """A successful retry leaves the DLQ and leaves nothing else behind.
 
@@ -596,7 +586,7 @@ def test_retry_success_cleans_up_dlq_and_releases_lock(mrpool, bench):
     left; (4) nothing remains: no lock or holder file, no temp file, no process,
     no /dev/shm segment.
     """
-    shm_before = _shm()
+    shm_before = mrpool_shm(shm_entries())
 
     # -- phase 1: run -> 1 and 4 ok, 2 and 3 parked
     bench.write_job(4, workers=2, fail="2 3")
@@ -633,8 +623,8 @@ def test_retry_success_cleans_up_dlq_and_releases_lock(mrpool, bench):
     assert bench.files() == AT_REST
     assert not HOLDER_FILES & bench.files()
     assert os.listdir(mrpool.state_dir / "tmp") == []
-    assert _tagged(mrpool.tag) == []
-    assert _shm() - shm_before == set()
+    assert tagged_processes(mrpool.tag) == []
+    assert mrpool_shm(shm_entries()) - shm_before == set()
     assert list(bench.results()) == [1, 2, 3, 4]
 
 

@@ -24,9 +24,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
-from conftest import PY, REPO, kill_group, wait_for, write_job
+from conftest import (
+    PY,
+    REPO,
+    kill_group,
+    mrpool_shm,
+    shm_entries,
+    tagged_processes,
+    wait_for,
+    write_job,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -91,25 +99,6 @@ def run_ok(mrpool, job: Path, *args: str, expect: int = 0) -> str:
     return r.stdout.splitlines()[0]
 
 
-def tagged_processes(tag: str) -> list[psutil.Process]:
-    """Live processes started by this test (they inherit ``MRPOOL_TEST_TAG``)."""
-    found = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if (
-                proc.environ().get("MRPOOL_TEST_TAG") == tag
-                and proc.status() != psutil.STATUS_ZOMBIE
-            ):
-                found.append(proc)
-        except (psutil.Error, OSError):
-            continue
-    return found
-
-
-def shm_entries() -> set[str]:
-    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
-
-
 # -- big jobs: every result, exactly once, in input order ----------------------------
 def test_200_items_through_a_command_map_leave_nothing_behind(mrpool, tmp_path):
     """250 items through ``expr`` (a real command per item): every result right, exit 0, clean."""
@@ -134,7 +123,7 @@ def test_200_items_through_a_command_map_leave_nothing_behind(mrpool, tmp_path):
 
     # Phase 4: explicitly, nothing is left: no process, no shm segment, no lock/temp file.
     assert not tagged_processes(mrpool.tag)
-    new_shm = {n for n in shm_entries() - shm_before if "mrpool" in n or n.startswith("psm_")}
+    new_shm = mrpool_shm(shm_entries() - shm_before)
     assert not new_shm
     job_dir = mrpool.job_dir(job_id)
     leftovers = [n for n in os.listdir(job_dir) if n in ("lock", "holder.json") or ".tmp-" in n]
