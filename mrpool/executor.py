@@ -73,7 +73,7 @@ class Executor(Protocol):
     def capacity(self) -> int: ...
     def submit(self, attempts: list[Attempt]) -> None: ...
     def wait(self, timeout: float) -> list[Outcome]: ...
-    def running(self) -> list[int]: ...
+    def started(self) -> list[int]: ...
     def cancel(self) -> list[Attempt]: ...
     def shutdown(self, keep_slots: bool = False) -> None: ...
 
@@ -147,9 +147,22 @@ class LocalExecutor:
         self.workers = [None] * self.n
         self.slots.close(remove=not keep_slots)
 
-    def running(self) -> list[int]:
-        """Indices of the items workers are running right now (from their slots)."""
-        return [index for index, _ in self.slots.running()]
+    def started(self) -> list[int]:
+        """Items a worker has started whose outcome has not been delivered yet.
+
+        A worker runs its queue in order and its slot names the last item it
+        started (running or ended), so everything in its queue up to that item
+        has started and everything after it has not.
+        """
+        found: list[int] = []
+        for w in self.workers:
+            if w is None:
+                continue
+            last = self.slots.read(w.slot).index
+            queued = [a.index for a in w.in_flight]
+            if last in queued:
+                found.extend(queued[: queued.index(last) + 1])
+        return found
 
     def cancel(self) -> list[Attempt]:
         """Kill every worker mid-attempt (Ctrl-C); return what they held, unfinished."""

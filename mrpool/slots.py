@@ -114,8 +114,11 @@ class SlotTable:
             view.started,
         )
 
-    def end(self, slot: int, pid: int) -> None:
-        _FIELDS.pack_into(self._mem, _HEADER_SIZE + slot * _SLOT_SIZE, IDLE, pid, 0, 0, -1, 0.0)
+    def end(self, slot: int, pid: int, index: int, attempt: int) -> None:
+        """The attempt ended; the slot keeps naming it as the last one started."""
+        _FIELDS.pack_into(
+            self._mem, _HEADER_SIZE + slot * _SLOT_SIZE, IDLE, pid, 0, attempt, index, 0.0
+        )
 
     def beat(self, slot: int) -> None:
         _HEARTBEAT.pack_into(
@@ -136,13 +139,10 @@ class SlotTable:
         return SlotView(state, pid, child, index, attempt, started, heartbeat)
 
     def reset(self, slot: int) -> None:
+        """An empty slot (no worker yet, nothing started)."""
         base = _HEADER_SIZE + slot * _SLOT_SIZE
         self._mem[base : base + _SLOT_SIZE] = bytes(_SLOT_SIZE)
-
-    def running(self) -> list[tuple[int, int]]:
-        """``(index, attempt)`` of every item a worker is running now."""
-        views = (self.read(slot) for slot in range(self.n))
-        return [(v.index, v.attempt) for v in views if v.state == RUNNING]
+        _FIELDS.pack_into(self._mem, base, IDLE, 0, 0, 0, -1, 0.0)
 
     def close(self, remove: bool = True) -> None:
         """Unmap; remove the file (a clean end leaves nothing behind)."""

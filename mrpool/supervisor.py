@@ -93,7 +93,7 @@ class Session:
         self.ready: deque[Attempt] = deque()
         self.delayed: list[tuple[float, int, Attempt]] = []
         self.in_flight = 0
-        self._cut: list[int] = []  # items running when this session was stopped
+        self._cut: list[int] = []  # items started, not finished, when this session was stopped
         self.stop_signal: int | None = None
         self.stop_error: Exception | None = None
         self._fresh = plan.items()
@@ -303,7 +303,7 @@ class Session:
         The killed attempts stay *open* in the journal until the ``close`` record:
         resume runs them again, their attempt counted, without a crash streak.
         """
-        self._cut.extend(self.executor.running())
+        self._cut.extend(self.executor.started())
         self.in_flight -= len(self.executor.cancel())
 
     # -- bookkeeping -------------------------------------------------------

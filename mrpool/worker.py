@@ -85,7 +85,7 @@ def worker_main(config: WorkerConfig, slots: SlotTable, slot: int, conn, parent_
             ok, payload = run(index, attempt, line)
             now = monotonic()
             pending.append([index, attempt, ok, payload, now - started])
-            end(slot, pid)
+            end(slot, pid, index, attempt)
             if now - last_send >= FLUSH_EVERY:
                 _send(conn, pending, sending)
                 last_send = now
