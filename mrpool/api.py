@@ -26,7 +26,7 @@ from typing import Any
 from .dlq import DeadLetterQueue
 from .errors import MrpoolError, StorageError, UsageError
 from .executor import LocalExecutor
-from .items import identity_text, ingest, read_ids
+from .items import indices_of, ingest, read_ids
 from .journal import JournalWriter, read_records
 from .lock import JobLock, live_holder
 from .planner import PlanOptions, ResumePlan, plan_session
@@ -161,7 +161,8 @@ def retry_dlq(
     with JobLock(store.dir, command=f"mrpool dlq retry {job_id}").acquire(wait):
         only = None
         if item_ids:
-            only = frozenset(_indices_in_dlq(store, item_ids))
+            state = store.load_state(store.info().total)
+            only = frozenset(_indices_in_dlq(store, state, item_ids))
         options = PlanOptions(
             include_pending=False,
             include_failed=False,
@@ -313,14 +314,8 @@ def _crash_limit(store: JobStore) -> int:
     return max(2, 1 + store.info().spec.map.retries)
 
 
-def _indices_in_dlq(store: JobStore, item_ids: list[str]) -> list[int]:
-    wanted = {str(i) for i in item_ids}
-    found: dict[str, int] = {}
-    for index, raw in enumerate(read_ids(store.dir)):
-        text = identity_text(raw)
-        if text in wanted:
-            found[text] = index
-    state = store.load_state(store.info().total)
+def _indices_in_dlq(store: JobStore, state, item_ids: list[str]) -> list[int]:
+    found = indices_of(store.dir, (str(i) for i in item_ids))
     missing = [i for i in item_ids if i not in found or state.status[found[i]] != DLQ]
     if missing:
         raise UsageError(f"not in the DLQ of job {store.job_id}: {', '.join(missing)}")
@@ -403,8 +398,8 @@ def purge_dlq(
     """Drop DLQ items (all, or those named) for good, under the job's lock."""
     store = JobStore.open(state_root(state_dir), job_id)
     with JobLock(store.dir, command=f"mrpool dlq purge {job_id}").acquire(wait):
-        indices = _indices_in_dlq(store, item_ids) if item_ids else None
         state = store.load_state(store.info().total)
+        indices = _indices_in_dlq(store, state, item_ids) if item_ids else None
         journal = JournalWriter(store.journal_path, state.offset)
         try:
             dlq = DeadLetterQueue(store, state)

@@ -40,7 +40,7 @@ import orjson
 
 from .errors import UsageError
 from .fsutil import atomic_write
-from .items import identity_text, iter_item_lines, split_line
+from .items import identity_text, indices_of, iter_item_lines, split_line
 from .journal import FORMAT_VERSION, decode_line, encode_record, read_records
 from .store import DLQ, FAILED, JobState, JobStore
 
@@ -138,11 +138,7 @@ class DeadLetterQueue:
 
     def find(self, item_id: str) -> int | None:
         """The index of the item whose id (compared as text) is ``item_id``."""
-        for index, line in enumerate(iter_item_lines(self.store.dir)):
-            raw = line[: line.index(b"\t")]
-            if identity_text(orjson.loads(raw)) == item_id:
-                return index
-        return None
+        return indices_of(self.store.dir, [item_id]).get(item_id)
 
     def stats(self) -> list[dict[str, Any]]:
         """Counts by error signature, largest group first."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,15 @@ from .errors import InputError, JobSpecError, StorageError
 from .fsutil import open_private
 from .spec import JobSpec, printable
 
-__all__ = ["IngestReport", "ingest", "iter_item_lines", "split_line", "identity_text", "read_ids"]
+__all__ = [
+    "IngestReport",
+    "ingest",
+    "iter_item_lines",
+    "split_line",
+    "identity_text",
+    "read_ids",
+    "indices_of",
+]
 
 ITEMS_FILE = "items.jsonl"
 
@@ -220,6 +228,17 @@ def iter_item_lines(job_dir: Path) -> Iterator[bytes]:
     """Stream the lines of a job's ``items.jsonl``; the n-th line is index n."""
     with open(job_dir / ITEMS_FILE, "rb", buffering=1 << 20) as handle:
         yield from handle
+
+
+def indices_of(job_dir: Path, item_ids: Iterable[str]) -> dict[str, int]:
+    """The index of each item whose id, compared as text, is one of ``item_ids``."""
+    wanted = set(item_ids)
+    found: dict[str, int] = {}
+    for index, raw in enumerate(read_ids(job_dir)):
+        text = identity_text(raw)
+        if text in wanted:
+            found[text] = index
+    return found
 
 
 def read_ids(job_dir: Path) -> list[Any]:

@@ -103,14 +103,6 @@ def read_records(path: Path, start: int = 0) -> Iterator[tuple[int, int, dict[st
             offset = end
 
 
-def valid_length(path: Path, start: int = 0) -> int:
-    """Byte length of the journal's valid prefix (where a torn tail begins)."""
-    end = start
-    for _, record_end, _ in read_records(path, start):
-        end = record_end
-    return end
-
-
 class JournalWriter:
     """Appends records with group commit. Not thread-safe; one per lock holder."""
 

@@ -369,11 +369,6 @@ def _check_json_path(where: _Where, expr: str) -> None:
         ) from None
 
 
-def placeholders(argv: list[str]) -> list[str | None]:
-    """The ``{item.KEY}`` keys used in ``argv`` (None stands for ``{item}``)."""
-    return [m.group(1) for arg in argv for m in _PLACEHOLDER_RE.finditer(arg)]
-
-
 def render_argv(argv: list[str], item: Any) -> list[str]:
     """Fill ``{item.KEY}`` / ``{item}`` inside each argv element, in one pass.
 

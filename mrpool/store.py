@@ -58,7 +58,6 @@ __all__ = [
 ]
 
 PENDING, SUCCEEDED, FAILED, DLQ, PURGED = range(5)
-STATUS_NAMES = ("pending", "succeeded", "failed", "dlq", "purged")
 JOB_FILE = "job.json"
 CHECKPOINT_FILE = "checkpoint.json"
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
