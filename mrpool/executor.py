@@ -3,31 +3,41 @@
 The supervisor owns *what* runs and what an outcome means (journal, retries,
 DLQ); an executor only runs attempts and reports how each ended. The whole
 interface is ``Executor``: ``start``, ``capacity``, ``submit``, ``wait``,
-``cancel``, ``shutdown``. A cluster executor (Dask, Ray) implements the same
-five verbs and inherits every journal, DLQ and lock guarantee unchanged.
+``started``, ``cancel``, ``shutdown``. A cluster executor (Dask, Ray) implements
+the same verbs and inherits every journal, DLQ and lock guarantee unchanged.
+
+The messages are batch-shaped, so that the supervisor's cost per item stays a
+few list operations: ``submit`` takes a ``Batch`` (parallel lists of item
+indices, attempt numbers and ``items.jsonl`` lines) and ``wait`` returns
+``Outcomes``: successes as the journal's own ``[index, attempt, duration,
+result]`` rows, failures as ``Failure`` records, and attempts handed back to be
+run again.
 
 ``LocalExecutor`` keeps N forked workers, each with its own pipe and slot:
 
     supervisor --batch--> pipe --> worker --(slot: item, since, heartbeat)
-    supervisor <-outcomes- pipe <-- worker
+    supervisor <--rows--- pipe <-- worker
 
 Batches are sized per worker so a batch takes about 20 ms (one item at a time
 for slow items), and a fast worker gets its next batch queued before it runs
-dry. ``wait`` multiplexes every pipe and every worker's death sentinel; a worker
-that dies is handled in one place, ``_worker_lost``: the item its slot names is
-failed as ``worker_died`` (or ``timeout`` / ``hung`` when we killed it), the rest
-of its batch is handed back un-charged, and a replacement is started.
+dry. ``wait`` polls every pipe and every worker's death sentinel; a worker that
+dies is handled in one place, ``_worker_lost``: the item its slot names is
+failed as ``worker_died`` (or ``timeout`` / ``hung`` when we killed it), and the
+rest of what it held is handed back -- with a new attempt number for items it
+had started (their outcome died with it), with the same one for items it never
+reached -- and a replacement is started.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import select
 import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait as wait_any
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,45 +46,65 @@ import orjson
 from .slots import RUNNING, SlotTable
 from .worker import WorkerConfig, kill_tree, worker_main
 
-__all__ = ["Attempt", "Outcome", "Executor", "LocalExecutor"]
+__all__ = ["Batch", "Failure", "Outcomes", "Executor", "LocalExecutor"]
 
 BATCH_SECONDS = 0.02
-MAX_BATCH = 256
+MAX_BATCH = 1024
 HUNG_AFTER = 60.0  # seconds without a heartbeat
+_duration = itemgetter(2)
 
 
 @dataclass(slots=True)
-class Attempt:
-    """One try of one item. ``tries``/``budget`` count attempts in this session."""
+class Batch:
+    """Attempts to run in this order: item ``indices[k]`` as attempt ``attempts[k]``,
+    ``lines[k]`` being its line of ``items.jsonl``."""
+
+    indices: list[int]
+    attempts: list[int]
+    lines: list[bytes]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def part(self, start: int, stop: int) -> Batch:
+        return Batch(self.indices[start:stop], self.attempts[start:stop], self.lines[start:stop])
+
+
+@dataclass(slots=True)
+class Failure:
+    """An attempt that ended badly; ``error`` is ``{"kind", "msg", "tail", ...}``."""
 
     index: int
     attempt: int
     line: bytes
-    source: str = "pending"
-    tries: int = 0
-    budget: int = 1
+    error: dict[str, Any]
+    duration: float
 
 
 @dataclass(slots=True)
-class Outcome:
-    """How an attempt ended: ``ok`` with ``result``, a failure, or ``requeue`` (never ran)."""
+class Outcomes:
+    """What came back from one ``wait``.
 
-    attempt: Attempt
-    ok: bool
-    result: Any = None
-    error: dict[str, Any] | None = None
-    duration: float = 0.0
-    worker: int = 0
-    requeue: bool = False
+    ``ok``: one ``[index, attempt, duration, result]`` row per success (the rows
+    the journal stores). ``requeued``: ``(index, attempt, line)`` to run again,
+    un-charged; ``attempt`` 0 means it had started, so it takes the next number.
+    """
+
+    ok: list[list[Any]] = field(default_factory=list)
+    failed: list[Failure] = field(default_factory=list)
+    requeued: list[tuple[int, int, bytes]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ok) + len(self.failed) + len(self.requeued)
 
 
 class Executor(Protocol):
     def start(self) -> None: ...
     def capacity(self) -> int: ...
-    def submit(self, attempts: list[Attempt]) -> None: ...
-    def wait(self, timeout: float) -> list[Outcome]: ...
+    def submit(self, batch: Batch) -> None: ...
+    def wait(self, timeout: float) -> Outcomes: ...
     def started(self) -> list[int]: ...
-    def cancel(self) -> list[Attempt]: ...
+    def cancel(self) -> list[tuple[int, int, bytes]]: ...
     def shutdown(self, keep_slots: bool = False) -> None: ...
 
     events: list[dict[str, Any]]  # worker started/died records for the journal
@@ -86,10 +116,68 @@ class _Worker:
     process: Any
     conn: Any
     pid: int = 0
-    in_flight: deque = field(default_factory=deque)
-    batches: int = 0
+    queued: deque[Batch] = field(default_factory=deque)  # sent, in order; answered in order
+    answered: int = 0  # how much of queued[0] has been answered
+    held: int = 0  # items sent and not yet answered
     per_item: float = 0.0  # EWMA of an item's duration; 0 = unknown
     kill_reason: str | None = None
+
+    def take_answered(self, done: list[int]) -> Batch:
+        """Drop the answered prefix of what this worker holds; check it is ``done``."""
+        parts: list[Batch] = []
+        need = len(done)
+        while need:
+            if not self.queued:
+                raise RuntimeError(f"worker {self.pid} answered for items it was never sent")
+            head = self.queued[0]
+            start = self.answered
+            stop = min(len(head), start + need)
+            parts.append(head if start == 0 and stop == len(head) else head.part(start, stop))
+            need -= stop - start
+            if stop == len(head):
+                self.queued.popleft()
+                self.answered = 0
+            else:
+                self.answered = stop
+        answered = parts[0] if len(parts) == 1 else _joined(parts)
+        if answered.indices != done:
+            raise RuntimeError(
+                f"worker {self.pid} answered for items {done[:5]}..., "
+                f"expected {answered.indices[:5]}..."
+            )
+        self.held -= len(done)
+        return answered
+
+    def unanswered(self) -> Batch:
+        """Everything this worker holds that it has not answered, in order."""
+        rest = [self.queued[0].part(self.answered, len(self.queued[0]))] if self.queued else []
+        rest.extend(list(self.queued)[1:])
+        return _joined(rest)
+
+    def take_rest(self) -> Batch:
+        """``unanswered()``, which this worker no longer holds."""
+        rest = self.unanswered()
+        self.queued.clear()
+        self.answered = self.held = 0
+        return rest
+
+
+def _joined(parts: list[Batch]) -> Batch:
+    joined = Batch([], [], [])
+    for part in parts:
+        joined.indices += part.indices
+        joined.attempts += part.attempts
+        joined.lines += part.lines
+    return joined
+
+
+def _started_prefix(rest: Batch, index: int, attempt: int) -> int:
+    """How many of ``rest`` a worker started, given its slot's last (``index``, ``attempt``):
+    it runs in order, so all up to that one and none after it (0 if it is not there)."""
+    for position, (i, a) in enumerate(zip(rest.indices, rest.attempts)):
+        if i == index and a == attempt:
+            return position + 1
+    return 0
 
 
 class LocalExecutor:
@@ -104,6 +192,8 @@ class LocalExecutor:
         self._ctx = multiprocessing.get_context("fork")
         self._timeout = config.timeout
         self._next_check = 0.0
+        self._poller = select.poll()
+        self._by_fd: dict[int, tuple[_Worker, bool]] = {}  # fd -> (worker, is its death sentinel)
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
@@ -122,8 +212,20 @@ class LocalExecutor:
         process.start()
         child_end.close()
         worker = self.workers[slot] = _Worker(slot, process, parent_end, process.pid)
+        for fd, is_sentinel in ((parent_end.fileno(), False), (process.sentinel, True)):
+            self._by_fd[fd] = (worker, is_sentinel)
+            self._poller.register(fd, select.POLLIN)
         self.events.append({"k": "worker", "ev": "started", "pid": process.pid, "slot": slot})
         return worker
+
+    def _forget(self, w: _Worker) -> None:
+        """Stop polling ``w``'s pipe and sentinel and release them."""
+        for fd in (w.conn.fileno(), w.process.sentinel):
+            self._by_fd.pop(fd, None)
+            self._poller.unregister(fd)
+        w.conn.close()
+        w.process.close()
+        self.workers[w.slot] = None
 
     def shutdown(self, keep_slots: bool = False) -> None:
         """Stop every worker: ask politely, then SIGKILL what lingers. Reap all.
@@ -142,38 +244,30 @@ class LocalExecutor:
             if w.process.is_alive():
                 self._kill(w)
                 w.process.join(1.0)
-            w.conn.close()
-            w.process.close()
-        self.workers = [None] * self.n
+            self._forget(w)
         self.slots.close(remove=not keep_slots)
 
     def started(self) -> list[int]:
-        """Items a worker has started whose outcome has not been delivered yet.
-
-        A worker runs its queue in order and its slot names the last item it
-        started (running or ended), so everything in its queue up to that item
-        has started and everything after it has not.
-        """
+        """Items a worker has started whose outcome has not been delivered yet."""
         found: list[int] = []
         for w in self.workers:
-            if w is None:
+            if w is None or not w.held:
                 continue
-            last = self.slots.read(w.slot).index
-            queued = [a.index for a in w.in_flight]
-            if last in queued:
-                found.extend(queued[: queued.index(last) + 1])
+            view = self.slots.read(w.slot)
+            rest = w.unanswered()
+            found.extend(rest.indices[: _started_prefix(rest, view.index, view.attempt)])
         return found
 
-    def cancel(self) -> list[Attempt]:
+    def cancel(self) -> list[tuple[int, int, bytes]]:
         """Kill every worker mid-attempt (Ctrl-C); return what they held, unfinished."""
-        lost: list[Attempt] = []
+        lost: list[tuple[int, int, bytes]] = []
         for w in self.workers:
             if w is None:
                 continue
             self._kill(w)
             w.process.join(2.0)
-            lost.extend(w.in_flight)
-            w.in_flight.clear()
+            rest = w.take_rest()
+            lost.extend(zip(rest.indices, rest.attempts, rest.lines))
         return lost
 
     def _kill(self, w: _Worker) -> None:
@@ -191,102 +285,103 @@ class LocalExecutor:
             return 1
         return max(1, min(MAX_BATCH, int(BATCH_SECONDS / w.per_item)))
 
-    def _open_batches(self, w: _Worker) -> int:
+    def _room(self, w: _Worker) -> int:
+        """Items ``w`` may be sent now: fast items keep one batch queued behind the running one."""
         size = self._batch_size(w)
-        allowed = 2 if size > 1 else 1  # fast items: keep one batch queued behind the running one
-        return allowed if not w.in_flight else max(0, allowed - -(-len(w.in_flight) // size))
+        return max(0, (2 if size > 1 else 1) * size - w.held)
 
     def capacity(self) -> int:
-        return sum(
-            self._open_batches(w) * self._batch_size(w) for w in self.workers if w is not None
-        )
+        return sum(self._room(w) for w in self.workers if w is not None)
 
-    def submit(self, attempts: list[Attempt]) -> None:
-        """Hand ``attempts`` out to workers with room, in order, in batches."""
-        queue = deque(attempts)
-        while queue:
+    def submit(self, batch: Batch) -> None:
+        """Hand ``batch`` out to workers with room, in order, in per-worker batches."""
+        start, total = 0, len(batch)
+        while start < total:
             progressed = False
             for w in self.workers:
-                if w is None or not queue:
+                if w is None or start >= total:
                     continue
-                size = self._batch_size(w)
-                for _ in range(self._open_batches(w)):
-                    batch = [queue.popleft() for _ in range(min(size, len(queue)))]
-                    if not batch:
-                        break
-                    self._send(w, batch)
+                room = self._room(w)
+                if room:
+                    stop = min(total, start + room)
+                    self._send(w, batch if stop - start == total else batch.part(start, stop))
+                    start = stop
                     progressed = True
             if not progressed:
                 raise RuntimeError("submit() was given more attempts than capacity()")
 
-    def _send(self, w: _Worker, batch: list[Attempt]) -> None:
-        header = orjson.dumps([[a.index, a.attempt] for a in batch])
-        body = b"".join([a.line for a in batch])  # items.jsonl lines end with LF
-        w.in_flight.extend(batch)
-        try:
-            w.conn.send_bytes(header + b"\n" + body)
+    def _send(self, w: _Worker, batch: Batch) -> None:
+        header = orjson.dumps([batch.indices, batch.attempts])
+        w.queued.append(batch)
+        w.held += len(batch)
+        try:  # items.jsonl lines end with LF
+            w.conn.send_bytes(b"".join([header, b"\n", *batch.lines]))
         except OSError:
             pass  # the worker died; its sentinel fires in wait() and the batch is handed back
 
     # -- collecting ------------------------------------------------------
-    def wait(self, timeout: float) -> list[Outcome]:
+    def wait(self, timeout: float) -> Outcomes:
         """Outcomes that arrived within ``timeout`` seconds (possibly none)."""
-        live = [w for w in self.workers if w is not None]
-        by_conn = {w.conn: w for w in live}
-        by_sentinel = {w.process.sentinel: w for w in live}
-        outcomes: list[Outcome] = []
-        for ready in wait_any([*by_conn, *by_sentinel], timeout):
-            w = by_conn.get(ready)
-            if w is not None:
+        outcomes = Outcomes()
+        lost: list[_Worker] = []
+        for fd, _event in self._poller.poll(timeout * 1000.0):
+            w, is_sentinel = self._by_fd[fd]
+            if is_sentinel:
+                lost.append(w)
+            else:
                 self._receive(w, outcomes)
-        for _sentinel, w in by_sentinel.items():
-            if not w.process.is_alive():
-                self._worker_lost(w, outcomes)
+        for w in lost:
+            self._worker_lost(w, outcomes)
         if time.monotonic() >= self._next_check:
             self._check_deadlines()
             self._next_check = time.monotonic() + 0.05
         return outcomes
 
-    def _receive(self, w: _Worker, outcomes: list[Outcome]) -> None:
-        pid = w.pid
-        in_flight = w.in_flight
+    def _receive(self, w: _Worker, outcomes: Outcomes) -> bool:
+        """Read one message of ``w`` (poll said there is one): rows ``[index, attempt,
+        duration, payload]``, with a fifth field on failures. False at end of file."""
         try:
-            while w.conn.poll():
-                rows = orjson.loads(w.conn.recv_bytes())
-                for index, _attempt_no, ok, payload, duration in rows:
-                    attempt = in_flight.popleft()
-                    if attempt.index != index:
-                        raise RuntimeError(
-                            f"worker {pid} answered for item {index}, expected {attempt.index}"
-                        )
-                    if ok:
-                        outcomes.append(Outcome(attempt, True, payload, None, duration, pid))
-                    else:
-                        payload["pid"] = pid
-                        outcomes.append(Outcome(attempt, False, None, payload, duration, pid))
-                mean = sum(row[4] for row in rows) / len(rows)
-                w.per_item = mean if w.per_item <= 0 else 0.7 * w.per_item + 0.3 * mean
+            rows = orjson.loads(w.conn.recv_bytes())
         except (EOFError, OSError):
-            pass  # died mid-send: _worker_lost attributes what is left
+            return False  # it died (mid-send): _worker_lost attributes what is left
+        answered = w.take_answered([row[0] for row in rows])
+        if sum(map(len, rows)) == 4 * len(rows):  # no failures: the common case
+            outcomes.ok += rows
+        else:
+            self._sort_failures(w, rows, answered, outcomes)
+        mean = sum(map(_duration, rows)) / len(rows)
+        w.per_item = mean if w.per_item <= 0 else 0.7 * w.per_item + 0.3 * mean
+        return True
 
-    def _worker_lost(self, w: _Worker, outcomes: list[Outcome]) -> None:
+    def _sort_failures(self, w: _Worker, rows: list, answered: Batch, outcomes: Outcomes) -> None:
+        for row, line in zip(rows, answered.lines):
+            if len(row) == 4:
+                outcomes.ok.append(row)
+            else:
+                index, attempt, duration, error, _ = row
+                error["pid"] = w.pid
+                outcomes.failed.append(Failure(index, attempt, line, error, duration))
+
+    def _worker_lost(self, w: _Worker, outcomes: Outcomes) -> None:
         """The crash path: attribute the held item, hand back the rest, replace the worker."""
-        self._receive(w, outcomes)
+        while w.conn.poll() and self._receive(w, outcomes):
+            pass  # what it sent before it died
         view = self.slots.read(w.slot)
         w.process.join(1.0)
         code = w.process.exitcode
         if view.child > 0:
             kill_tree(view.child)
-        blamed = view.index if view.state == RUNNING else -1
-        for attempt in w.in_flight:
-            if attempt.index == blamed:
+        rest = w.take_rest()
+        started = _started_prefix(rest, view.index, view.attempt)
+        for position, (index, attempt, line) in enumerate(
+            zip(rest.indices, rest.attempts, rest.lines)
+        ):
+            if position == started - 1 and view.state == RUNNING:
                 ran = time.monotonic() - view.started
-                outcomes.append(
-                    Outcome(attempt, False, None, self._death_error(w, code), ran, w.pid)
-                )
-            else:
-                outcomes.append(Outcome(attempt, False, requeue=True, worker=w.pid))
-        w.in_flight.clear()
+                error = self._death_error(w, code)
+                outcomes.failed.append(Failure(index, attempt, line, error, ran))
+            else:  # started (its outcome died with the worker): a new attempt; else the same one
+                outcomes.requeued.append((index, 0 if position < started else attempt, line))
         self.events.append(
             {
                 "k": "worker",
@@ -297,9 +392,7 @@ class LocalExecutor:
                 "reason": w.kill_reason,
             }
         )
-        w.conn.close()
-        w.process.close()
-        self.workers[w.slot] = None
+        self._forget(w)
         self._spawn(w.slot)
 
     def _death_error(self, w: _Worker, code: int | None) -> dict[str, Any]:

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import compress
 from pathlib import Path
 
-from .items import iter_item_lines
+from .items import ITEMS_FILE
 from .store import DLQ, FAILED, PENDING, JobState
 
 __all__ = ["PlanOptions", "ResumePlan", "plan_session", "SOURCE_NAMES"]
@@ -59,11 +60,30 @@ class ResumePlan:
         return sum(self.counts.values())
 
     def items(self) -> Iterator[tuple[int, str, bytes]]:
+        """``(index, source, line)`` of every planned item, in input order."""
         selection = self.selection
-        for index, line in enumerate(iter_item_lines(self.job_dir)):
-            source = selection[index]
-            if source:
-                yield index, SOURCE_NAMES[source], line
+        for indices, lines in self.chunks():
+            for index, line in zip(indices, lines):
+                yield index, SOURCE_NAMES[selection[index]], line
+
+    def chunks(self) -> Iterator[tuple[list[int], list[bytes]]]:
+        """The planned items as ``(indices, lines)`` runs, streamed from ``items.jsonl``
+        about 1 MiB at a time (what the supervisor dispatches from: no per-item frames)."""
+        selection = self.selection
+        start = 0
+        with open(self.job_dir / ITEMS_FILE, "rb", buffering=1 << 20) as handle:
+            while lines := handle.readlines(1 << 20):
+                stop = start + len(lines)
+                picked = selection[start:stop]
+                skipped = picked.count(NONE)
+                if skipped == 0:
+                    yield list(range(start, stop)), lines
+                elif skipped < len(lines):
+                    yield list(compress(range(start, stop), picked)), list(compress(lines, picked))
+                start = stop
+
+    def source(self, index: int) -> str:
+        return SOURCE_NAMES[self.selection[index]]
 
     def summary(self) -> dict[str, int]:
         return {

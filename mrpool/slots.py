@@ -24,8 +24,9 @@ u32, zero padding), then one 64-byte slot per worker (little endian)::
     state i32 | pid i32 | child i32 | attempt i32 | index i64 | started f64
     | heartbeat f64 | pad 24
 
-A worker rewrites its slot with a single ``pack_into`` per attempt start and
-end (this is on the hot path: one call, no lock). The supervisor reads a slot
+A worker writes its slot with a few plain stores per attempt (this is on the
+hot path: no call, no lock): the item's fields, then ``state``; the end
+rewrites only ``state``, so the slot keeps naming the last attempt started. The supervisor reads a slot
 twice and retries until both reads agree, so it never acts on a half-written
 record. ``heartbeat`` is written alone by the worker's watchdog thread. Times
 are ``time.monotonic()``, one clock for all processes on Linux.
@@ -36,7 +37,9 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +51,8 @@ SLOTS_FILE = "slots.bin"
 
 IDLE, RUNNING = 0, 1
 _FIELDS = struct.Struct("<iiiiqd")
+_STATE = struct.Struct("<i")
+_BEGUN = struct.Struct("<iqd")  # attempt, index, started
 _HEARTBEAT = struct.Struct("<d")
 _HEARTBEAT_AT = _FIELDS.size
 _SLOT_SIZE = 64
@@ -84,41 +89,51 @@ class SlotTable:
             finally:
                 os.close(fd)
         _HEADER.pack_into(self._mem, 0, _MAGIC, 1, n)
+        view = memoryview(self._mem)
+        self._views = (view, view.cast("i"), view.cast("q"), view.cast("d"))
 
     # -- worker side -----------------------------------------------------
     def claim(self, slot: int, pid: int) -> None:
         _FIELDS.pack_into(self._mem, _HEADER_SIZE + slot * _SLOT_SIZE, IDLE, pid, 0, 0, -1, 0.0)
         self.beat(slot)
 
-    def begin(self, slot: int, pid: int, index: int, attempt: int) -> None:
-        _FIELDS.pack_into(
-            self._mem,
-            _HEADER_SIZE + slot * _SLOT_SIZE,
-            RUNNING,
-            pid,
-            0,
-            attempt,
-            index,
-            time.monotonic(),
+    def writer(self, slot: int) -> tuple[Callable[[int, int, float], None], Callable[[], None]]:
+        """The worker's hot-path pair ``begin(index, attempt, started)`` / ``end()``.
+
+        Plain stores into typed views of the mapping, ``state`` last on begin (a
+        reader that sees RUNNING sees the item's fields) and alone on end (the
+        slot keeps naming the item as the last one started)."""
+        base = _HEADER_SIZE + slot * _SLOT_SIZE
+        if sys.byteorder != "little":  # the file is little endian: pack explicitly
+            mem = self._mem
+
+            def begin_packed(index: int, attempt: int, started: float) -> None:
+                _BEGUN.pack_into(mem, base + 12, attempt, index, started)
+                _STATE.pack_into(mem, base, RUNNING)
+
+            return begin_packed, lambda: _STATE.pack_into(mem, base, IDLE)
+        _, i32, i64, f64 = self._views
+        state, attempt_at, index_at, started_at = (
+            base // 4,
+            base // 4 + 3,
+            base // 8 + 2,
+            base // 8 + 3,
         )
 
-    def set_child(self, slot: int, view: SlotView, child: int) -> None:
-        _FIELDS.pack_into(
-            self._mem,
-            _HEADER_SIZE + slot * _SLOT_SIZE,
-            view.state,
-            view.pid,
-            child,
-            view.attempt,
-            view.index,
-            view.started,
-        )
+        def begin(index: int, attempt: int, started: float) -> None:
+            i64[index_at] = index
+            i32[attempt_at] = attempt
+            f64[started_at] = started
+            i32[state] = RUNNING
 
-    def end(self, slot: int, pid: int, index: int, attempt: int) -> None:
-        """The attempt ended; the slot keeps naming it as the last one started."""
-        _FIELDS.pack_into(
-            self._mem, _HEADER_SIZE + slot * _SLOT_SIZE, IDLE, pid, 0, attempt, index, 0.0
-        )
+        def end() -> None:
+            i32[state] = IDLE
+
+        return begin, end
+
+    def set_child(self, slot: int, child: int) -> None:
+        """The pid of the map command the running attempt started (0: none)."""
+        _STATE.pack_into(self._mem, _HEADER_SIZE + slot * _SLOT_SIZE + 8, child)
 
     def beat(self, slot: int) -> None:
         _HEARTBEAT.pack_into(
@@ -146,6 +161,8 @@ class SlotTable:
 
     def close(self, remove: bool = True) -> None:
         """Unmap; remove the file (a clean end leaves nothing behind)."""
+        for view in reversed(self._views):  # the casts, then the view they come from
+            view.release()
         self._mem.close()
         if remove and self.path is not None:
             try:

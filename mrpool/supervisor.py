@@ -33,12 +33,11 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any
 
 from . import failpoints
 from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, DlqFullError
-from .executor import Attempt, Executor, Outcome
+from .executor import Batch, Executor, Failure, Outcomes
 from .journal import JournalWriter
 from .planner import ResumePlan
 from .progress import Progress
@@ -90,13 +89,19 @@ class Session:
         self.plan = plan
         self.executor = executor
         self.options = options
-        self.ready: deque[Attempt] = deque()
-        self.delayed: list[tuple[float, int, Attempt]] = []
+        # (index, attempt, line) to run before fresh items: hand-backs, and due retries
+        # with attempt 0, "the next number" (one past the highest recorded)
+        self.ready: deque[tuple[int, int, bytes]] = deque()
+        self.delayed: list[tuple[float, int, tuple[int, int, bytes]]] = []  # retries in backoff
+        self.tries: dict[int, int] = {}  # failed attempts per item in this session
         self.in_flight = 0
         self._cut: list[int] = []  # items started, not finished, when this session was stopped
         self.stop_signal: int | None = None
         self.stop_error: Exception | None = None
-        self._fresh = plan.items()
+        self._fresh = plan.chunks()
+        self._fresh_indices: list[int] = []
+        self._fresh_lines: list[bytes] = []
+        self._fresh_at = 0
         self._fresh_done = False
         self._budget_pending = 1 + options.retries
         self._budget_settled = (
@@ -172,45 +177,55 @@ class Session:
         return "finished"
 
     # -- dispatch ----------------------------------------------------------
-    def _take_fresh(self, room: int) -> list[Attempt]:
-        """Up to ``room`` new attempts from the plan, in input order (one tight loop)."""
-        attempts, pending_budget, settled_budget = (
-            self.state.attempts,
-            self._budget_pending,
-            self._budget_settled,
+    def _budget(self, index: int) -> int:
+        """Attempts an item gets in this session, by where the plan took it from."""
+        return (
+            self._budget_pending if self.plan.source(index) == "pending" else self._budget_settled
         )
-        taken = [
-            Attempt(
-                index,
-                attempts[index] + 1,
-                line,
-                source,
-                0,
-                pending_budget if source == "pending" else settled_budget,
-            )
-            for index, source, line in islice(self._fresh, room)
-        ]
-        if len(taken) < room:
-            self._fresh_done = True
-        return [a for a in taken if a.budget > 0] if settled_budget <= 0 else taken
+
+    def _take_fresh(self, room: int) -> tuple[list[int], list[bytes]]:
+        """Up to ``room`` new items from the plan, in input order, as slices of its chunks."""
+        while True:
+            while self._fresh_at >= len(self._fresh_indices):
+                chunk = next(self._fresh, None)
+                if chunk is None:
+                    self._fresh_done = True
+                    return [], []
+                self._fresh_indices, self._fresh_lines = chunk
+                self._fresh_at = 0
+            start = self._fresh_at
+            self._fresh_at = stop = start + room
+            indices, lines = self._fresh_indices[start:stop], self._fresh_lines[start:stop]
+            if self._budget_settled > 0:
+                return indices, lines
+            kept = [k for k, i in enumerate(indices) if self._budget(i) > 0]
+            if kept:  # failed and DLQ items get no attempt in this session: skip them
+                return [indices[k] for k in kept], [lines[k] for k in kept]
 
     def _dispatch(self) -> None:
         room = self.executor.capacity()
-        batch: list[Attempt] = []
-        ready, attempts = self.ready, self.state.attempts
-        while ready and len(batch) < room:  # hand-backs and due retries first
-            attempt = ready.popleft()
-            if attempt.attempt == 0:  # a new try (not a hand-back): next cumulative number
-                attempt.attempt = attempts[attempt.index] + 1
-            batch.append(attempt)
-        if len(batch) < room and not self._fresh_done:
-            batch.extend(self._take_fresh(room - len(batch)))
-        if not batch:
+        if room <= 0:
             return
-        self._record({"k": "s", "b": [[a.index, a.attempt] for a in batch]})
+        indices: list[int] = []
+        numbers: list[int] = []
+        lines: list[bytes] = []
+        ready, attempts = self.ready, self.state.attempts
+        while ready and len(indices) < room:  # hand-backs and due retries first
+            index, attempt, line = ready.popleft()
+            indices.append(index)
+            numbers.append(attempt or attempts[index] + 1)
+            lines.append(line)
+        if len(indices) < room and not self._fresh_done:
+            fresh, fresh_lines = self._take_fresh(room - len(indices))
+            indices += fresh
+            numbers += [attempts[index] + 1 for index in fresh]  # the next cumulative number
+            lines += fresh_lines
+        if not indices:
+            return
+        self._record({"k": "s", "b": list(zip(indices, numbers))})
         self.journal.write()  # the start is on disk before the worker sees the item
-        self.executor.submit(batch)
-        self.in_flight += len(batch)
+        self.executor.submit(Batch(indices, numbers, lines))
+        self.in_flight += len(indices)
         if failpoints.ENABLED:
             failpoints.hit("supervisor.after_dispatch")
 
@@ -220,50 +235,41 @@ class Session:
             self.ready.append(heapq.heappop(self.delayed)[2])
 
     # -- outcomes ----------------------------------------------------------
-    def _settle(self, outcomes: list[Outcome]) -> None:
-        successes = []
-        for outcome in outcomes:
-            self.in_flight -= 1
-            attempt = outcome.attempt
-            if outcome.requeue:
-                self.ready.appendleft(attempt)  # never started: same attempt number, no charge
-            elif outcome.ok:
-                successes.append([attempt.index, attempt.attempt, outcome.duration, outcome.result])
-            elif self.stop_signal is None:
-                self._failed(attempt, outcome)
+    def _settle(self, outcomes: Outcomes) -> None:
+        self.in_flight -= len(outcomes)
+        self.ready.extendleft(reversed(outcomes.requeued))  # never charged, first in line
+        for failure in outcomes.failed:
+            if self.stop_signal is None:
+                self._failed(failure)
             else:  # cut short by our own Ctrl-C: it stays open (pending), its attempt counted
-                self._cut.append(attempt.index)
-        if successes:
-            self._record({"k": "ok", "b": successes})
-            self.progress.succeeded += len(successes)
-        if outcomes and failpoints.ENABLED:
+                self._cut.append(failure.index)
+        if outcomes.ok:
+            self._record({"k": "ok", "b": outcomes.ok})
+            self.progress.succeeded += len(outcomes.ok)
+        if len(outcomes) and failpoints.ENABLED:
             self.journal.write()
             failpoints.hit("supervisor.after_outcome")
-            if any(o.ok and o.attempt.source == "dlq" for o in outcomes):
+            if any(self.plan.source(row[0]) == "dlq" for row in outcomes.ok):
                 failpoints.hit("retry.after_success")
 
-    def _failed(self, attempt: Attempt, outcome: Outcome) -> None:
-        attempt.tries += 1
-        error = outcome.error or {}
+    def _failed(self, failure: Failure) -> None:
+        index = failure.index
+        tries = self.tries[index] = self.tries.get(index, 0) + 1
         record = {
             "k": "f",
-            "i": attempt.index,
-            "a": attempt.attempt,
-            "dur": round(outcome.duration, 6),
-            **{k: v for k, v in error.items() if v is not None},
+            "i": index,
+            "a": failure.attempt,
+            "dur": round(failure.duration, 6),
+            **{k: v for k, v in failure.error.items() if v is not None},
         }
-        if attempt.tries < attempt.budget:
+        if tries < self._budget(index):
             record["next"] = "retry"
             self._record(record)
-            delay = self.options.backoff * 2.0 ** min(
-                attempt.tries - 1, 32
-            )  # no overflow at 1000s of retries
-            retry = Attempt(
-                attempt.index, 0, attempt.line, attempt.source, attempt.tries, attempt.budget
-            )
-            heapq.heappush(self.delayed, (time.monotonic() + delay, attempt.index, retry))
+            delay = self.options.backoff * 2.0 ** min(tries - 1, 32)  # no overflow at 1000s
+            retry = (index, 0, failure.line)
+            heapq.heappush(self.delayed, (time.monotonic() + delay, index, retry))
             return
-        record["next"] = self._park_or_keep(attempt.index)
+        record["next"] = self._park_or_keep(index)
         self._record(record)
         self.progress.failed += 1
 
