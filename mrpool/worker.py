@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -216,6 +216,16 @@ def _callable_runner(config: WorkerConfig):
 
 
 def _command_runner(config: WorkerConfig, slots: SlotTable, slot: int):
+    """Run each attempt as ``posix_spawn`` of the map command, in the job file's directory.
+
+    Cheaper than ``subprocess.Popen`` (a third less per attempt for a trivial
+    command): the worker moves into the job directory once, and the command's
+    stdin, stdout and stderr are anonymous memory files -- stdin holds the item,
+    stdout and stderr are read once the command has exited. Nothing can block
+    on a full pipe, and a background child that keeps stdout open cannot hold
+    the attempt up (it is killed with the attempt, see ``_kill_strays``)."""
+    os.chdir(config.base_dir)
+    _no_inherited_fds()
     base_env = dict(os.environ)
     base_env["MRPOOL_JOB_ID"] = config.job_id
     worker_pid = os.getpid()
@@ -235,44 +245,100 @@ def _command_runner(config: WorkerConfig, slots: SlotTable, slot: int):
         env["MRPOOL_ITEM_ID"] = item_id if isinstance(item_id, str) else str(item_id)
         env["MRPOOL_ATTEMPT"] = str(attempt)
         env["MRPOOL_ITEM"] = item_json.decode()
+        stdin, stdout, stderr = _memory_file(item_json), _memory_file(), _memory_file()
         try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=config.base_dir,
-                env=env,
-            )
-        except OSError as e:
-            return False, _failure("exec", f"cannot run {argv[0]!r}: {e.strerror}")
-        except ValueError as e:  # an argument filled from the item holds a NUL byte
-            return False, _failure("exec", f"cannot run {argv[0]!r}: {e}")
-        slots.set_child(slot, proc.pid)
-        try:
-            out, err = proc.communicate(item_json, timeout=config.timeout)
-        except subprocess.TimeoutExpired:
-            kill_tree(proc.pid)
-            proc.wait()
-            _kill_strays(worker_pid)  # background children holding the pipes open
-            out, err = proc.communicate()
-            return False, _failure("timeout", f"timed out after {config.timeout:g} s", _text(err))
+            try:
+                pid = os.posix_spawnp(
+                    argv[0],
+                    argv,
+                    env,
+                    file_actions=[(_DUP2, stdin, 0), (_DUP2, stdout, 1), (_DUP2, stderr, 2)],
+                    setsigdef=_DEFAULT_SIGNALS,
+                )
+            except OSError as e:
+                return False, _failure("exec", f"cannot run {argv[0]!r}: {e.strerror}")
+            except ValueError as e:  # an argument filled from the item holds a NUL byte
+                return False, _failure("exec", f"cannot run {argv[0]!r}: {e}")
+            slots.set_child(slot, pid)
+            try:
+                code = _wait_for(pid, config.timeout)
+            finally:
+                slots.set_child(slot, 0)  # reaped: its pid may be reused, never kill it again
+            _kill_strays(worker_pid)  # nothing an attempt started outlives it
+            err = _tail(stderr)
+            if code is None:
+                return False, _failure("timeout", f"timed out after {config.timeout:g} s", err)
+            if code == 0:
+                return True, _command_result(_whole(stdout))
+            if code < 0:
+                name = _signal_name(-code)
+                return False, _failure(
+                    "signal", f"killed by signal {-code} ({name})", err, signal=-code
+                )
+            return False, _failure("exit", f"exit status {code}: {_last_line(err)}", err, code=code)
         finally:
-            slots.set_child(slot, 0)  # reaped: its pid may be reused, never kill it again
-        _kill_strays(worker_pid)  # nothing an attempt started outlives it
-        code = proc.returncode
-        if code == 0:
-            return True, _command_result(out)
-        if code < 0:
-            name = _signal_name(-code)
-            return False, _failure(
-                "signal", f"killed by signal {-code} ({name})", _text(err), signal=-code
-            )
-        return False, _failure(
-            "exit", f"exit status {code}: {_last_line(err)}", _text(err), code=code
-        )
+            for fd in (stdin, stdout, stderr):
+                os.close(fd)
 
     return run
+
+
+_DUP2 = os.POSIX_SPAWN_DUP2
+# Python ignores these; a command must start with the defaults (as Popen's restore_signals).
+_DEFAULT_SIGNALS = [
+    getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, name)
+]
+
+
+def _memory_file(data: bytes = b"") -> int:
+    """An anonymous in-memory file (close-on-exec) holding ``data``, positioned at 0."""
+    fd = os.memfd_create("mrpool", os.MFD_CLOEXEC)
+    if data:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _whole(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    return os.pread(fd, size, 0) if size else b""
+
+
+def _tail(fd: int) -> str:
+    size = os.fstat(fd).st_size
+    start = max(0, size - TAIL_BYTES)
+    return os.pread(fd, size - start, start).decode("utf-8", errors="replace")
+
+
+def _wait_for(pid: int, timeout: float | None) -> int | None:
+    """The command's exit status (negative: killed by that signal), or None when it ran
+    past ``timeout`` seconds -- then it and everything it started are killed and reaped."""
+    if timeout is not None:
+        pidfd = os.pidfd_open(pid)
+        try:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            if not poller.poll(timeout * 1000.0):
+                kill_tree(pid)
+                os.waitpid(pid, 0)
+                return None
+        finally:
+            os.close(pidfd)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def _no_inherited_fds() -> None:
+    """Descriptors this worker inherited from whoever started mrpool must not reach the
+    map commands (``posix_spawn`` passes every inheritable one on)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass  # the directory listing's own descriptor, closed by now
 
 
 def _json_now(value: Any) -> orjson.Fragment:
@@ -292,12 +358,8 @@ def _command_result(out: bytes) -> Any:
         return out.decode("utf-8", errors="replace")
 
 
-def _text(data: bytes) -> str:
-    return data[-TAIL_BYTES:].decode("utf-8", errors="replace")
-
-
-def _last_line(err: bytes) -> str:
-    lines = [ln for ln in _text(err).splitlines() if ln.strip()]
+def _last_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
     return _one_line(lines[-1]) if lines else "(no stderr)"
 
 

@@ -263,19 +263,32 @@ def test_hung_callable_is_killed_by_the_timeout_each_attempt_counted(mrpool, tmp
     assert mrpool.results(job_id) == [{"id": n, "result": n} for n in (0, 1, 3, 4)]
 
 
-def test_timeout_kills_what_a_map_command_left_running_in_the_background(mrpool, tmp_path):
-    """A command that exits at once but leaves a child holding stdout: the timeout ends that child too."""
-    # Phase 1: the command backgrounds a child that would create "survived" after 1 s.
+def test_what_a_map_command_left_running_in_the_background_never_outlives_its_attempt(
+    mrpool, tmp_path
+):
+    """A background child dies with its attempt: when the command exits, or at its timeout."""
+    # Phase 1: one command exits at once, leaving a child holding stdout; the other
+    # also leaves a child but then runs past its timeout. Each child would create a
+    # file a second later.
     job_dir = tmp_path / "job"
-    script = "(sleep 1; touch survived) & echo started"
-    job = write_job(job_dir, [{"id": 1}], {"command": ["sh", "-c", script], "timeout": 0.2})
+    items = [
+        {"id": "exits", "script": "(sleep 1; touch survived-exits) & echo started"},
+        {"id": "hangs", "script": "(sleep 1; touch survived-hangs) & sleep 30"},
+    ]
+    job = write_job(
+        job_dir, items, {"command": ["sh", "-c", "{item.script}"], "timeout": 0.3}, workers=2
+    )
 
-    # Phase 2: run: the attempt times out (stdout never reaches EOF in time).
+    # Phase 2: run: the first succeeds (its command exited 0; the attempt ends there),
+    # the second times out and is parked.
     job_id = run_ok(mrpool, job, expect=1)
-    assert [e["kind"] for e in mrpool.dlq(job_id)] == ["timeout"]
+    assert mrpool.results(job_id) == [{"id": "exits", "result": "started\n"}]
+    assert [(e["id"], e["kind"]) for e in mrpool.dlq(job_id)] == [("hangs", "timeout")]
 
-    # Phase 3: the timed-out attempt did nothing more after its timeout.
-    assert not (job_dir / "survived").exists()
+    # Phase 3: neither background child did anything after its attempt ended.
+    time.sleep(1.5)
+    assert not (job_dir / "survived-exits").exists()
+    assert not (job_dir / "survived-hangs").exists()
 
 
 # -- retries, backoff and the command protocol ---------------------------------------
