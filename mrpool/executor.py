@@ -99,15 +99,31 @@ class Outcomes:
 
 
 class Executor(Protocol):
-    def start(self) -> None: ...
-    def capacity(self) -> int: ...
-    def submit(self, batch: Batch) -> None: ...
-    def wait(self, timeout: float) -> Outcomes: ...
-    def started(self) -> list[int]: ...
-    def cancel(self) -> list[tuple[int, int, bytes]]: ...
-    def shutdown(self, keep_slots: bool = False) -> None: ...
+    """What the supervisor needs of a way to run attempts (and nothing more)."""
 
     events: list[dict[str, Any]]  # worker started/died records for the journal
+
+    def start(self) -> None:
+        """Bring up the workers."""
+
+    def capacity(self) -> int:
+        """How many attempts ``submit`` may be given now."""
+
+    def submit(self, batch: Batch) -> None:
+        """Start these attempts, in order (the supervisor has journaled their start)."""
+
+    def wait(self, timeout: float) -> Outcomes:
+        """Whatever ended within ``timeout`` seconds; every submitted attempt comes back
+        exactly once: as a success, a failure, or handed back (``requeued``)."""
+
+    def started(self) -> list[int]:
+        """Items whose attempt really started and has not come back (for a clean stop)."""
+
+    def cancel(self) -> list[tuple[int, int, bytes]]:
+        """Kill everything running; return what had not come back."""
+
+    def shutdown(self, keep_slots: bool = False) -> None:
+        """Stop and reap the workers; ``keep_slots`` after a failure (see slots.py)."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ and no lock, holder or temp file is left in any job directory.
 
 from __future__ import annotations
 
+import compileall
 import json
 import os
 import signal
@@ -24,6 +25,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
+
+# The tests start hundreds of `python -m mrpool` processes. Compile the package once, so
+# that none of them recompiles it when PYTHONDONTWRITEBYTECODE is set (bytecode is read
+# either way; only writing it is switched off).
+compileall.compile_dir(REPO / "mrpool", quiet=1)
 
 
 # -- running the CLI ---------------------------------------------------------------
