@@ -26,6 +26,7 @@ import os
 import select
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -292,7 +293,10 @@ _DEFAULT_SIGNALS = [
 
 def _memory_file(data: bytes = b"") -> int:
     """An anonymous in-memory file (close-on-exec) holding ``data``, positioned at 0."""
-    fd = os.memfd_create("mrpool", os.MFD_CLOEXEC)
+    try:
+        fd = os.memfd_create("mrpool", os.MFD_CLOEXEC)
+    except OSError:  # no memfd (an old kernel): an unnamed file in the temp directory
+        fd = os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
     if data:
         view = memoryview(data)
         while view:
@@ -315,18 +319,30 @@ def _tail(fd: int) -> str:
 def _wait_for(pid: int, timeout: float | None) -> int | None:
     """The command's exit status (negative: killed by that signal), or None when it ran
     past ``timeout`` seconds -- then it and everything it started are killed and reaped."""
-    if timeout is not None:
-        pidfd = os.pidfd_open(pid)
-        try:
-            poller = select.poll()
-            poller.register(pidfd, select.POLLIN)
-            if not poller.poll(timeout * 1000.0):
-                kill_tree(pid)
-                os.waitpid(pid, 0)
-                return None
-        finally:
-            os.close(pidfd)
+    if timeout is not None and not _exits_within(pid, timeout):
+        kill_tree(pid)
+        os.waitpid(pid, 0)
+        return None
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def _exits_within(pid: int, timeout: float) -> bool:
+    """Whether child ``pid`` exits within ``timeout`` seconds (it is not reaped)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # a kernel before 5.3: poll for it (waitid with WNOWAIT reaps nothing)
+        deadline = time.monotonic() + timeout
+        while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(timeout * 1000.0))
+    finally:
+        os.close(pidfd)
 
 
 def _no_inherited_fds() -> None:

@@ -1,0 +1,71 @@
+"""How a worker runs one map command: exit status, timeout, and the old-kernel fallbacks.
+
+The worker starts each command with ``posix_spawn`` and waits on a pidfd (Linux 5.3+),
+giving the command memfds (Linux 3.17+) as stdin/stdout/stderr. Kernels without pidfds
+(RHEL 8's 4.18, say) or memfds cannot be had here, so those two tests switch the call
+off and check that the fallback gives the same answers with real processes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+import pytest
+
+from mrpool import worker
+
+
+def spawn(*argv: str) -> int:
+    return os.posix_spawnp(argv[0], list(argv), dict(os.environ))
+
+
+@pytest.fixture(params=["pidfd", "polling"])
+def wait_mode(request, monkeypatch):
+    if request.param == "polling":
+
+        def no_pidfd(*args: int) -> int:
+            raise OSError(38, "Function not implemented")
+
+        monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    return request.param
+
+
+def test_exit_statuses_come_back_as_the_contract_records_them(wait_mode):
+    assert worker._wait_for(spawn("true"), timeout=None) == 0
+    assert worker._wait_for(spawn("sh", "-c", "exit 3"), timeout=5) == 3
+    assert worker._wait_for(spawn("sh", "-c", "kill -TERM $$"), timeout=5) == -15
+
+
+def test_a_command_past_its_timeout_is_killed_with_its_children_and_reaped(wait_mode, monkeypatch):
+    pid = spawn("sh", "-c", "sleep 30 & sleep 30")
+    time.sleep(0.1)  # let it start its background child
+    children = psutil.Process(pid).children(recursive=True)
+    assert children
+    started = time.monotonic()
+    assert worker._wait_for(pid, timeout=0.3) is None
+    assert time.monotonic() - started < 5
+    monkeypatch.undo()  # psutil itself waits with pidfds
+    assert not psutil.pid_exists(pid)  # reaped, not a zombie
+    psutil.wait_procs(children, timeout=5)
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+
+
+@pytest.mark.parametrize("memfd", [True, False], ids=["memfd", "unnamed-temp-file"])
+def test_memory_files_hold_the_item_and_read_back_whole_and_tail(memfd, monkeypatch):
+    if not memfd:
+
+        def no_memfd(*args: object) -> int:
+            raise OSError(38, "Function not implemented")
+
+        monkeypatch.setattr(os, "memfd_create", no_memfd)
+    data = b'{"id": 1, "text": "' + b"x" * 5000 + b'"}'
+    fd = worker._memory_file(data)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 0  # a command reads it from the start
+        assert worker._whole(fd) == data
+        assert worker._tail(fd) == data[-worker.TAIL_BYTES :].decode()
+        assert not os.get_inheritable(fd)  # only its dup as fd 0/1/2 reaches the command
+    finally:
+        os.close(fd)
