@@ -26,9 +26,9 @@ u32, zero padding), then one 64-byte slot per worker (little endian)::
 
 A worker writes its slot with a few plain stores per attempt (this is on the
 hot path: no call, no lock): the item's fields, then ``state``; the end
-rewrites only ``state``, so the slot keeps naming the last attempt started. The supervisor reads a slot
-twice and retries until both reads agree, so it never acts on a half-written
-record. ``heartbeat`` is written alone by the worker's watchdog thread. Times
+rewrites only ``state``, so the slot keeps naming the last attempt started.
+The supervisor reads a slot twice and retries until both reads agree, so it
+never acts on a half-written record. ``heartbeat`` is written alone by the worker's watchdog thread. Times
 are ``time.monotonic()``, one clock for all processes on Linux.
 """
 
@@ -51,7 +51,7 @@ SLOTS_FILE = "slots.bin"
 
 IDLE, RUNNING = 0, 1
 _FIELDS = struct.Struct("<iiiiqd")
-_STATE = struct.Struct("<i")
+_I32 = struct.Struct("<i")
 _BEGUN = struct.Struct("<iqd")  # attempt, index, started
 _HEARTBEAT = struct.Struct("<d")
 _HEARTBEAT_AT = _FIELDS.size
@@ -109,9 +109,9 @@ class SlotTable:
 
             def begin_packed(index: int, attempt: int, started: float) -> None:
                 _BEGUN.pack_into(mem, base + 12, attempt, index, started)
-                _STATE.pack_into(mem, base, RUNNING)
+                _I32.pack_into(mem, base, RUNNING)
 
-            return begin_packed, lambda: _STATE.pack_into(mem, base, IDLE)
+            return begin_packed, lambda: _I32.pack_into(mem, base, IDLE)
         _, i32, i64, f64 = self._views
         state, attempt_at, index_at, started_at = (
             base // 4,
@@ -133,7 +133,7 @@ class SlotTable:
 
     def set_child(self, slot: int, child: int) -> None:
         """The pid of the map command the running attempt started (0: none)."""
-        _STATE.pack_into(self._mem, _HEADER_SIZE + slot * _SLOT_SIZE + 8, child)
+        _I32.pack_into(self._mem, _HEADER_SIZE + slot * _SLOT_SIZE + 8, child)
 
     def beat(self, slot: int) -> None:
         _HEARTBEAT.pack_into(
