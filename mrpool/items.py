@@ -137,7 +137,8 @@ def _clean_chunk_rows(chunk: _Chunk, id_field: str, seen: set[str]) -> tuple[int
     string or an integer, no id repeats, and the user's bytes can be kept. Any
     doubt returns None *before* ``seen`` changes, and the caller redoes the chunk
     item by item, where every error is found and named exactly as before. This
-    is the ingest hot path (~0.5 us per item instead of ~3 us).
+    is the ingest hot path: about half the time per item of the item-by-item
+    loop (100k items: ~210 ms instead of ~400 ms here, most of it orjson's parse).
     """
     items = chunk.items
     if items is None:  # .jsonl: parse the chunk's lines in one comprehension
