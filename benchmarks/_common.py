@@ -71,8 +71,14 @@ def time_mrpool_cli(job_file: Path, state_dir: Path, *extra: str) -> float:
     return elapsed
 
 
-def median_of(repeats: int, measure) -> float:
-    return statistics.median(measure() for _ in range(repeats))
+def interleaved_medians(repeats: int, runners: dict) -> dict[str, float]:
+    """The median time of each runner, measured round-robin (one run of each per round),
+    so that a slow spell of a shared machine hits every runner alike, not one of them."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, measure in runners.items():
+            times[name].append(measure())
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def scratch() -> Path:

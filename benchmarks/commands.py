@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import time
 
-from _common import make_job, median_of, report, scratch, time_mrpool_cli
+from _common import interleaved_medians, make_job, report, scratch, time_mrpool_cli
 
 
 def _xargs(items_file, workers: int) -> float:
@@ -55,17 +55,16 @@ def main() -> None:
         finally:
             shutil.rmtree(state, ignore_errors=True)
 
-    timings = {"mrpool (durable journal)": median_of(args.repeats, run_mrpool)}
     notes = [
-        f"{n} items of `true`, {w} workers, median of {args.repeats}; ratio = peer seconds / mrpool seconds (>1: mrpool faster)"
+        f"{n} items of `true`, {w} workers, median of {args.repeats} rounds (each runner once a round); ratio = peer seconds / mrpool seconds (>1: mrpool faster)"
     ]
+    runners = {"mrpool (durable journal)": run_mrpool}
     if shutil.which("parallel"):
-        timings["GNU parallel --joblog"] = median_of(
-            args.repeats, lambda: _parallel(plain, w, work / "joblog")
-        )
+        runners["GNU parallel --joblog"] = lambda: _parallel(plain, w, work / "joblog")
     else:
         notes.append("GNU parallel not installed: skipped (apt-get install parallel)")
-    timings["xargs -P"] = median_of(args.repeats, lambda: _xargs(plain, w))
+    runners["xargs -P"] = lambda: _xargs(plain, w)
+    timings = interleaved_medians(args.repeats, runners)
     ours = timings["mrpool (durable journal)"]
     rows = [
         {"runner": k, "seconds": t, "items/s": n / t, "peer s / mrpool s": t / ours}

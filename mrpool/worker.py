@@ -150,9 +150,12 @@ def _adopt_orphans() -> None:
 
 def _kill_strays(pid: int) -> None:
     """Kill and reap whatever a finished attempt left behind (adopted orphans)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as handle:
-            strays = [int(p) for p in handle.read().split()]
+    try:  # raw os calls: this runs after every attempt, and open() costs ~40 us more
+        fd = os.open(f"/proc/{pid}/task/{pid}/children", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            strays = [int(p) for p in os.read(fd, 1 << 16).split()]
+        finally:
+            os.close(fd)
     except (OSError, ValueError):
         return
     for stray in strays:
@@ -368,6 +371,8 @@ def _json_now(value: Any) -> orjson.Fragment:
 
 
 def _command_result(out: bytes) -> Any:
+    if not out:
+        return ""  # no output (the common case for side-effect commands): not JSON, empty text
     try:
         return _json_now(orjson.loads(out))
     except orjson.JSONDecodeError:

@@ -404,6 +404,8 @@ PROTO = textwrap.dedent(
     item = json.loads(data)
     if item.get("plain"):
         print("plain text, not JSON")
+    elif item.get("quiet"):
+        pass  # no output at all
     else:
         names = ["MRPOOL_JOB_ID", "MRPOOL_ITEM_ID", "MRPOOL_ATTEMPT", "MRPOOL_ITEM"]
         print(json.dumps({"stdin": data, "cwd": os.getcwd(), "env": {n: os.environ.get(n) for n in names}}))
@@ -417,6 +419,7 @@ def test_map_command_protocol_stdin_env_cwd_and_text_results(mrpool, tmp_path):
     items = [
         {"id": "p-1", "payload": [1, "two", {"three": 3.5}], "u": "é ünï"},
         {"id": 42, "plain": True},
+        {"id": "quiet", "quiet": True},
     ]
     job = write_job(
         tmp_path / "job",
@@ -429,7 +432,7 @@ def test_map_command_protocol_stdin_env_cwd_and_text_results(mrpool, tmp_path):
     job_id = run_ok(mrpool, job, "--job-id", "proto")
 
     # Phase 3: the JSON result carries what the command saw.
-    first, second = mrpool.results(job_id)
+    first, second, third = mrpool.results(job_id)
     seen = first["result"]
     assert json.loads(seen["stdin"]) == items[0]
     assert json.loads(seen["env"]["MRPOOL_ITEM"]) == items[0]
@@ -438,8 +441,9 @@ def test_map_command_protocol_stdin_env_cwd_and_text_results(mrpool, tmp_path):
     assert seen["env"]["MRPOOL_ATTEMPT"] == "1"
     assert os.path.realpath(seen["cwd"]) == os.path.realpath(tmp_path / "job")
 
-    # Phase 4: stdout that is not JSON becomes a text result, as printed.
+    # Phase 4: stdout that is not JSON becomes a text result, as printed; no stdout, "".
     assert second == {"id": 42, "result": "plain text, not JSON\n"}
+    assert third == {"id": "quiet", "result": ""}
 
 
 SEQ = textwrap.dedent(
