@@ -26,7 +26,6 @@ import os
 import select
 import signal
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -299,6 +298,8 @@ def _memory_file(data: bytes = b"") -> int:
     try:
         fd = os.memfd_create("mrpool", os.MFD_CLOEXEC)
     except OSError:  # no memfd (an old kernel): an unnamed file in the temp directory
+        import tempfile  # only here: it costs every start-up ~7 ms
+
         fd = os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
     if data:
         view = memoryview(data)
