@@ -61,10 +61,9 @@ class ResumePlan:
 
     def items(self) -> Iterator[tuple[int, str, bytes]]:
         """``(index, source, line)`` of every planned item, in input order."""
-        selection = self.selection
         for indices, lines in self.chunks():
             for index, line in zip(indices, lines):
-                yield index, SOURCE_NAMES[selection[index]], line
+                yield index, self.source(index), line
 
     def chunks(self) -> Iterator[tuple[list[int], list[bytes]]]:
         """The planned items as ``(indices, lines)`` runs, streamed from ``items.jsonl``
@@ -83,6 +82,7 @@ class ResumePlan:
                 start = stop
 
     def source(self, index: int) -> str:
+        """Where a planned item comes from: "pending", "failed" or "dlq"."""
         return SOURCE_NAMES[self.selection[index]]
 
     def summary(self) -> dict[str, int]:
