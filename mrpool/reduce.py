@@ -52,13 +52,14 @@ def _child(spec: JobSpec, results: list[Any], conn) -> None:
         conn.send_bytes(orjson.dumps({"ok": True, "output": function(results), "error": None}))
     except BaseException as e:  # noqa: BLE001 - reported to the user, not raised
         detail = " ".join(f"{type(e).__name__}: {e}".split())
+        detail = detail.encode("utf-8", "replace").decode()  # a lone surrogate: "?", not a crash
         conn.send_bytes(
             orjson.dumps(
                 {
                     "ok": False,
                     "output": None,
                     "error": detail,
-                    "tail": traceback.format_exc()[-2048:],
+                    "tail": traceback.format_exc()[-2048:].encode("utf-8", "replace").decode(),
                 }
             )
         )

@@ -66,15 +66,10 @@ def worker_main(config: WorkerConfig, slots: SlotTable, slot: int, conn, parent_
     else:
         _adopt_orphans()
     threading.Thread(target=_watchdog, args=(slots, slot, parent_pid), daemon=True).start()
-    run = _command_runner(config, slots, slot) if config.command else _callable_runner(config)
-    pending: list[list[Any]] = []
-    sending = threading.Lock()
-    threading.Thread(target=_flusher, args=(conn, pending, sending), daemon=True).start()
-    monotonic = time.monotonic
-    last_send = monotonic()
-    begin, end = slots.writer(slot)
-    append = pending.append
-    while True:  # the hot loop: one iteration per attempt, no avoidable calls
+    outbox = _Outbox(conn)
+    threading.Thread(target=outbox.send_every_interval, daemon=True).start()
+    run_batch = _batch_runner(config, slots, slot, outbox)
+    while True:
         try:
             message = conn.recv_bytes()
         except (EOFError, OSError):
@@ -83,40 +78,125 @@ def worker_main(config: WorkerConfig, slots: SlotTable, slot: int, conn, parent_
             break
         header, _, body = message.partition(b"\n")
         indices, attempts = orjson.loads(header)
+        run_batch(indices, attempts, body)
+        outbox.send()
+    os._exit(0)
+
+
+class _Outbox:
+    """Rows of finished attempts on their way to the supervisor.
+
+    The hot loop appends to ``rows``; they are sent when a batch ends, when the
+    loop sees ``FLUSH_EVERY`` has passed, or by a thread every ``FLUSH_EVERY``
+    while a slow attempt runs -- so fast items travel in bulk and a slow item's
+    predecessors are reported without waiting for it."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self.rows: list[list[Any]] = []
+        self.last_send = time.monotonic()
+        self._sending = threading.Lock()
+
+    def send(self) -> None:
+        with self._sending:  # the main loop appends meanwhile: send and drop only this prefix
+            n = len(self.rows)
+            if n:
+                self.conn.send_bytes(orjson.dumps(self.rows[:n]))
+                del self.rows[:n]
+            self.last_send = time.monotonic()
+
+    def send_every_interval(self) -> None:
+        while True:
+            time.sleep(FLUSH_EVERY)
+            try:
+                self.send()
+            except OSError:
+                return
+
+
+def _batch_runner(config: WorkerConfig, slots: SlotTable, slot: int, outbox: _Outbox):
+    """``run_batch(indices, attempts, body)``: run a batch's attempts in order, each one
+    announced in the slot before it starts, its row in the outbox when it ends."""
+    begin, end = slots.writer(slot)
+    if config.command:
+        run_one = _command_runner(config, slots, slot)
+    else:
+        function = import_callable(config.callable, config.base_dir)
+        run_one = _callable_runner(function)
+
+    def run_each(indices: list[int], attempts: list[int], body: bytes) -> None:
+        append, monotonic = outbox.rows.append, time.monotonic
         for index, attempt, line in zip(indices, attempts, body.split(b"\n")):
             started = monotonic()
             begin(index, attempt, started)
-            ok, payload = run(index, attempt, line)
+            ok, payload = run_one(index, attempt, line)
             now = monotonic()
             if ok:
                 append([index, attempt, now - started, payload])
             else:
                 append([index, attempt, now - started, payload, 1])
             end()
-            if now - last_send >= FLUSH_EVERY:
-                _send(conn, pending, sending)
-                last_send = now
-        _send(conn, pending, sending)
-        last_send = monotonic()
-    os._exit(0)
+            if now - outbox.last_send >= FLUSH_EVERY:
+                outbox.send()
 
-
-def _send(conn, pending: list[list[Any]], sending: threading.Lock) -> None:
-    with sending:  # the main loop appends meanwhile: send and drop only this prefix
-        n = len(pending)
-        if n:
-            conn.send_bytes(orjson.dumps(pending[:n]))
-            del pending[:n]
-
-
-def _flusher(conn, pending: list[list[Any]], sending: threading.Lock) -> None:
-    """Send finished outcomes every 20 ms even while a slow attempt runs after them."""
-    while True:
-        time.sleep(FLUSH_EVERY)
-        try:
-            _send(conn, pending, sending)
-        except OSError:
+    def run_callables(indices: list[int], attempts: list[int], body: bytes) -> None:
+        """The hot loop for callables: one decode for the batch, and per attempt only the
+        user's function, the slot's begin/end and one clock read."""
+        items = _decoded_items(body, len(indices))
+        if items is None:
+            run_each(indices, attempts, body)
             return
+        append, monotonic = outbox.rows.append, time.monotonic
+        now = monotonic()
+        for index, attempt, item in zip(indices, attempts, items):
+            started = now  # the previous attempt's end: one clock read an attempt
+            begin(index, attempt, started)
+            try:
+                result = function(item)
+            except (Exception, SystemExit) as e:  # noqa: BLE001 - a map's failure is data
+                ok, result = False, _exception_failure(e)
+            else:
+                ok = True
+                if type(result) not in _ENCODABLE_LATER:
+                    ok, result = _encoded_now(result)
+            now = monotonic()
+            if ok:
+                append([index, attempt, now - started, result])
+            else:
+                append([index, attempt, now - started, result, 1])
+            end()
+            if now - outbox.last_send >= FLUSH_EVERY:
+                outbox.send()
+
+    return run_each if config.command else run_callables
+
+
+# Results orjson encodes whatever they hold, and that cannot change after return:
+# they wait for the send as they are. (Not int or str: a huge int or a lone
+# surrogate fails to encode, and that must fail its own attempt, not the send.)
+_ENCODABLE_LATER = frozenset({type(None), bool, float})
+_WHOLE_BATCH_DECODE_MAX = 1 << 20
+
+
+def _decoded_items(body: bytes, count: int) -> list[Any] | None:
+    """The items of a batch's ``items.jsonl`` lines, decoded in one call, or None.
+
+    Each line is ``id TAB item``, and neither part holds a raw TAB or LF (see
+    items.py), so turning TAB into "," and LF into "],[" makes the batch one JSON
+    array of ``[id, item]`` pairs. A stray TAB can only be whitespace inside an
+    item, and there the swap leaves invalid JSON, never a different value; then
+    (and for a batch over 1 MiB, not worth holding decoded at once) the caller
+    decodes line by line, as before."""
+    if len(body) > _WHOLE_BATCH_DECODE_MAX:
+        return None
+    joined = body.rstrip(b"\n").replace(b"\t", b",").replace(b"\n", b"],[")
+    try:
+        pairs = orjson.loads(b"[[" + joined + b"]]")
+    except orjson.JSONDecodeError:
+        return None
+    if len(pairs) != count or any(len(pair) != 2 for pair in pairs):
+        return None
+    return [pair[1] for pair in pairs]
 
 
 def _ignore(*_: object) -> None:
@@ -196,26 +276,42 @@ def kill_tree(pid: int) -> None:
 
 # -- running one attempt -----------------------------------------------------
 def _failure(kind: str, msg: str, tail: str = "", **extra: Any) -> dict[str, Any]:
-    return {"kind": kind, "msg": msg, "tail": tail[-TAIL_BYTES:], **extra}
+    return {"kind": kind, "msg": _text(msg), "tail": _text(tail[-TAIL_BYTES:]), **extra}
 
 
-def _callable_runner(config: WorkerConfig):
-    function = import_callable(config.callable, config.base_dir)
+def _text(s: str) -> str:
+    """``s`` as valid text: a lone surrogate (an exception message may hold one) would
+    make the outcome unencodable and take the worker down with it; it becomes "?"."""
+    try:
+        s.encode()
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "replace").decode()
+    return s
+
+
+def _callable_runner(function):
+    """Run one attempt of the map callable on an ``items.jsonl`` line."""
 
     def run(index: int, attempt: int, line: bytes) -> tuple[bool, Any]:
         try:
-            item = orjson.loads(line[line.index(b"\t") + 1 :])
-            result = function(item)
+            result = function(orjson.loads(line[line.index(b"\t") + 1 :]))
         except (Exception, SystemExit) as e:  # noqa: BLE001 - a map's failure is data, not our crash
-            return False, _failure(
-                "exception", _one_line(f"{type(e).__name__}: {e}"), traceback.format_exc()
-            )
-        try:
-            return True, _json_now(result)
-        except TypeError as e:
-            return False, _failure("exception", f"result is not JSON-serializable: {e}")
+            return False, _exception_failure(e)
+        return _encoded_now(result)
 
     return run
+
+
+def _exception_failure(e: BaseException) -> dict[str, Any]:
+    return _failure("exception", _one_line(f"{type(e).__name__}: {e}"), traceback.format_exc())
+
+
+def _encoded_now(result: Any) -> tuple[bool, Any]:
+    """``(True, result encoded)``, or ``(False, failure)`` when it is not JSON."""
+    try:
+        return True, _json_now(result)
+    except TypeError as e:
+        return False, _failure("exception", f"result is not JSON-serializable: {e}")
 
 
 def _command_runner(config: WorkerConfig, slots: SlotTable, slot: int):
