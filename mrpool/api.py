@@ -26,6 +26,7 @@ from typing import Any
 from .dlq import DeadLetterQueue
 from .errors import MrpoolError, StorageError, UsageError
 from .executor import LocalExecutor
+from .gc_policy import fewer_collections
 from .items import indices_of, ingest, read_ids
 from .journal import JournalWriter, read_records
 from .lock import JobLock, live_holder
@@ -63,6 +64,7 @@ __all__ = [
 
 
 # -- starting and continuing work ------------------------------------------------
+@fewer_collections()
 def run_job(
     job: str | os.PathLike | dict[str, Any] | JobSpec,
     *,
@@ -118,6 +120,7 @@ def run_job(
         lock.release()
 
 
+@fewer_collections()
 def resume_job(
     job_id: str,
     *,
@@ -146,6 +149,7 @@ def resume_job(
         )
 
 
+@fewer_collections()
 def retry_dlq(
     job_id: str,
     item_ids: list[str] | None = None,

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from . import gc_policy
 from .fsutil import atomic_write
 from .spec import JobSpec, import_callable
 
@@ -47,6 +48,7 @@ def read_reduce_output(job_dir) -> dict[str, Any] | None:
 
 
 def _child(spec: JobSpec, results: list[Any], conn) -> None:
+    gc_policy.for_user_code()
     try:
         function = import_callable(spec.reduce.callable, spec.base_dir)
         conn.send_bytes(orjson.dumps({"ok": True, "output": function(results), "error": None}))

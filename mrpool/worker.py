@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 import psutil
 
+from . import gc_policy
 from .slots import SlotTable
 from .spec import import_callable, render_argv
 
@@ -57,6 +58,7 @@ class WorkerConfig:
 
 def worker_main(config: WorkerConfig, slots: SlotTable, slot: int, conn, parent_pid: int) -> None:
     """Entry point of a forked worker process."""
+    gc_policy.for_user_code()
     signal.signal(signal.SIGINT, _ignore)  # the supervisor decides what Ctrl-C means
     signal.signal(signal.SIGTERM, lambda *_: _exit_now(slots, slot))
     pid = os.getpid()

@@ -764,6 +764,23 @@ API_SCRIPT = textwrap.dedent(
 )
 
 
+def run_api_script(mrpool, tmp_path, source: str, job_dir) -> Any:
+    """Run ``source`` as a script of its own (workers are forked from it) with the state
+    dir and job dir as arguments; return the JSON its last line printed."""
+    script = tmp_path / "use_api.py"
+    script.write_text(source)
+    r = subprocess.run(
+        [PY, str(script), str(mrpool.state_dir), str(job_dir)],
+        env=mrpool.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.splitlines()[-1])
+
+
 def test_python_api_runs_a_spec_dict_and_reads_status_and_results(mrpool, tmp_path):
     """``api.run_job`` with a spec dict, then ``job_status`` and ``iter_results``, in one Python process."""
     # Phase 1: the job's files, and a script using the API (its own process: workers are forked).
@@ -774,20 +791,9 @@ def test_python_api_runs_a_spec_dict_and_reads_status_and_results(mrpool, tmp_pa
         {"callable": "mapmod:square"},
         files={"mapmod.py": MAPMOD},
     )
-    script = tmp_path / "use_api.py"
-    script.write_text(API_SCRIPT)
 
     # Phase 2: run the script.
-    r = subprocess.run(
-        [PY, str(script), str(mrpool.state_dir), str(job_dir)],
-        env=mrpool.env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=str(tmp_path),
-    )
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.splitlines()[-1])
+    out = run_api_script(mrpool, tmp_path, API_SCRIPT, job_dir)
 
     # Phase 3: what the API returned.
     assert (out["exit_code"], out["state"], out["created"]) == (0, "completed", ["api-1"])
@@ -803,6 +809,60 @@ def test_python_api_runs_a_spec_dict_and_reads_status_and_results(mrpool, tmp_pa
 
     # Phase 4: the CLI sees the same job in the same state dir.
     assert mrpool.results("api-1") == out["rows"]
+
+
+GC_SCRIPT = textwrap.dedent(
+    """
+    import gc, json, sys
+    from mrpool import api
+
+    state_dir, base_dir = sys.argv[1], sys.argv[2]
+    seen = []
+    for n, threshold in enumerate([(1234, 11, 12), (0, 10, 10)]):
+        gc.set_threshold(*threshold)
+        spec = {"input": "items.jsonl", "workers": 2, "map": {"callable": "gcmod:threshold"},
+                "reduce": {"callable": "gcmod:first"}}
+        report = api.run_job(spec, job_id=f"gc-{n}", state_dir=state_dir, base_dir=base_dir)
+        results = [row["result"] for row in api.iter_results(f"gc-{n}", state_dir=state_dir)]
+        seen.append({"after": list(gc.get_threshold()), "map": results,
+                     "reduce": report.reduce["output"], "exit": report.exit_code})
+    print(json.dumps(seen))
+    """
+)
+GCMOD = textwrap.dedent(
+    """
+    import gc
+
+    def threshold(item):
+        return list(gc.get_threshold())
+
+    def first(results):
+        return list(gc.get_threshold())
+    """
+)
+
+
+def test_the_api_leaves_the_callers_gc_settings_and_user_code_runs_under_them(mrpool, tmp_path):
+    """mrpool collects garbage less often in its own bulk loops; the caller's setting is back
+    afterwards, and the map and reduce steps (user code) run under the caller's setting."""
+    # Phase 1: a job whose map and reduce report the collector threshold they run under.
+    job_dir = tmp_path / "job"
+    write_job(
+        job_dir,
+        [{"id": n} for n in range(30)],
+        {"callable": "gcmod:threshold"},
+        files={"gcmod.py": GCMOD},
+    )
+
+    # Phase 2: run it in-process twice: a custom threshold, and automatic collection off.
+    custom, disabled = run_api_script(mrpool, tmp_path, GC_SCRIPT, job_dir)
+
+    # Phase 3: each time, the caller's setting afterwards, and in every worker and the reduce.
+    for seen, threshold in ((custom, [1234, 11, 12]), (disabled, [0, 10, 10])):
+        assert seen["exit"] == 0
+        assert seen["after"] == threshold
+        assert seen["map"] == [threshold] * 30
+        assert seen["reduce"] == threshold
 
 
 def test_a_nul_byte_in_an_argv_value_fails_the_item_not_the_worker(mrpool, tmp_path):
