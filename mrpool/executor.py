@@ -34,6 +34,8 @@ import multiprocessing
 import os
 import select
 import signal
+import socket
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -137,6 +139,9 @@ class _Worker:
     held: int = 0  # items sent and not yet answered
     per_item: float = 0.0  # EWMA of an item's duration; 0 = unknown
     kill_reason: str | None = None
+    sock: Any = None  # the pipe's socket, for writes that never wait (see LocalExecutor._send)
+    outgoing: deque[memoryview] = field(default_factory=deque)  # framed, not yet taken by the pipe
+    poll_events: int = select.POLLIN
 
     def take_answered(self, done: list[int]) -> Batch:
         """Drop the answered prefix of what this worker holds; check it is ``done``."""
@@ -174,6 +179,7 @@ class _Worker:
         """``unanswered()``, which this worker no longer holds."""
         rest = self.unanswered()
         self.queued.clear()
+        self.outgoing.clear()
         self.answered = self.held = 0
         return rest
 
@@ -185,6 +191,14 @@ def _joined(parts: list[Batch]) -> Batch:
         joined.attempts += part.attempts
         joined.lines += part.lines
     return joined
+
+
+def _framed(parts: list[bytes]) -> bytes:
+    """``parts`` as one message in the framing ``Connection.recv_bytes`` reads (the
+    worker's side): a 4-byte big-endian length, or -1 and an 8-byte length past 2 GiB."""
+    size = sum(map(len, parts))
+    prefix = struct.pack("!i", size) if size <= 0x7FFFFFFF else struct.pack("!iQ", -1, size)
+    return b"".join([prefix, *parts])
 
 
 def _started_prefix(rest: Batch, index: int, attempt: int) -> int:
@@ -228,6 +242,7 @@ class LocalExecutor:
         process.start()
         child_end.close()
         worker = self.workers[slot] = _Worker(slot, process, parent_end, process.pid)
+        worker.sock = socket.socket(fileno=os.dup(parent_end.fileno()))
         for fd, is_sentinel in ((parent_end.fileno(), False), (process.sentinel, True)):
             self._by_fd[fd] = (worker, is_sentinel)
             self._poller.register(fd, select.POLLIN)
@@ -240,6 +255,7 @@ class LocalExecutor:
             self._by_fd.pop(fd, None)
             self._poller.unregister(fd)
         w.conn.close()
+        w.sock.close()
         w.process.close()
         self.workers[w.slot] = None
 
@@ -250,8 +266,11 @@ class LocalExecutor:
         one reads from it which items were running)."""
         live = [w for w in self.workers if w is not None]
         for w in live:
+            if w.outgoing:  # work still on its way to it: nothing to finish politely
+                self._kill(w)
+                continue
             try:
-                w.conn.send_bytes(b"")
+                w.conn.send_bytes(b"")  # "exit"; its pipe is drained, this cannot wait
             except OSError:
                 pass
         deadline = time.monotonic() + 1.0
@@ -327,24 +346,50 @@ class LocalExecutor:
                 raise RuntimeError("submit() was given more attempts than capacity()")
 
     def _send(self, w: _Worker, batch: Batch) -> None:
+        """Queue ``batch`` for ``w`` and write as much of it as its pipe takes now.
+
+        The supervisor never waits on a write: a worker blocked sending us its
+        outcomes reads nothing until we read them, so a blocking write of a big
+        batch (large items) into its full pipe would deadlock the two. What the
+        pipe does not take now is written when poll says there is room."""
         header = orjson.dumps([batch.indices, batch.attempts])
         w.queued.append(batch)
         w.held += len(batch)
-        try:  # items.jsonl lines end with LF
-            w.conn.send_bytes(b"".join([header, b"\n", *batch.lines]))
-        except OSError:
-            pass  # the worker died; its sentinel fires in wait() and the batch is handed back
+        w.outgoing.append(memoryview(_framed([header, b"\n", *batch.lines])))  # lines end in LF
+        self._write_out(w)
+
+    def _write_out(self, w: _Worker) -> None:
+        while w.outgoing:
+            view = w.outgoing[0]
+            try:
+                sent = w.sock.send(view, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError:  # it died: its sentinel fires in wait(), its batches are handed back
+                w.outgoing.clear()
+                break
+            if sent < len(view):
+                w.outgoing[0] = view[sent:]
+                break
+            w.outgoing.popleft()
+        events = select.POLLIN | (select.POLLOUT if w.outgoing else 0)
+        if events != w.poll_events:
+            self._poller.modify(w.conn.fileno(), events)
+            w.poll_events = events
 
     # -- collecting ------------------------------------------------------
     def wait(self, timeout: float) -> Outcomes:
         """Outcomes that arrived within ``timeout`` seconds (possibly none)."""
         outcomes = Outcomes()
         lost: list[_Worker] = []
-        for fd, _event in self._poller.poll(timeout * 1000.0):
+        for fd, event in self._poller.poll(timeout * 1000.0):
             w, is_sentinel = self._by_fd[fd]
             if is_sentinel:
                 lost.append(w)
-            else:
+                continue
+            if event & select.POLLOUT:
+                self._write_out(w)
+            if event & ~select.POLLOUT:  # a message, or its end of file
                 self._receive(w, outcomes)
         for w in lost:
             self._worker_lost(w, outcomes)

@@ -162,6 +162,29 @@ def test_200_items_through_a_callable_map_start_in_input_order(mrpool, tmp_path)
 
 
 # -- workers that die or hang --------------------------------------------------------
+def test_large_items_with_large_results_in_bulk_never_deadlock_supervisor_and_workers(
+    mrpool, tmp_path
+):
+    """Fast items of a few KB with results as large: batches and outcome messages both
+    outgrow the pipes. Neither side may wait on a full pipe the other one cannot drain."""
+    # Phase 1: 3000 items of ~16 KB, a map that returns as much at once.
+    items = [{"id": n, "pad": f"{n:06d}" + "x" * 16000} for n in range(3000)]
+    job = write_job(
+        tmp_path / "job",
+        items,
+        {"callable": "echo_map:echo"},
+        files={"echo_map.py": "def echo(item):\n    return item['pad'][::-1]\n"},
+    )
+
+    # Phase 2: run it (it used to hang after the first batches: the timeout is the failure).
+    job_id = run_ok(mrpool, job)
+
+    # Phase 3: every result, whole, in input order.
+    rows = mrpool.results(job_id)
+    assert [row["id"] for row in rows] == list(range(3000))
+    assert all(row["result"] == item["pad"][::-1] for row, item in zip(rows, items))
+
+
 def test_worker_sigkilled_mid_item_is_attributed_retried_and_the_job_completes(mrpool, tmp_path):
     """A callable that SIGKILLs its own worker once: blamed on that item, retried, job completes."""
     # Phase 1: 40 items, the 11th kills its worker on its first attempt only.
