@@ -14,6 +14,7 @@ The folder is the architecture, one module per concept:
     executor.py    the executor boundary; LocalExecutor = forked workers
     supervisor.py  one session: dispatch, outcomes, retries, stop path
     reduce.py      the reduce step
+    gc_policy.py   fewer collector passes in mrpool's bulk loops, none in user code
     api.py         the Python API;  cli.py  the command line
     failpoints.py  named crash/IO-error points for tests
 """
@@ -31,6 +32,7 @@ API_NAMES = (
     "job_status",
     "list_jobs",
     "iter_results",
+    "iter_result_lines",
     "reduce_output",
     "open_dlq",
     "purge_dlq",

@@ -23,11 +23,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from .dlq import DeadLetterQueue
 from .errors import MrpoolError, StorageError, UsageError
 from .executor import LocalExecutor
 from .gc_policy import fewer_collections
-from .items import indices_of, ingest, read_ids
+from .items import indices_of, ingest, iter_item_lines, read_ids
 from .journal import JournalWriter, read_records
 from .lock import JobLock, live_holder
 from .planner import PlanOptions, ResumePlan, plan_session
@@ -55,6 +57,7 @@ __all__ = [
     "job_status",
     "list_jobs",
     "iter_results",
+    "iter_result_lines",
     "reduce_output",
     "open_dlq",
     "purge_dlq",
@@ -364,16 +367,32 @@ def iter_results(
     job_id: str, *, state_dir: str | os.PathLike | None = None
 ) -> Iterator[dict[str, Any]]:
     """``{"id", "result"}`` for every success, in input order, each id once."""
+    for raw_id, result in _results_by_raw_id(job_id, state_dir):
+        yield {"id": orjson.loads(raw_id), "result": result}
+
+
+def iter_result_lines(
+    job_id: str, *, state_dir: str | os.PathLike | None = None
+) -> Iterator[bytes]:
+    """``iter_results`` as JSONL bytes, ``{"id":...,"result":...}`` LF per success (what
+    ``mrpool results`` prints), made without a dict per row or decoding the ids."""
+    dumps = orjson.dumps
+    for raw_id, result in _results_by_raw_id(job_id, state_dir):
+        yield b'{"id":%s,"result":%s}\n' % (raw_id, dumps(result))
+
+
+def _results_by_raw_id(job_id: str, state_dir) -> Iterator[tuple[bytes, Any]]:
+    """``(id as stored: compact JSON, result)`` per success, in input order."""
     store = JobStore.open(state_root(state_dir), job_id)
     total = store.info().total
-    ids = iter(read_ids(store.dir))
+    lines = iter_item_lines(store.dir)
     position = 0
     for index, result in store.iter_results(total):
-        while position < index:
-            next(ids)
-            position += 1
-        position += 1
-        yield {"id": next(ids), "result": result}
+        for _ in range(index - position):
+            next(lines)
+        position = index + 1
+        line = next(lines)
+        yield line[: line.index(b"\t")], result
 
 
 def reduce_output(job_id: str, *, state_dir: str | os.PathLike | None = None) -> dict[str, Any]:

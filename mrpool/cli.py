@@ -208,9 +208,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 return EXIT_FAILURES
             _out(orjson.dumps(output["output"]) + b"\n")
             return 0
-        _write_lines(
-            orjson.dumps(row) + b"\n" for row in api.iter_results(args.job_id, state_dir=state_dir)
-        )
+        _write_lines(api.iter_result_lines(args.job_id, state_dir=state_dir))
         return 0
     if args.command == "events":
         _write_lines(

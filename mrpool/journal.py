@@ -62,23 +62,47 @@ def encode_record(record: dict[str, Any]) -> bytes:
 
 def decode_line(line: bytes) -> dict[str, Any] | None:
     """The record on ``line``, or None when it is torn or fails its checksum."""
+    payload = _checked_payload(line)
+    return None if payload is None else _decoded(payload)
+
+
+def _checked_payload(line: bytes) -> bytes | None:
     if len(line) < 11 or line[-1:] != b"\n" or line[8:9] != b" ":
         return None
     payload = line[9:-1]
     try:
-        if int(line[:8], 16) != zlib.crc32(payload):
-            return None
+        return payload if int(line[:8], 16) == zlib.crc32(payload) else None
+    except ValueError:
+        return None
+
+
+def _decoded(payload: bytes) -> dict[str, Any] | None:
+    try:
         record = orjson.loads(payload)
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
 
 
-def read_records(path: Path, start: int = 0) -> Iterator[tuple[int, int, dict[str, Any]]]:
+_SKIPPED: dict[str, Any] = {}
+
+
+def _other_kind(payload: bytes, kind: bytes) -> bool:
+    """Whether ``payload`` certainly holds a record of another kind than ``kind``:
+    records are written with ``k`` first, so the payload says so in its first bytes."""
+    return payload.startswith(b'{"k":"') and not payload.startswith(b'{"k":"%s"' % kind)
+
+
+def read_records(
+    path: Path, start: int = 0, kind: str | None = None
+) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """Yield ``(offset, end, record)`` from ``start``; stop quietly at a torn tail.
 
+    With ``kind``, only records of that kind (the others are checksummed, not
+    decoded: a reader of results need not decode every dispatch record).
     Raises ``CorruptStateError`` for a damaged record that has valid ones after it.
     """
+    only = kind.encode() if kind is not None else None
     try:
         handle = open(path, "rb", buffering=1 << 20)
     except FileNotFoundError:
@@ -89,7 +113,13 @@ def read_records(path: Path, start: int = 0) -> Iterator[tuple[int, int, dict[st
         bad_at: int | None = None
         for line in handle:
             end = offset + len(line)
-            record = decode_line(line)
+            payload = _checked_payload(line)
+            if payload is None:
+                record = None
+            elif only is not None and _other_kind(payload, only):
+                record = _SKIPPED  # valid, and of no interest to this reader
+            else:
+                record = _decoded(payload)
             if record is None:
                 if bad_at is None:
                     bad_at = offset
@@ -98,7 +128,7 @@ def read_records(path: Path, start: int = 0) -> Iterator[tuple[int, int, dict[st
                     f"{path}: corrupt record at byte {bad_at} (checksum or format mismatch) "
                     f"followed by valid records; refusing to skip data"
                 )
-            else:
+            elif record is not _SKIPPED:
                 yield offset, end, record
             offset = end
 

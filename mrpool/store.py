@@ -314,13 +314,17 @@ class JobStore:
 
     # -- results ---------------------------------------------------------
     def iter_results(self, total: int) -> Iterator[tuple[int, Any]]:
-        """``(index, result)`` of every success, in input order, each index once."""
+        """``(index, result)`` of every success, in input order, each index once.
+
+        Two passes, so memory stays 8 bytes an item however large the results: the
+        first finds the record holding each item's (first) success, decoding only
+        ``ok`` records; the second decodes those again in input order, keeping the
+        last few (outcomes are journaled in nearly input order)."""
         where = array("q", [-1]) * total
-        for offset, _, record in read_records(self.journal_path):
-            if record["k"] == "ok":
-                for entry in record["b"]:
-                    if where[entry[0]] < 0:
-                        where[entry[0]] = offset
+        for offset, _, record in read_records(self.journal_path, kind="ok"):
+            for entry in record["b"]:
+                if where[entry[0]] < 0:
+                    where[entry[0]] = offset
         cache: dict[int, dict[int, Any]] = {}
         with open(self.journal_path, "rb") as handle:
             for index in range(total):

@@ -223,6 +223,18 @@ def test_damaged_checkpoint_is_ignored_and_the_state_rebuilt_from_the_journal(
 
 
 # -- corruption ------------------------------------------------------------------------
+def test_reading_one_kind_of_record_yields_exactly_those_records(mrpool, tmp_path):
+    """``read_records(kind=...)`` is the full read filtered by kind, offsets included."""
+    root, job_id = real_job(mrpool, tmp_path)
+    path = JobStore(root, job_id).journal_path
+    everything = records_with_offsets(path)
+    kinds = {record["k"] for _, _, record in everything}
+    assert {"job", "open", "s", "ok", "close"} <= kinds
+    for kind in sorted(kinds):
+        expected = [entry for entry in everything if entry[2]["k"] == kind]
+        assert list(read_records(path, kind=kind)) == expected, kind
+
+
 def test_flipped_byte_in_the_middle_of_the_journal_is_an_error_naming_file_and_offset(
     mrpool, tmp_path
 ):
@@ -234,12 +246,14 @@ def test_flipped_byte_in_the_middle_of_the_journal_is_an_error_naming_file_and_o
     entries = records_with_offsets(path)
     start, end, _ = entries[len(entries) // 2]
 
-    # Phase 1: any byte of a middle record flipped -> the reader refuses, naming the offset.
+    # Phase 1: any byte of a middle record flipped -> the reader refuses, naming the offset,
+    # also when it reads one kind of record only (the others are checked, not decoded).
     for i in range(start, end):
         overwrite(path, good[:i] + bytes([good[i] ^ 0xFF]) + good[i + 1 :])
-        with pytest.raises(CorruptStateError) as caught:
-            list(read_records(path))
-        assert "journal.log" in str(caught.value) and f"byte {start} " in str(caught.value), i
+        for kind in (None, "ok"):
+            with pytest.raises(CorruptStateError) as caught:
+                list(read_records(path, kind=kind))
+            assert "journal.log" in str(caught.value) and f"byte {start} " in str(caught.value), i
 
     # Phase 2: `status` (no checkpoint to start from) fails with one line, no traceback.
     flipped = good[: start + 20] + bytes([good[start + 20] ^ 0xFF]) + good[start + 21 :]
