@@ -212,8 +212,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "events":
         _write_lines(
-            orjson.dumps(e) + b"\n"
-            for e in api.iter_events(args.job_id, state_dir=state_dir, follow=args.follow)
+            (
+                orjson.dumps(e) + b"\n"
+                for e in api.iter_events(args.job_id, state_dir=state_dir, follow=args.follow)
+            ),
+            live=args.follow,
         )
         return 0
     return _dlq(args, state_dir)
@@ -388,10 +391,26 @@ def _out(data: bytes) -> None:
     sys.stdout.buffer.flush()
 
 
-def _write_lines(lines) -> None:
+def _write_lines(lines, *, live: bool = False) -> None:
+    """Print JSONL lines: in 64 KiB blocks, one write each (with -u or PYTHONUNBUFFERED,
+    a write per line would be a system call per line), or, ``live`` (a --follow tail),
+    each line the moment it comes, also into a pipe."""
     out = sys.stdout.buffer
+    if live:
+        for line in lines:
+            out.write(line)
+            out.flush()
+        return
+    block: list[bytes] = []
+    size = 0
     for line in lines:
-        out.write(line)
+        block.append(line)
+        size += len(line)
+        if size >= 1 << 16:
+            out.write(b"".join(block))
+            block.clear()
+            size = 0
+    out.write(b"".join(block))
     out.flush()
 
 

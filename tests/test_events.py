@@ -1,6 +1,7 @@
 """`events --follow`: prints the log live and ends when the job has no live holder."""
 
 import json
+import select
 import subprocess
 
 import pytest
@@ -30,16 +31,22 @@ def test_follow_streams_until_the_holder_ends(mrpool, tmp_path):
     run = mrpool.start("run", str(job), "--job-id", "ev")
     # -- phase 1: the job exists and is held by the run
     assert run.stdout.readline().strip() == b"ev"
-    follow = mrpool.start("events", "ev", "--follow")
-    # -- phase 2: while the run is gated, follow keeps running (it has printed the session start)
+    # (PYTHONUNBUFFERED off: follow must print live into a pipe on its own)
+    quiet_env = {k: v for k, v in mrpool.env().items() if k != "PYTHONUNBUFFERED"}
+    follow = mrpool.start("events", "ev", "--follow", env=quiet_env)
+    # -- phase 2: while the run is gated, follow keeps running and has printed the job's start
     wait_for(lambda: mrpool.status("ev")["in_flight"] > 0, what="attempts in flight")
     assert follow.poll() is None
+    ready, _, _ = select.select([follow.stdout], [], [], 10)
+    assert ready, "follow printed nothing while the job ran"
+    first = follow.stdout.readline()
+    assert json.loads(first)["event"] == "job_created"
     # -- phase 3: open the gate: the run ends, and so does follow, with the whole log
     (tmp_path / "job" / "go").touch()
     assert run.wait(timeout=60) == 0
-    out, _ = follow.communicate(timeout=30)
-    assert follow.returncode == 0
-    events = [json.loads(line)["event"] for line in out.decode().splitlines()]
+    out = follow.stdout.read()  # (not communicate(): readline may have buffered more lines)
+    assert follow.wait(timeout=30) == 0
+    events = [json.loads(line)["event"] for line in (first + out).decode().splitlines()]
     assert events[0] == "job_created" and events[-1] == "session_finished"
     assert events.count("item_succeeded") == 3
     # the same log, read afterwards, is identical
