@@ -32,6 +32,7 @@ POINTS = {
     "dlq.after_replace": "DLQ snapshot renamed, directory not yet fsynced",
     "supervisor.after_dispatch": "attempt starts journaled and sent to a worker",
     "supervisor.after_outcome": "an outcome batch journaled",
+    "worker.before_send": "a worker ran attempts; their outcomes are not yet sent (they die with it)",
     "retry.after_success": "a DLQ item's success written to the journal (= left the DLQ), snapshot not yet rewritten",
     "run.after_create": "job directory created and locked, id not yet printed",
 }

@@ -46,6 +46,7 @@ from .store import DLQ, JobState, JobStore
 __all__ = ["SessionOptions", "SessionReport", "Session"]
 
 CHECKPOINT_EVERY = 30.0
+LOST_OUTCOME_LIMIT = 3  # see Session._hand_back
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class Session:
         self.ready: deque[tuple[int, int, bytes]] = deque()
         self.delayed: list[tuple[float, int, tuple[int, int, bytes]]] = []  # retries in backoff
         self.tries: dict[int, int] = {}  # failed attempts per item in this session
+        self.lost: dict[int, int] = {}  # outcomes per item that died with their worker
         self.in_flight = 0
         self._cut: list[int] = []  # items started, not finished, when this session was stopped
         self.stop_signal: int | None = None
@@ -237,7 +239,7 @@ class Session:
     # -- outcomes ----------------------------------------------------------
     def _settle(self, outcomes: Outcomes) -> None:
         self.in_flight -= len(outcomes)
-        self.ready.extendleft(reversed(outcomes.requeued))  # never charged, first in line
+        self._hand_back(outcomes.requeued)
         for failure in outcomes.failed:
             if self.stop_signal is None:
                 self._failed(failure)
@@ -251,6 +253,28 @@ class Session:
             failpoints.hit("supervisor.after_outcome")
             if any(self.plan.source(row[0]) == "dlq" for row in outcomes.ok):
                 failpoints.hit("retry.after_success")
+
+    def _hand_back(self, requeued: list[tuple[int, int, bytes]]) -> None:
+        """Attempts the executor handed back run again, first in line, uncharged -- except
+        one whose outcome keeps dying with its worker (it ran, then the worker died before
+        reporting: a worker that dies after every attempt of it). The third time in a
+        session that counts as a failed attempt, so the session cannot loop on it forever."""
+        again = []
+        for entry in requeued:
+            index, attempt, line = entry
+            if attempt == 0 and self.stop_signal is None:  # 0: it had run
+                lost = self.lost[index] = self.lost.get(index, 0) + 1
+                if lost >= LOST_OUTCOME_LIMIT:
+                    error = {
+                        "kind": "worker_died",
+                        "msg": f"worker died after running it, before reporting the outcome "
+                        f"({lost} times in this session)",
+                        "tail": "",
+                    }
+                    self._failed(Failure(index, self.state.attempts[index], line, error, 0.0))
+                    continue
+            again.append(entry)
+        self.ready.extendleft(reversed(again))
 
     def _failed(self, failure: Failure) -> None:
         index = failure.index

@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 import psutil
 
-from . import gc_policy
+from . import failpoints, gc_policy
 from .slots import SlotTable
 from .spec import import_callable, render_argv
 
@@ -103,6 +103,8 @@ class _Outbox:
         with self._sending:  # the main loop appends meanwhile: send and drop only this prefix
             n = len(self.rows)
             if n:
+                if failpoints.ENABLED:
+                    failpoints.hit("worker.before_send")
                 self.conn.send_bytes(orjson.dumps(self.rows[:n]))
                 del self.rows[:n]
             self.last_send = time.monotonic()

@@ -243,6 +243,38 @@ def test_worker_that_always_dies_parks_its_item_and_only_it(mrpool, tmp_path):
     assert mrpool.status(job_id)["state"] == "completed_with_failures"
 
 
+def test_outcomes_that_always_die_with_their_worker_end_in_the_dlq_not_a_loop(mrpool, tmp_path):
+    """Every worker dies after running its attempts, before reporting them (a failpoint):
+    each attempt counts, each item is run again, and after three lost outcomes it counts as
+    failed -- the run ends (exit 1, all parked) instead of looping; resume then finishes."""
+    # Phase 1: six items; every worker SIGKILLs itself at its first send of outcomes.
+    items = [{"id": n, "n": n} for n in range(6)]
+    job = write_job(
+        tmp_path / "job", items, {"callable": "mapmod:square"}, files={"mapmod.py": MAPMOD}
+    )
+    r = mrpool.run(
+        "run",
+        str(job),
+        "--job-id",
+        "lost",
+        env=mrpool.env(MRPOOL_FAILPOINTS="worker.before_send=kill"),
+    )
+
+    # Phase 2: it ended by itself; every item parked after three runs, as worker_died.
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    dlq = mrpool.dlq("lost")
+    assert sorted(e["id"] for e in dlq) == list(range(6))
+    for entry in dlq:
+        assert entry["attempts"] == 3, entry
+        assert "before reporting the outcome (3 times" in entry["error"], entry
+
+    # Phase 3: resume (no failpoint) runs the parked items once more, as attempt 4.
+    r = mrpool.run("resume", "lost")
+    assert r.returncode == 0, r.stderr
+    assert mrpool.results("lost") == [{"id": n, "result": {"sq": n * n}} for n in range(6)]
+    assert mrpool.dlq("lost") == []
+
+
 def test_hung_command_is_killed_by_the_timeout_and_parked(mrpool, tmp_path):
     """``sleep 100`` under ``map.timeout: 0.5`` is killed, lands in the DLQ as timeout; others finish."""
     # Phase 1: three items; the middle one sleeps 100 s.
