@@ -1,7 +1,7 @@
 """A worker's batch loop for callables gives exactly what running items one by one gives.
 
-The worker decodes a whole batch of ``items.jsonl`` lines in one call (TAB and
-LF swapped for JSON punctuation) and keeps results that cannot change after
+The worker decodes a whole batch of ``items.jsonl`` lines in one call (TABs and
+LFs turned into commas: one flat array) and keeps results that cannot change after
 return (None, booleans, floats) unencoded until the batch is sent. These tests
 pin down the two promises that make that safe: the batch decode yields the very
 items a line-by-line decode yields, or declines (never a different item); and a
