@@ -207,8 +207,8 @@ def _rows_with_int_ids(ids: list[int], raws: Iterable[bytes]) -> bytes:
     """``id TAB raw LF`` rows, the ints encoded in one call and split at its commas.
 
     (Not for encoded items: each orjson output keeps a large buffer, and holding
-    thousands of them at once costs page faults; the join above consumes them
-    one by one.)"""
+    thousands of them at once costs page faults; the join in _clean_chunk_rows
+    consumes them one by one.)"""
     rows = [b"\t"] * (4 * len(ids))
     rows[0::4] = orjson.dumps(ids)[1:-1].split(b",")
     rows[2::4] = raws

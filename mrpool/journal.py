@@ -87,10 +87,10 @@ def _decoded(payload: bytes) -> dict[str, Any] | None:
 _SKIPPED: dict[str, Any] = {}
 
 
-def _other_kind(payload: bytes, kind: bytes) -> bool:
-    """Whether ``payload`` certainly holds a record of another kind than ``kind``:
-    records are written with ``k`` first, so the payload says so in its first bytes."""
-    return payload.startswith(b'{"k":"') and not payload.startswith(b'{"k":"%s"' % kind)
+def _other_kind(payload: bytes, own_prefix: bytes) -> bool:
+    """Whether ``payload`` certainly holds a record of another kind than the one whose
+    payloads start with ``own_prefix``: records are written with ``k`` first."""
+    return payload.startswith(b'{"k":"') and not payload.startswith(own_prefix)
 
 
 def read_records(
@@ -102,7 +102,7 @@ def read_records(
     decoded: a reader of results need not decode every dispatch record).
     Raises ``CorruptStateError`` for a damaged record that has valid ones after it.
     """
-    only = kind.encode() if kind is not None else None
+    only = b'{"k":"%s"' % kind.encode() if kind is not None else None  # its payloads' start
     try:
         handle = open(path, "rb", buffering=1 << 20)
     except FileNotFoundError:
