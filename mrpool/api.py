@@ -30,7 +30,7 @@ from .errors import MrpoolError, StorageError, UsageError
 from .executor import LocalExecutor
 from .gc_policy import fewer_collections
 from .items import indices_of, ingest, iter_item_lines, read_ids
-from .journal import JournalWriter, read_records
+from .journal import JournalWriter, read_records, started_attempts
 from .lock import JobLock, live_holder
 from .planner import PlanOptions, ResumePlan, plan_session
 from .reduce import read_reduce_output, run_reduce
@@ -469,7 +469,7 @@ def iter_events(
 def _events_of(record: dict[str, Any], ids: list[Any]) -> Iterator[dict[str, Any]]:
     kind, t = record["k"], record.get("t")
     if kind == "s":
-        for index, attempt in record["b"]:
+        for index, attempt in started_attempts(record):
             yield {"t": t, "event": "item_started", "id": ids[index], "attempt": attempt}
     elif kind == "ok":
         for index, attempt, duration, _result in record["b"]:

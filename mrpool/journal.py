@@ -13,6 +13,11 @@ a session), ``plan``, ``s`` (attempts started, batched), ``ok`` (successes with
 their results, batched), ``f`` (one failed attempt), ``reset``, ``purge``,
 ``worker``, ``ckpt``, ``reduce``, ``close`` (a session ended cleanly).
 
+An ``s`` record names its attempts as ``b``, ``[[index, attempt], ...]``, and/or
+as ``r``, ``[[first, count, attempt], ...]``: runs of consecutive items starting
+the same attempt number (most of a fresh run), so that a dispatch costs no
+per-item encoding; ``started_attempts`` reads both.
+
 Reading
 -------
 Records are checked in order. A line that is incomplete or fails its checksum
@@ -49,7 +54,14 @@ from . import failpoints
 from .errors import CorruptStateError, StorageError
 from .fsutil import fsync_dir, open_private
 
-__all__ = ["FORMAT_VERSION", "encode_record", "decode_line", "read_records", "JournalWriter"]
+__all__ = [
+    "FORMAT_VERSION",
+    "encode_record",
+    "decode_line",
+    "read_records",
+    "started_attempts",
+    "JournalWriter",
+]
 
 FORMAT_VERSION = 1
 JOURNAL_FILE = "journal.log"
@@ -82,6 +94,15 @@ def _decoded(payload: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
+
+
+def started_attempts(record: dict[str, Any]) -> Iterator[tuple[int, int]]:
+    """``(index, attempt)`` of each attempt an ``s`` record starts, runs expanded."""
+    for first, count, attempt in record.get("r", ()):
+        for index in range(first, first + count):
+            yield index, attempt
+    for index, attempt in record.get("b", ()):
+        yield index, attempt
 
 
 _SKIPPED: dict[str, Any] = {}

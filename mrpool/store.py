@@ -124,8 +124,10 @@ class JobState:
     def apply(self, record: dict[str, Any]) -> None:
         kind = record["k"]
         if kind == "s":  # hot: one per dispatch batch
+            for first, count, attempt in record.get("r", ()):
+                self._start_run(first, first + count, attempt)
             opened, attempts = self.open, self.attempts
-            for index, attempt in record["b"]:
+            for index, attempt in record.get("b", ()):
                 opened[index] = attempt
                 if attempt > attempts[index]:
                     attempts[index] = attempt
@@ -160,6 +162,17 @@ class JobState:
                     self.set_status(index, PURGED)
         elif kind == "reduce":
             self.reduce = record
+
+    def _start_run(self, start: int, stop: int, attempt: int) -> None:
+        """Items ``start`` to ``stop - 1`` started ``attempt``: slice operations, not a loop."""
+        self.open.update(dict.fromkeys(range(start, stop), attempt))
+        attempts = self.attempts
+        if max(attempts[start:stop]) < attempt:  # always, when the record was written live
+            attempts[start:stop] = array("I", [attempt]) * (stop - start)
+        else:
+            for index in range(start, stop):
+                if attempt > attempts[index]:
+                    attempts[index] = attempt
 
     def _settle_open(self, cut: list[int] | None, crashed: bool) -> None:
         """Close the open attempts of an ended session.

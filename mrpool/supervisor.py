@@ -217,19 +217,40 @@ class Session:
             indices.append(index)
             numbers.append(attempt or attempts[index] + 1)
             lines.append(line)
+        record: dict[str, Any] = {"k": "s"}
+        if indices:
+            record["b"] = list(zip(indices, numbers))
         if len(indices) < room and not self._fresh_done:
             fresh, fresh_lines = self._take_fresh(room - len(indices))
-            indices += fresh
-            numbers += [attempts[index] + 1 for index in fresh]  # the next cumulative number
-            lines += fresh_lines
+            if fresh:
+                fresh_numbers, run = self._next_attempts(fresh)
+                if run is not None:
+                    record["r"] = [run]
+                else:
+                    record["b"] = record.get("b", []) + list(zip(fresh, fresh_numbers))
+                indices += fresh
+                numbers += fresh_numbers
+                lines += fresh_lines
         if not indices:
             return
-        self._record({"k": "s", "b": list(zip(indices, numbers))})
+        self._record(record)
         self.journal.write()  # the start is on disk before the worker sees the item
         self.executor.submit(Batch(indices, numbers, lines))
         self.in_flight += len(indices)
         if failpoints.ENABLED:
             failpoints.hit("supervisor.after_dispatch")
+
+    def _next_attempts(self, fresh: list[int]) -> tuple[list[int], list[int] | None]:
+        """Each fresh item's next cumulative attempt number, and the run ``[first, count,
+        attempt]`` the items form when they are consecutive and share that number (in a
+        new job, always: then the start record costs no per-item work)."""
+        attempts, first, count = self.state.attempts, fresh[0], len(fresh)
+        if fresh[-1] - first == count - 1:  # the plan yields each index once, increasing
+            taken = attempts[first : first + count]
+            if taken.count(taken[0]) == count:
+                number = taken[0] + 1
+                return [number] * count, [first, count, number]
+        return [attempts[index] + 1 for index in fresh], None
 
     def _release_due_retries(self) -> None:
         now = time.monotonic()

@@ -25,7 +25,7 @@ import pytest
 from conftest import write_job
 
 from mrpool.errors import CorruptStateError
-from mrpool.journal import JournalWriter, encode_record, read_records
+from mrpool.journal import JournalWriter, encode_record, read_records, started_attempts
 from mrpool.store import JobState, JobStore
 
 pytestmark = pytest.mark.timeout(240)
@@ -220,6 +220,29 @@ def test_damaged_checkpoint_is_ignored_and_the_state_rebuilt_from_the_journal(
     status = json.loads(r.stdout)
     assert (status["total"], status["succeeded"], status["dlq"], status["pending"]) == (6, 5, 1, 0)
     assert "checkpoint.json" in r.stderr
+
+
+# -- the start record's two forms ----------------------------------------------------------
+def test_a_start_run_means_exactly_its_pairs_and_never_lowers_an_attempt():
+    """``s`` with ``r`` runs replays to the state the same attempts as ``b`` pairs give,
+    including an item whose recorded attempt is already higher than the run's."""
+    before = [{"k": "s", "b": [[4, 7]]}, {"k": "ok", "b": [[4, 7, 0.1, None]]}]
+    runs = {"k": "s", "r": [[0, 3, 1], [4, 3, 2]], "b": [[9, 5]]}
+    pairs = {"k": "s", "b": [[i, a] for i, a in started_attempts(runs)]}
+    assert pairs["b"] == [[0, 1], [1, 1], [2, 1], [4, 2], [5, 2], [6, 2], [9, 5]]
+    with_runs, with_pairs = replay(before + [runs], 10), replay(before + [pairs], 10)
+    assert same_state(with_runs, with_pairs)
+    assert list(with_runs.attempts) == [1, 1, 1, 0, 7, 2, 2, 0, 0, 5]
+    assert with_runs.open == {0: 1, 1: 1, 2: 1, 4: 2, 5: 2, 6: 2, 9: 5}
+
+
+def test_a_fresh_run_journals_its_starts_as_runs(mrpool, tmp_path):
+    """A new job's dispatches are consecutive first attempts: ``r`` runs, no pairs."""
+    root, job_id = real_job(mrpool, tmp_path)
+    starts = [r for _, _, r in read_records(JobStore(root, job_id).journal_path, kind="s")]
+    assert starts and all("r" in r and "b" not in r for r in starts), starts
+    started = [pair for r in starts for pair in started_attempts(r)]
+    assert sorted(started) == [(i, 1) for i in range(6)]
 
 
 # -- corruption ------------------------------------------------------------------------

@@ -64,6 +64,7 @@ from conftest import (
 )
 
 from mrpool import api
+from mrpool.journal import started_attempts
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -258,7 +259,12 @@ def sessions(records: list[dict]) -> list[list[dict]]:
 
 
 def started(records: list[dict]) -> list[tuple[int, int]]:
-    return [(index + 1, attempt) for r in records if r["k"] == "s" for index, attempt in r["b"]]
+    return [
+        (index + 1, attempt)
+        for r in records
+        if r["k"] == "s"
+        for index, attempt in started_attempts(r)
+    ]
 
 
 def succeeded(records: list[dict]) -> list[int]:
