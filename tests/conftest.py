@@ -33,6 +33,13 @@ compileall.compile_dir(REPO / "mrpool", quiet=1)
 
 
 # -- running the CLI ---------------------------------------------------------------
+def default_sigint() -> None:
+    """Start a child with SIGINT at its default, whatever the suite inherited: a shell
+    without job control starts a background command (``.ci/run &``) with SIGINT
+    ignored, the children would inherit that, and the tests' Ctrl-C would not land."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Mrpool:
     """Runs ``python -m mrpool`` against one state dir, tagged for leak checks."""
 
@@ -63,6 +70,7 @@ class Mrpool:
             timeout=timeout,
             input=None if input is None else input.decode(),
             cwd=str(REPO),
+            preexec_fn=default_sigint,
         )
 
     def start(
@@ -76,6 +84,7 @@ class Mrpool:
             env=env or self.env(),
             start_new_session=True,
             cwd=str(REPO),
+            preexec_fn=default_sigint,
             **popen,
         )
 
