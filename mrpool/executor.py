@@ -9,9 +9,11 @@ the same verbs and inherits every journal, DLQ and lock guarantee unchanged.
 The messages are batch-shaped, so that the supervisor's cost per item stays a
 few list operations: ``submit`` takes a ``Batch`` (parallel lists of item
 indices, attempt numbers and ``items.jsonl`` lines) and ``wait`` returns
-``Outcomes``: successes as the journal's own ``[index, attempt, duration,
-result]`` rows, failures as ``Failure`` records, and attempts handed back to be
-run again.
+``Outcomes``: successes as ``Successes`` (their indices, and their rows already
+encoded as the journal's ``ok`` record stores them, so the supervisor journals
+them without decoding and re-encoding every result), failures as ``Failure``
+records, and attempts handed back to be run again. (A cluster executor encodes
+its results' rows with ``orjson.dumps``, where they come back.)
 
 ``LocalExecutor`` keeps N forked workers, each with its own pipe and slot:
 
@@ -39,7 +41,6 @@ import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from operator import itemgetter
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,12 +49,11 @@ import orjson
 from .slots import RUNNING, SlotTable
 from .worker import WorkerConfig, kill_tree, worker_main
 
-__all__ = ["Batch", "Failure", "Outcomes", "Executor", "LocalExecutor"]
+__all__ = ["Batch", "Failure", "Successes", "Outcomes", "Executor", "LocalExecutor"]
 
 BATCH_SECONDS = 0.02
 MAX_BATCH = 4096  # sub-5-us items: a batch is ~5 ms of work, two queued per worker
 HUNG_AFTER = 60.0  # seconds without a heartbeat
-_duration = itemgetter(2)
 
 
 @dataclass(slots=True)
@@ -84,20 +84,30 @@ class Failure:
 
 
 @dataclass(slots=True)
+class Successes:
+    """Attempts that succeeded: items ``indices``, and ``rows``, the JSON array of their
+    ``[index, attempt, duration, result]`` rows in the same order -- exactly the
+    ``b`` of the journal's ``ok`` record."""
+
+    indices: list[int]
+    rows: bytes
+
+
+@dataclass(slots=True)
 class Outcomes:
     """What came back from one ``wait``.
 
-    ``ok``: one ``[index, attempt, duration, result]`` row per success (the rows
-    the journal stores). ``requeued``: ``(index, attempt, line)`` to run again,
-    un-charged; ``attempt`` 0 means it had started, so it takes the next number.
+    ``ok``: successes, in batches. ``requeued``: ``(index, attempt, line)`` to run
+    again, un-charged; ``attempt`` 0 means it had started, so it takes the next number.
     """
 
-    ok: list[list[Any]] = field(default_factory=list)
+    ok: list[Successes] = field(default_factory=list)
     failed: list[Failure] = field(default_factory=list)
     requeued: list[tuple[int, int, bytes]] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.ok) + len(self.failed) + len(self.requeued)
+        succeeded = sum(len(done.indices) for done in self.ok)
+        return succeeded + len(self.failed) + len(self.requeued)
 
 
 class Executor(Protocol):
@@ -143,10 +153,12 @@ class _Worker:
     outgoing: deque[memoryview] = field(default_factory=deque)  # framed, not yet taken by the pipe
     poll_events: int = select.POLLIN
 
-    def take_answered(self, done: list[int]) -> Batch:
-        """Drop the answered prefix of what this worker holds; check it is ``done``."""
+    def take_answered(self, count: int) -> Batch:
+        """Drop the next ``count`` attempts this worker holds (it answered them), in order."""
+        if count > self.held:
+            raise RuntimeError(f"worker {self.pid} answered for {count} items, held {self.held}")
         parts: list[Batch] = []
-        need = len(done)
+        need = count
         while need:
             if not self.queued:
                 raise RuntimeError(f"worker {self.pid} answered for items it was never sent")
@@ -160,14 +172,8 @@ class _Worker:
                 self.answered = 0
             else:
                 self.answered = stop
-        answered = parts[0] if len(parts) == 1 else _joined(parts)
-        if answered.indices != done:
-            raise RuntimeError(
-                f"worker {self.pid} answered for items {done[:5]}..., "
-                f"expected {answered.indices[:5]}..."
-            )
-        self.held -= len(done)
-        return answered
+        self.held -= count
+        return parts[0] if len(parts) == 1 else _joined(parts)
 
     def unanswered(self) -> Batch:
         """Everything this worker holds that it has not answered, in order."""
@@ -199,6 +205,13 @@ def _framed(parts: list[bytes]) -> bytes:
     size = sum(map(len, parts))
     prefix = struct.pack("!i", size) if size <= 0x7FFFFFFF else struct.pack("!iQ", -1, size)
     return b"".join([prefix, *parts])
+
+
+def _first_index(rows: bytes) -> int | None:
+    """The index of the first row of an encoded ``[[index, ...], ...]`` array (a cheap
+    check that a worker answered in order), None for an empty array."""
+    end = rows.find(b",", 2)
+    return int(rows[2:end]) if rows.startswith(b"[[") and end > 2 else None
 
 
 def _started_prefix(rest: Batch, index: int, attempt: int) -> int:
@@ -399,29 +412,37 @@ class LocalExecutor:
         return outcomes
 
     def _receive(self, w: _Worker, outcomes: Outcomes) -> bool:
-        """Read one message of ``w`` (poll said there is one): rows ``[index, attempt,
-        duration, payload]``, with a fifth field on failures. False at end of file."""
+        """Read one message of ``w`` (poll said there is one; its format is in worker.py):
+        the outcomes of the next attempts it holds. False at end of file."""
         try:
-            rows = orjson.loads(w.conn.recv_bytes())
+            head, _, rows = w.conn.recv_bytes().partition(b"\n")
         except (EOFError, OSError):
             return False  # it died (mid-send): _worker_lost attributes what is left
-        answered = w.take_answered([row[0] for row in rows])
-        if sum(map(len, rows)) == 4 * len(rows):  # no failures: the common case
-            outcomes.ok += rows
-        else:
-            self._sort_failures(w, rows, answered, outcomes)
-        mean = sum(map(_duration, rows)) / len(rows)
+        count, duration, failures = orjson.loads(head)
+        answered = w.take_answered(count)
+        succeeded = self._sort_failures(w, failures, answered, outcomes) if failures else answered
+        if succeeded.indices:
+            if _first_index(rows) != succeeded.indices[0]:
+                raise RuntimeError(f"worker {w.pid} answered out of order: {rows[:40]!r}...")
+            outcomes.ok.append(Successes(succeeded.indices, rows))
+        mean = duration / count
         w.per_item = mean if w.per_item <= 0 else 0.7 * w.per_item + 0.3 * mean
         return True
 
-    def _sort_failures(self, w: _Worker, rows: list, answered: Batch, outcomes: Outcomes) -> None:
-        for row, line in zip(rows, answered.lines):
-            if len(row) == 4:
-                outcomes.ok.append(row)
-            else:
-                index, attempt, duration, error, _ = row
-                error["pid"] = w.pid
-                outcomes.failed.append(Failure(index, attempt, line, error, duration))
+    def _sort_failures(
+        self, w: _Worker, failures: list, answered: Batch, outcomes: Outcomes
+    ) -> Batch:
+        """File ``failures`` (rows of ``answered``); return the rest of ``answered``."""
+        line_of = dict(zip(answered.indices, answered.lines))
+        for index, attempt, duration, error in failures:
+            error["pid"] = w.pid
+            outcomes.failed.append(Failure(index, attempt, line_of.pop(index), error, duration))
+        kept = [k for k, index in enumerate(answered.indices) if index in line_of]
+        return Batch(
+            [answered.indices[k] for k in kept],
+            [answered.attempts[k] for k in kept],
+            [answered.lines[k] for k in kept],
+        )
 
     def _worker_lost(self, w: _Worker, outcomes: Outcomes) -> None:
         """The crash path: attribute the held item, hand back the rest, replace the worker."""

@@ -132,16 +132,7 @@ class JobState:
                 if attempt > attempts[index]:
                     attempts[index] = attempt
         elif kind == "ok":  # hot: one per outcome batch
-            status, counts, streak, close = self.status, self.counts, self.streak, self.open.pop
-            for entry in record["b"]:
-                index = entry[0]
-                close(index, None)
-                streak[index] = 0
-                old = status[index]
-                if old != SUCCEEDED:
-                    counts[old] -= 1
-                    counts[SUCCEEDED] += 1
-                    status[index] = SUCCEEDED
+            self.succeeded([entry[0] for entry in record["b"]])
         elif kind == "f":
             index = record["i"]
             self.open.pop(index, None)
@@ -162,6 +153,18 @@ class JobState:
                     self.set_status(index, PURGED)
         elif kind == "reduce":
             self.reduce = record
+
+    def succeeded(self, indices: list[int]) -> None:
+        """The attempts of these items succeeded (an ``ok`` record)."""
+        status, counts, streak, close = self.status, self.counts, self.streak, self.open.pop
+        for index in indices:
+            close(index, None)
+            streak[index] = 0
+            old = status[index]
+            if old != SUCCEEDED:
+                counts[old] -= 1
+                counts[SUCCEEDED] += 1
+                status[index] = SUCCEEDED
 
     def _start_run(self, start: int, stop: int, attempt: int) -> None:
         """Items ``start`` to ``stop - 1`` started ``attempt``: slice operations, not a loop."""

@@ -22,7 +22,8 @@ Actors:
   close the session, keep everything for ``resume``.
 
 Every record goes through ``Session._record``, which appends it to the journal
-and applies it to the in-memory state, so memory and disk cannot drift.
+and applies it to the in-memory state, so memory and disk cannot drift (``ok``
+records through ``_record_successes``: the same, from the executor's encoded rows).
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from . import failpoints
 from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, DlqFullError
-from .executor import Batch, Executor, Failure, Outcomes
+from .executor import Batch, Executor, Failure, Outcomes, Successes
 from .journal import JournalWriter
 from .planner import ResumePlan
 from .progress import Progress
@@ -266,13 +269,12 @@ class Session:
                 self._failed(failure)
             else:  # cut short by our own Ctrl-C: it stays open (pending), its attempt counted
                 self._cut.append(failure.index)
-        if outcomes.ok:
-            self._record({"k": "ok", "b": outcomes.ok})
-            self.progress.succeeded += len(outcomes.ok)
+        for done in outcomes.ok:
+            self._record_successes(done)
         if len(outcomes) and failpoints.ENABLED:
             self.journal.write()
             failpoints.hit("supervisor.after_outcome")
-            if any(self.plan.source(row[0]) == "dlq" for row in outcomes.ok):
+            if any(self.plan.source(i) == "dlq" for done in outcomes.ok for i in done.indices):
                 failpoints.hit("retry.after_success")
 
     def _hand_back(self, requeued: list[tuple[int, int, bytes]]) -> None:
@@ -362,6 +364,15 @@ class Session:
         record.setdefault("t", round(time.time(), 6))
         self.journal.append(record)
         self.state.apply(record)
+
+    def _record_successes(self, done: Successes) -> None:
+        """``_record`` for an ``ok`` record, whose rows arrive encoded: the journal takes
+        them as they are, and the state the indices that came with them."""
+        self.journal.append(
+            {"k": "ok", "b": orjson.Fragment(done.rows), "t": round(time.time(), 6)}
+        )
+        self.state.succeeded(done.indices)
+        self.progress.succeeded += len(done.indices)
 
     def _flush_events(self) -> None:
         events = self.executor.events

@@ -5,13 +5,16 @@ Protocol on the worker's own pipe (``multiprocessing`` Connection, bytes):
 * supervisor -> worker: a *batch*: ``orjson([indices, attempts]) LF`` then
   the items' lines from ``items.jsonl`` in the same order. An empty message
   means "exit".
-* worker -> supervisor: a list of *rows*, one per finished attempt, in order:
-  ``[index, attempt, duration, result]`` for a success (the very row the
-  journal's ``ok`` record stores) and ``[index, attempt, duration, failure, 1]``
-  for a failure, ``failure`` being ``{"kind", "msg", "tail", "code"?,
-  "signal"?}``. Rows are sent when a batch ends or 20 ms after the previous
-  send, so fast items travel in bulk and a slow item is reported the moment it
-  ends.
+* worker -> supervisor: the outcomes of the next attempts of what it was sent,
+  in order: ``orjson([count, duration, failures]) LF orjson(successes)``.
+  ``count`` attempts ended, taking ``duration`` seconds in all; ``failures``
+  holds a ``[index, attempt, duration, failure]`` row for each that failed
+  (``failure`` is ``{"kind", "msg", "tail", "code"?, "signal"?}``), and
+  ``successes`` is the array of ``[index, attempt, duration, result]`` rows of
+  the others -- the very rows the journal's ``ok`` record stores, which the
+  supervisor journals as they are, without decoding them. Outcomes are sent
+  when a batch ends or 20 ms after the previous send, so fast items travel in
+  bulk and a slow item is reported the moment it ends.
 
 Before each attempt the worker writes the item into its shared slot, and a
 watchdog thread heartbeats every 0.1 s; if the supervisor disappears (its pid
@@ -30,6 +33,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -45,6 +49,7 @@ TAIL_BYTES = 2048
 FLUSH_EVERY = 0.02
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
+_duration = itemgetter(2)
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,7 @@ class _Outbox:
             if n:
                 if failpoints.ENABLED:
                     failpoints.hit("worker.before_send")
-                self.conn.send_bytes(orjson.dumps(self.rows[:n]))
+                self.conn.send_bytes(_outcomes_message(self.rows[:n]))
                 del self.rows[:n]
             self.last_send = time.monotonic()
 
@@ -116,6 +121,21 @@ class _Outbox:
                 self.send()
             except OSError:
                 return
+
+
+def _outcomes_message(rows: list[list[Any]]) -> bytes:
+    """The message for ``rows`` (successes ``[index, attempt, duration, result]`` and
+    failures ``[index, attempt, duration, failure, 1]``, in order): see the module doc."""
+    duration = sum(map(_duration, rows))
+    if sum(map(len, rows)) == 4 * len(rows):  # no failures: the common case
+        failures: list[list[Any]] = []
+    else:
+        failures = [row[:4] for row in rows if len(row) == 5]
+        rows = [row for row in rows if len(row) == 4]
+    return b"%s\n%s" % (
+        orjson.dumps([len(rows) + len(failures), duration, failures]),
+        orjson.dumps(rows),
+    )
 
 
 def _batch_runner(config: WorkerConfig, slots: SlotTable, slot: int, outbox: _Outbox):

@@ -12,6 +12,7 @@ encoded failing only its own attempt.
 from __future__ import annotations
 
 import json
+import multiprocessing
 
 import orjson
 from conftest import write_job
@@ -19,7 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_run import events, run_ok
 
-from mrpool.worker import _decoded_items
+from mrpool.executor import Batch, LocalExecutor, Outcomes, _Worker
+from mrpool.worker import WorkerConfig, _decoded_items, _json_now, _outcomes_message
 
 json_values = st.recursive(
     st.none()
@@ -62,7 +64,7 @@ def spaced(value: object, gaps: list[bytes]) -> bytes:
     return b"".join(out)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     st.lists(
         st.tuples(st.integers(0, 10**6) | st.text(max_size=6), json_values), min_size=1, max_size=20
@@ -151,3 +153,41 @@ def test_each_result_is_recorded_as_returned_and_a_bad_one_fails_only_its_attemp
     assert "ValueError: bad ? byte" in dlq[13]  # what cannot be text is replaced, not fatal
     assert not [e for e in events(mrpool, job_id) if e["event"] == "worker_died"]
     assert json.loads(mrpool.run("status", job_id, "--json").stdout)["dlq"] == 5
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), json_values), min_size=1, max_size=30))
+def test_a_workers_outcomes_reach_the_supervisor_sorted_and_journal_ready(outcomes):
+    """What a worker sends for a mixed batch is read back as: the failures, each with its
+    own line, and the successes' indices with their rows encoded exactly as the journal
+    stores them -- in order, nothing lost, nothing moved between the two."""
+    n = len(outcomes)
+    indices = [10 + 3 * k for k in range(n)]  # not consecutive: no slice shortcut
+    attempts = [1 + k % 3 for k in range(n)]
+    lines = [b'%d\t{"k":%d}\n' % (i, k) for k, i in enumerate(indices)]
+    rows = []
+    for k, (ok, value) in enumerate(outcomes):
+        if ok:
+            rows.append([indices[k], attempts[k], 0.5, _json_now(value)])
+        else:
+            rows.append([indices[k], attempts[k], 0.25, {"kind": "exception", "msg": "no"}, 1])
+    executor = LocalExecutor(WorkerConfig("j", ".", None, "m:f", None), 1)
+    parent, child = multiprocessing.Pipe()
+    worker = _Worker(0, None, parent, pid=4242)
+    worker.queued.append(Batch(indices, attempts, lines))
+    worker.held = n
+    child.send_bytes(_outcomes_message(rows))
+    got = Outcomes()
+    assert executor._receive(worker, got)
+
+    good = [k for k, (ok, _) in enumerate(outcomes) if ok]
+    bad = [k for k, (ok, _) in enumerate(outcomes) if not ok]
+    assert [f.index for f in got.failed] == [indices[k] for k in bad]
+    assert [(f.attempt, f.line, f.error["pid"]) for f in got.failed] == [
+        (attempts[k], lines[k], 4242) for k in bad
+    ]
+    assert [i for done in got.ok for i in done.indices] == [indices[k] for k in good]
+    journaled = [row for done in got.ok for row in orjson.loads(done.rows)]
+    assert journaled == [orjson.loads(orjson.dumps(rows[k])) for k in good]
+    assert worker.held == 0 and not worker.queued
+    assert worker.per_item == sum(row[2] for row in rows) / n
