@@ -334,9 +334,15 @@ class LocalExecutor:
         return max(1, min(MAX_BATCH, int(BATCH_SECONDS / w.per_item)))
 
     def _room(self, w: _Worker) -> int:
-        """Items ``w`` may be sent now: fast items keep one batch queued behind the running one."""
+        """Items ``w`` may be sent now. Fast items keep one batch queued behind the running
+        one, and go out a whole batch or more at a time: topping up a few items at a time
+        as outcomes trickle back costs a message, a start record and a worker wake-up
+        each (with 1 ms items: ~3 items a batch instead of ~16, and ~2 % of the session)."""
         size = self._batch_size(w)
-        return max(0, (2 if size > 1 else 1) * size - w.held)
+        if size == 1:
+            return max(0, 1 - w.held)
+        room = 2 * size - w.held
+        return room if room >= size else 0
 
     def capacity(self) -> int:
         return sum(self._room(w) for w in self.workers if w is not None)
