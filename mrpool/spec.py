@@ -135,6 +135,11 @@ def spec_from_dict(
     if not isinstance(data, dict):
         raise where.error("", "the job file must be a mapping of keys to values")
     where.unknown_keys("", data, _TOP_KEYS)
+    bad = _first_invalid_text(data)
+    if bad is not None:
+        raise where.error(
+            bad, "is not valid Unicode text (it holds an unpaired surrogate, such as \\ud800)"
+        )
     base = Path(base_dir).resolve()
     name = data.get("name", default_name)
     if not isinstance(name, str) or not name.strip():
@@ -250,6 +255,30 @@ class _Where:
                 raise self.error(
                     name, f"unknown key (expected one of: {', '.join(sorted(allowed))})"
                 )
+
+
+def _first_invalid_text(value: Any, at: str = "") -> str | None:
+    """The field (``map.command[1]``, say) of the first string in ``value`` that cannot be
+    encoded -- YAML's ``"\\ud800"`` is such a string -- or None. No file name, argument or
+    record may hold one: they would fail far from here, in a path, an exec or the journal."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return at or "(the document)"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{at}.{key}" if at else str(key)
+            found = _first_invalid_text(key, name) or _first_invalid_text(item, name)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for n, item in enumerate(value):
+            found = _first_invalid_text(item, f"{at}[{n}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _is_int(value: Any) -> bool:

@@ -115,6 +115,10 @@ def test_invalid_json_job_file_names_the_file_and_line(mrpool, tmp_path):
             "reduce",
         ),
         ("- input: items.jsonl\n", "job.yaml"),
+        # YAML's "\ud800" is a lone surrogate: no path, argument or record can hold it
+        ('input: "items\\ud800.jsonl"\nmap: {command: [echo]}\n', "input: is not valid Unicode"),
+        ('name: "a\\udc80"\ninput: items.jsonl\nmap: {command: [echo]}\n', "name: is not valid"),
+        ('input: items.jsonl\nmap: {command: [echo, "\\ud800"]}\n', "map.command[1]: is not"),
     ],
     ids=[
         "unknown-key",
@@ -134,6 +138,9 @@ def test_invalid_json_job_file_names_the_file_and_line(mrpool, tmp_path):
         "command-non-string",
         "reduce-both",
         "not-a-mapping",
+        "input-lone-surrogate",
+        "name-lone-surrogate",
+        "argument-lone-surrogate",
     ],
 )
 def test_invalid_job_file_field_is_named(mrpool, tmp_path, text, field):
