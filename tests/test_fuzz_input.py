@@ -485,7 +485,7 @@ def test_a_malformed_job_document_is_refused_naming_the_file_and_line_or_field(
     assert isinstance(loaded, dict), line
     named = line[len(f"mrpool: {o.job_file}: ") :]
     fields = {shown_key(k) for k in loaded} | {"input", "map"}  # the two required fields
-    assert any(named.startswith((f"{f}: ", f"{f}.")) for f in fields), (line, loaded)
+    assert any(named.startswith((f"{f}: ", f"{f}.", f"{f}[")) for f in fields), (line, loaded)
 
 
 def shown_key(key: Any) -> str:
