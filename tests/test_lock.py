@@ -54,6 +54,10 @@ LOCK_FILES = ("lock", "holder.json")
 # interpreters at once costs most of that by itself, so the hard limit has slack
 # and the measured figures are printed.
 LOSER_LIMIT = 2.0
+# Eight interpreters starting at once on two cores, beside the suite's other test worker:
+# that wall time is mostly the machine's; the one-second contract is measured on a lone
+# blocked command (benchmarks/lock_contention.py: ~0.3 s).
+STAMPEDE_LIMIT = 3.0
 # Twelve rounds (six over a SIGKILLed holder's record) in the suite; stress runs take 60.
 RACE_ROUNDS = 60 if os.environ.get("MRPOOL_STRESS") == "1" else 12
 RACERS = 8
@@ -339,7 +343,7 @@ def test_eight_resumers_at_once_exactly_one_runs_every_round(mrpool, tmp_path):
                 )
                 loser_walls.append(c.wall)
         slowest = max(c.wall for c in contenders if c is not winner)
-        assert slowest < LOSER_LIMIT, f"round {round_no}: a loser took {slowest:.2f} s"
+        assert slowest < STAMPEDE_LIMIT, f"round {round_no}: a loser took {slowest:.2f} s"
 
         # Phase 3: the winner really runs the item; then it is SIGKILLed or let finish.
         wait_until_running(job_dir, winner.proc, start)
