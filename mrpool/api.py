@@ -278,12 +278,18 @@ def _close_quietly(journal: JournalWriter) -> None:
 
 def _running_at_crash(store: JobStore, state) -> list[int] | None:
     """Open items that a worker of the crashed session was running (None: unknown)."""
-    if not state.open:
+    if not state.open_count:
         return []
     found = running_at_crash(store.dir / SLOTS_FILE)
     if found is None:
         return None
-    return sorted({index for index, attempt in found if state.open.get(index) == attempt})
+    return sorted(
+        {
+            index
+            for index, attempt in found
+            if 0 <= index < state.total and state.opened[index] and state.attempts[index] == attempt
+        }
+    )
 
 
 def _nothing_left(job_id: str, state, plan: ResumePlan) -> SessionReport:

@@ -113,7 +113,7 @@ def plan_session(
     duplicates = 0
     poison: list[int] = []
     cut = None if crash_cut is None else set(crash_cut)
-    for index in state.open:
+    for index in state.open_indices():
         settled = state.status[index]
         if settled in (FAILED, DLQ):
             duplicates += 1  # in flight *and* failed/parked: planned once, as pending

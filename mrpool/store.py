@@ -34,6 +34,7 @@ import zlib
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import compress
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +98,15 @@ class JobState:
     """Per-item state replayed from the journal: compact arrays, O(1) per record.
 
     ``status`` holds each item's last *settled* place (pending / succeeded /
-    failed / dlq / purged). ``open`` maps items whose attempt started with no
-    outcome recorded to that attempt: in flight now, or cut short by a crash.
-    ``streak`` counts how many sessions in a row ended (by crash) with the item
-    in flight -- the poison-item detector.
+    failed / dlq / purged). ``opened`` flags the items whose attempt started
+    with no outcome recorded: in flight now, or cut short by a crash. The open
+    attempt is always the item's highest, ``attempts[index]`` (a start record
+    never goes back to a lower number), so a flag byte is all it takes -- and
+    the hot records (a run of starts, a batch of successes) become a few slice
+    operations instead of a dict insert and a pop for every item (~40 % of the
+    supervisor's time with 100k no-op items). ``streak`` counts how many
+    sessions in a row ended (by crash) with the item in flight -- the
+    poison-item detector.
     """
 
     def __init__(self, total: int) -> None:
@@ -108,7 +114,8 @@ class JobState:
         self.status = bytearray(total)
         self.attempts = array("I", bytes(4 * total))
         self.streak = bytearray(total)
-        self.open: dict[int, int] = {}
+        self.opened = bytearray(total)
+        self.open_count = 0
         self.counts = [total, 0, 0, 0, 0]
         self.reduce: dict[str, Any] | None = None
         self.offset = 0  # journal bytes applied
@@ -126,16 +133,20 @@ class JobState:
         if kind == "s":  # hot: one per dispatch batch
             for first, count, attempt in record.get("r", ()):
                 self._start_run(first, first + count, attempt)
-            opened, attempts = self.open, self.attempts
+            opened, attempts = self.opened, self.attempts
             for index, attempt in record.get("b", ()):
-                opened[index] = attempt
+                if not opened[index]:
+                    opened[index] = 1
+                    self.open_count += 1
                 if attempt > attempts[index]:
                     attempts[index] = attempt
         elif kind == "ok":  # hot: one per outcome batch
             self.succeeded([entry[0] for entry in record["b"]])
         elif kind == "f":
             index = record["i"]
-            self.open.pop(index, None)
+            if self.opened[index]:
+                self.opened[index] = 0
+                self.open_count -= 1
             self.streak[index] = 0
             if record.get("a", 0) > self.attempts[index]:
                 self.attempts[index] = record["a"]
@@ -156,19 +167,45 @@ class JobState:
 
     def succeeded(self, indices: list[int]) -> None:
         """The attempts of these items succeeded (an ``ok`` record)."""
-        status, counts, streak, close = self.status, self.counts, self.streak, self.open.pop
+        if not indices:
+            return
+        first, stop = indices[0], indices[0] + len(indices)
+        if indices[-1] == stop - 1 and indices == list(range(first, stop)):
+            self._succeeded_run(first, stop)  # the common case: a batch of consecutive items
+            return
+        status, counts, streak, opened = self.status, self.counts, self.streak, self.opened
+        closed = 0
         for index in indices:
-            close(index, None)
+            if opened[index]:
+                opened[index] = 0
+                closed += 1
             streak[index] = 0
             old = status[index]
             if old != SUCCEEDED:
                 counts[old] -= 1
                 counts[SUCCEEDED] += 1
                 status[index] = SUCCEEDED
+        self.open_count -= closed
+
+    def _succeeded_run(self, start: int, stop: int) -> None:
+        """Items ``start`` to ``stop - 1`` succeeded: slice operations, not a loop."""
+        n, status, counts = stop - start, self.status, self.counts
+        before = status[start:stop]
+        already = before.count(SUCCEEDED)
+        if already != n:
+            for code in (PENDING, FAILED, DLQ, PURGED):
+                counts[code] -= before.count(code)
+            counts[SUCCEEDED] += n - already
+            status[start:stop] = bytes((SUCCEEDED,)) * n
+        self.streak[start:stop] = bytes(n)
+        self.open_count -= self.opened.count(1, start, stop)
+        self.opened[start:stop] = bytes(n)
 
     def _start_run(self, start: int, stop: int, attempt: int) -> None:
         """Items ``start`` to ``stop - 1`` started ``attempt``: slice operations, not a loop."""
-        self.open.update(dict.fromkeys(range(start, stop), attempt))
+        n = stop - start
+        self.open_count += n - self.opened.count(1, start, stop)
+        self.opened[start:stop] = b"\x01" * n
         attempts = self.attempts
         if max(attempts[start:stop]) < attempt:  # always, when the record was written live
             attempts[start:stop] = array("I", [attempt]) * (stop - start)
@@ -187,15 +224,24 @@ class JobState:
         a journal from before slots were kept): every open attempt counts.
         """
         running = None if cut is None else set(cut)
-        for index, attempt in self.open.items():
+        for index in self.open_indices():
             if running is None or index in running:
                 if crashed and self.streak[index] < 255:
                     self.streak[index] += 1
-            elif self.attempts[index] == attempt:
-                self.attempts[index] = attempt - 1
-        self.open.clear()
+            elif self.attempts[index] > 0:
+                self.attempts[index] -= 1  # the open attempt is the highest: give it back
+            self.opened[index] = 0
+        self.open_count = 0
 
     # -- views -----------------------------------------------------------
+    def open_indices(self) -> list[int]:
+        """The items with an open attempt, in index order."""
+        return list(compress(range(self.total), self.opened)) if self.open_count else []
+
+    def open_attempts(self) -> dict[int, int]:
+        """``{index: open attempt}`` of the items with an open attempt."""
+        return {index: self.attempts[index] for index in self.open_indices()}
+
     def summary(self) -> dict[str, int]:
         c = self.counts
         return {
@@ -205,7 +251,7 @@ class JobState:
             "failed": c[FAILED],
             "pending": c[PENDING],
             "purged": c[PURGED],
-            "in_flight": len(self.open),
+            "in_flight": self.open_count,
         }
 
     def finished_state(self) -> str:
@@ -227,7 +273,7 @@ class JobState:
                 "status": pack(bytes(self.status)),
                 "attempts": pack(self.attempts.tobytes()),
                 "streak": pack(bytes(self.streak)),
-                "open": list(self.open.items()),
+                "open": list(self.open_attempts().items()),
                 "reduce": self.reduce,
             }
         )
@@ -242,7 +288,11 @@ class JobState:
         state.streak = bytearray(unpack(record["streak"]))
         if not (len(state.status) == len(state.attempts) == len(state.streak) == state.total):
             raise ValueError("array lengths disagree with total")
-        state.open = {int(i): a for i, a in record["open"]}
+        for index, attempt in record["open"]:
+            index = int(index)
+            state.opened[index] = 1
+            state.attempts[index] = max(state.attempts[index], attempt)
+        state.open_count = state.opened.count(1)
         state.counts = [state.status.count(s) for s in range(5)]
         state.reduce = record.get("reduce")
         state.offset = record["journal_offset"]

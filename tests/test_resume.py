@@ -474,7 +474,7 @@ def test_a_killed_resume_can_be_resumed_again_many_times(mrpool, tmp_path):
     for session in range(4):
         recorded = set(result_ids(mrpool, "again")) if session else set()
         in_flight = (
-            {i + 1 for i in store.load_state(30).open} if session else set()
+            {i + 1 for i in store.load_state(30).open_indices()} if session else set()
         )  # in flight at the last crash: let those settle, or they count as crash loops
         offset = len(side_log(job))
         proc = mrpool.start(*args)

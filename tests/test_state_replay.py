@@ -1,0 +1,150 @@
+"""The replayed job state is what the records mean, item by item, whatever their shape.
+
+``JobState`` applies the hot records with slice operations (a run of starts, a
+batch of consecutive successes) and everything else item by item. Resume is only
+as right as this replay, so it is checked against a model written the plain way
+-- one dict and four lists, one item at a time -- on random record sequences
+that a live writer could produce: starts as runs or pairs (never a lower attempt
+than the item's highest), successes in consecutive and scattered batches,
+failures, and sessions ending cleanly or by crash. After every record the two
+must agree, and a checkpoint taken at the end must load back to the same state.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mrpool.journal import decode_line
+from mrpool.store import DLQ, FAILED, PENDING, PURGED, SUCCEEDED, JobState
+
+TOTAL = 24
+
+
+class Model:
+    """The records' meaning, one item at a time."""
+
+    def __init__(self, total: int) -> None:
+        self.status = [PENDING] * total
+        self.attempts = [0] * total
+        self.streak = [0] * total
+        self.open: dict[int, int] = {}
+
+    def start(self, index: int, attempt: int) -> None:
+        self.open[index] = attempt
+        self.attempts[index] = max(self.attempts[index], attempt)
+
+    def ok(self, index: int) -> None:
+        self.open.pop(index, None)
+        self.streak[index] = 0
+        self.status[index] = SUCCEEDED
+
+    def failed(self, index: int, attempt: int, parked: bool) -> None:
+        self.open.pop(index, None)
+        self.streak[index] = 0
+        self.attempts[index] = max(self.attempts[index], attempt)
+        self.status[index] = DLQ if parked else FAILED
+
+    def end_session(self, cut: list[int] | None, crashed: bool) -> None:
+        for index, attempt in self.open.items():
+            if cut is None or index in cut:
+                if crashed:
+                    self.streak[index] = min(255, self.streak[index] + 1)
+            elif self.attempts[index] == attempt:
+                self.attempts[index] = attempt - 1
+        self.open.clear()
+
+    def purge(self, indices: list[int]) -> None:
+        for index in indices:
+            if self.status[index] == DLQ:
+                self.status[index] = PURGED
+
+
+def agrees(state: JobState, model: Model) -> None:
+    assert list(state.status) == model.status
+    assert list(state.attempts) == model.attempts
+    assert list(state.streak) == model.streak
+    assert state.open_attempts() == model.open
+    assert state.open_count == len(model.open)
+    assert state.counts == [model.status.count(code) for code in range(5)]
+
+
+@st.composite
+def record(draw, model: Model) -> dict:
+    """One record a live writer could append next, given the state so far."""
+    kind = draw(st.sampled_from(["run", "pairs", "ok-run", "ok-some", "f", "end", "purge"]))
+    if kind == "run":
+        first = draw(st.integers(0, TOTAL - 1))
+        count = draw(st.integers(1, TOTAL - first))
+        attempt = max(model.attempts[first : first + count]) + draw(st.integers(0, 1))
+        return {"k": "s", "r": [[first, count, max(attempt, 1)]]}
+    if kind == "pairs":
+        indices = draw(st.lists(st.integers(0, TOTAL - 1), min_size=1, max_size=6, unique=True))
+        pairs = [[i, max(1, model.attempts[i] + draw(st.integers(0, 1)))] for i in indices]
+        return {"k": "s", "b": pairs}
+    if kind == "ok-run":
+        first = draw(st.integers(0, TOTAL - 1))
+        count = draw(st.integers(1, TOTAL - first))
+        indices = list(range(first, first + count))
+    elif kind == "ok-some":
+        indices = draw(st.lists(st.integers(0, TOTAL - 1), min_size=1, max_size=8, unique=True))
+    if kind.startswith("ok"):
+        return {"k": "ok", "b": [[i, model.attempts[i], 0.0, None] for i in indices]}
+    if kind == "f":
+        index = draw(st.integers(0, TOTAL - 1))
+        nxt = draw(st.sampled_from(["retry", "dlq"]))
+        return {"k": "f", "i": index, "a": model.attempts[index], "next": nxt}
+    if kind == "purge":
+        return {"k": "purge", "b": draw(st.lists(st.integers(0, TOTAL - 1), max_size=5))}
+    open_items = sorted(model.open)
+    cut = draw(st.none() | st.lists(st.sampled_from(open_items), unique=True)) if open_items else []
+    return {"k": draw(st.sampled_from(["open", "close"])), "cut": cut}
+
+
+def model_apply(model: Model, rec: dict) -> None:
+    kind = rec["k"]
+    if kind == "s":
+        for first, count, attempt in rec.get("r", ()):
+            for index in range(first, first + count):
+                model.start(index, attempt)
+        for index, attempt in rec.get("b", ()):
+            model.start(index, attempt)
+    elif kind == "ok":
+        for index, *_ in rec["b"]:
+            model.ok(index)
+    elif kind == "f":
+        model.failed(rec["i"], rec["a"], rec["next"] == "dlq")
+    elif kind in ("open", "close"):
+        model.end_session(rec["cut"], crashed=kind == "open")
+    elif kind == "purge":
+        model.purge(rec["b"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_replay_agrees_with_the_item_by_item_meaning_of_every_record(data):
+    state, model = JobState(TOTAL), Model(TOTAL)
+    for _ in range(data.draw(st.integers(1, 30), label="records")):
+        rec = data.draw(record(model))
+        state.apply(rec)
+        model_apply(model, rec)
+        agrees(state, model)
+    restored = JobState.from_checkpoint(decode_line(state.to_checkpoint()))
+    agrees(restored, model)
+
+
+def test_a_batch_of_successes_settles_items_from_every_place_in_one_go():
+    """Consecutive successes take items out of pending, failed, the DLQ and purged alike,
+    and close their open attempts; the counts follow."""
+    state = JobState(8)
+    state.apply({"k": "s", "r": [[0, 8, 1]]})
+    state.apply({"k": "f", "i": 1, "a": 1, "next": "retry"})
+    state.apply({"k": "f", "i": 2, "a": 1, "next": "dlq"})
+    state.apply({"k": "f", "i": 3, "a": 1, "next": "dlq"})
+    state.apply({"k": "purge", "b": [3]})
+    assert state.counts == [5, 0, 1, 1, 1] and state.open_count == 5
+    state.succeeded(list(range(0, 6)))
+    assert state.counts == [2, 6, 0, 0, 0]
+    assert state.open_indices() == [6, 7]
+    state.succeeded([7, 6])  # not in order: the item-by-item path
+    assert state.counts == [0, 8, 0, 0, 0] and state.open_count == 0
