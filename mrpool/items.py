@@ -19,7 +19,10 @@ forwards lines to workers without parsing them.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
+import shutil
+import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,45 +90,203 @@ def _ingest_with_identity(spec: JobSpec, dest_dir: Path) -> IngestReport:
 
 
 def _ingest(spec: JobSpec, dest_dir: Path, id_field: str | None, strict: bool) -> IngestReport:
-    seen = _Identities()
-    total = duplicates = 0
-    refused: InputError | None = None  # default id mode: a bad id only counts if every item has one
     with open(dest_dir / ITEMS_FILE, "wb", buffering=1 << 20, opener=_private) as out:
+        run = _IngestRun(spec, out, id_field, strict)
+        helpers = _start_helpers(spec, dest_dir, id_field) if id_field else []
         try:
-            for chunk in _read_input(spec):
-                rows = _clean_chunk_rows(chunk, id_field, seen) if id_field else None
-                if rows is not None:  # the common case: a few C-speed passes over the chunk
-                    out.write(rows[1])
-                    total += rows[0]
-                    continue
-                for n, item, raw in chunk.each():
-                    if id_field is None:
-                        raw_id: Any = content_id(item)
-                    else:
-                        try:
-                            raw_id = _item_id(_where(spec, n), item, id_field, strict)
-                        except InputError as e:
-                            if strict:
-                                raise
-                            refused = refused or e  # unless a later item has no id at all
-                            continue
-                    if not seen.add(raw_id):
-                        duplicates += 1
-                        continue
-                    out.write(orjson.dumps(raw_id) + b"\t" + (raw or orjson.dumps(item)) + b"\n")
-                    total += 1
+            for chunk in _read_input(spec, stop=helpers[0].start if helpers else None):
+                run.take(chunk)
+            for helper in helpers:
+                run.take_part(helper)
         except InputError:
-            if refused is not None:
-                raise refused from None  # report the first problem in the file
+            if run.refused is not None:
+                raise run.refused from None  # report the first problem in the file
             raise
+        finally:
+            for helper in helpers:
+                helper.finish()
         out.flush()
         os.fsync(out.fileno())
-    if refused is not None:
-        raise refused
-    if total == 0:
+    if run.refused is not None:
+        raise run.refused
+    if run.total == 0:
         raise InputError(f"{spec.input}: the input holds no items")
     mode = f"field:{id_field}" if id_field else "content-hash"
-    return IngestReport(total=total, duplicates=duplicates, id_mode=mode)
+    return IngestReport(total=run.total, duplicates=run.duplicates, id_mode=mode)
+
+
+class _IngestRun:
+    """One pass over the input, in input order: validates, dedups and writes each chunk."""
+
+    def __init__(self, spec: JobSpec, out, id_field: str | None, strict: bool) -> None:
+        self.spec, self.out, self.id_field, self.strict = spec, out, id_field, strict
+        self.seen = _Identities()
+        self.total = self.duplicates = 0
+        self.next_line = 1  # .jsonl: the line number the next chunk starts at
+        self.refused: InputError | None = (
+            None  # default id mode: a bad id only counts if every item has one
+        )
+
+    def take(self, chunk: _Chunk) -> None:
+        if chunk.lines is not None:
+            self.next_line = chunk.first + len(chunk.lines)
+        id_field, seen, out = self.id_field, self.seen, self.out
+        rows = _clean_chunk_rows(chunk, id_field, seen) if id_field else None
+        if rows is not None:  # the common case: a few C-speed passes over the chunk
+            out.write(rows[1])
+            self.total += rows[0]
+            return
+        for n, item, raw in chunk.each():
+            if id_field is None:
+                raw_id: Any = content_id(item)
+            else:
+                try:
+                    raw_id = _item_id(_where(self.spec, n), item, id_field, self.strict)
+                except InputError as e:
+                    if self.strict:
+                        raise
+                    self.refused = self.refused or e  # unless a later item has no id at all
+                    continue
+            if not seen.add(raw_id):
+                self.duplicates += 1
+                continue
+            out.write(orjson.dumps(raw_id) + b"\t" + (raw or orjson.dumps(item)) + b"\n")
+            self.total += 1
+
+    def take_part(self, helper: _Helper) -> None:
+        """The next part of the input: the helper's rows if it found the part clean and
+        none of its ids was seen before; otherwise the part, validated here as usual."""
+        done = helper.result()
+        if done is not None:
+            count, ids = done
+            if self.seen.add_all_new(ids, set(map(type, ids))):
+                helper.copy_rows(self.out)
+                self.total += count
+                self.next_line += count  # a clean part has no blank line: one item a line
+                return
+        for chunk in helper.chunks(self.next_line):
+            self.take(chunk)
+
+
+# -- validating a large .jsonl input on every core ----------------------------
+MAX_PARTS = 4
+MIN_PART_BYTES = 1 << 19
+
+
+def _start_helpers(spec: JobSpec, dest_dir: Path, id_field: str) -> list[_Helper]:
+    """Helpers for the parts of a large ``.jsonl`` input after the first, one per core.
+
+    Validation is most of a new job's start-up and it is single-core work, so
+    with N cores the input is cut at line starts into N parts and a forked helper
+    runs the fast path (``_clean_chunk_rows``) over each part but the first,
+    writing its rows to a file beside ``items.jsonl``, while this process does
+    the first. The parts are then taken *in input order* (``take_part``): a
+    helper's rows are kept only if its part was clean and none of its ids was
+    seen earlier in the file; otherwise this process validates that part itself,
+    as if there had been no helper -- so errors, their order and duplicate
+    counts are exactly those of the plain pass.
+    """
+    path = Path(spec.input)
+    if path.suffix != ".jsonl":
+        return []
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return []  # the plain pass reports it
+    parts = min(MAX_PARTS, _cores(), size // MIN_PART_BYTES)
+    if parts < 2:
+        return []
+    starts = _line_starts(path, [size * k // parts for k in range(1, parts)], size)
+    bounds = list(zip(starts, [*starts[1:], size]))
+    return [
+        _Helper(path, start, stop, id_field, dest_dir / f".part{k}.tmp")
+        for k, (start, stop) in enumerate(bounds, 1)
+    ]
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+
+
+def _line_starts(path: Path, offsets: list[int], size: int) -> list[int]:
+    """The start of the first line after each offset (increasing, before ``size``)."""
+    starts: list[int] = []
+    with open(path, "rb") as handle:
+        for offset in offsets:
+            handle.seek(max(offset - 1, starts[-1] if starts else 0))
+            handle.readline()
+            at = handle.tell()
+            if at < size and (not starts or at > starts[-1]):
+                starts.append(at)
+    return starts
+
+
+class _Helper:
+    """A forked process validating the input's bytes ``start`` to ``stop``."""
+
+    def __init__(self, path: Path, start: int, stop: int, id_field: str, rows_path: Path) -> None:
+        self.path, self.start, self.stop, self.rows_path = path, start, stop, rows_path
+        ctx = multiprocessing.get_context("fork")
+        self._receiver, sender = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(
+            target=_validate_part,
+            args=(path, start, stop, id_field, rows_path, sender, os.getpid()),
+            name="mrpool-ingest",
+            daemon=True,
+        )
+        self._process.start()
+        sender.close()
+
+    def result(self) -> tuple[int, list[Any]] | None:
+        """``(item count, ids)`` of a clean part, or None (not clean, or the helper died)."""
+        try:
+            message = self._receiver.recv_bytes()
+        except (EOFError, OSError):
+            return None
+        return tuple(orjson.loads(message)) if message else None  # type: ignore[return-value]
+
+    def copy_rows(self, out) -> None:
+        with open(self.rows_path, "rb") as rows:
+            shutil.copyfileobj(rows, out, 1 << 20)
+
+    def chunks(self, first_line: int) -> Iterator[_Chunk]:
+        with open(self.path, "rb") as handle:
+            handle.seek(self.start)
+            yield from _read_jsonl(self.path, handle, self.stop, first_line)
+
+    def finish(self) -> None:
+        """End the helper (it may still be running if the pass stopped early) and
+        remove its rows file."""
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join()
+        self._process.close()
+        self._receiver.close()
+        self.rows_path.unlink(missing_ok=True)
+
+
+def _validate_part(
+    path: Path, start: int, stop: int, id_field: str, rows_path: Path, conn, parent: int
+) -> None:
+    """In a helper: the fast path over one part; sends ``[count, ids]``, or b"" at the
+    first doubt (the parent then validates the part itself and names any error).
+    If the parent dies (SIGKILL mid-ingest), the helper stops at its next chunk."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
+    try:
+        seen, count = _Identities(), 0
+        with open(path, "rb") as handle, open(rows_path, "wb", opener=_private) as out:
+            handle.seek(start)
+            for chunk in _read_jsonl(path, handle, stop):
+                rows = _clean_chunk_rows(chunk, id_field, seen)
+                if rows is None or os.getppid() != parent:
+                    conn.send_bytes(b"")
+                    return
+                out.write(rows[1])
+                count += rows[0]
+        conn.send_bytes(orjson.dumps([count, seen.all()]))
+    except Exception:  # noqa: BLE001 - whatever it is, the parent's own pass will meet it
+        pass
 
 
 class _Identities:
@@ -162,6 +323,10 @@ class _Identities:
             return False
         known.update(keys)
         return True
+
+    def all(self) -> list[Any]:
+        """Every id recorded (ints while all have been ints, else texts)."""
+        return list(self._texts or self._ints)
 
     def _as_texts(self) -> set[str]:
         if self._ints:
@@ -277,8 +442,9 @@ class _Chunk:
             yield self.first + offset, item, (None if b"\t" in raw or b"\r" in raw else raw)
 
 
-def _read_input(spec: JobSpec) -> Iterator[_Chunk]:
-    """The input in chunks, streamed (``.jsonl``) or from the parsed document (``.json``)."""
+def _read_input(spec: JobSpec, stop: int | None = None) -> Iterator[_Chunk]:
+    """The input in chunks, streamed (``.jsonl``, up to byte ``stop`` if given) or from
+    the parsed document (``.json``)."""
     path = Path(spec.input)
     try:
         handle = open(path, "rb")
@@ -290,16 +456,19 @@ def _read_input(spec: JobSpec) -> Iterator[_Chunk]:
         raise InputError(f"{path}: cannot read input: {e.strerror}") from None
     with handle:
         if path.suffix == ".jsonl":
-            yield from _read_jsonl(path, handle)
+            yield from _read_jsonl(path, handle, stop)
         else:
             yield from _read_json(spec, path, handle.read())
 
 
-def _read_jsonl(path: Path, handle) -> Iterator[_Chunk]:
-    lineno = 1
-    while block := handle.read(CHUNK_BYTES):
-        if block[-1:] != b"\n":
+def _read_jsonl(path: Path, handle, stop: int | None = None, lineno: int = 1) -> Iterator[_Chunk]:
+    """Chunks of whole lines from the handle's position up to byte ``stop`` (a line
+    start) or the end; ``lineno`` is the number of the first line."""
+    at = handle.tell()
+    while block := handle.read(CHUNK_BYTES if stop is None else min(CHUNK_BYTES, stop - at)):
+        if block[-1:] != b"\n" and (stop is None or at + len(block) < stop):
             block += handle.readline()  # whole lines only
+        at += len(block)
         lines = block.split(b"\n")
         if not lines[-1]:
             lines.pop()  # the block ended with LF

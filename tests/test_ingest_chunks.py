@@ -62,6 +62,29 @@ def tiny_chunks(monkeypatch):
     monkeypatch.setattr(items, "CHUNK_BYTES", 40)  # two or three lines a chunk
 
 
+@pytest.fixture(params=[1, 3], ids=["one-pass", "three-parts"])
+def parts(request, monkeypatch):
+    """Validate in one pass, or in three parts (two forked helpers) whatever the cores."""
+    monkeypatch.setattr(items, "MIN_PART_BYTES", 1)
+    monkeypatch.setattr(items, "_cores", lambda: request.param)
+    return request.param
+
+
+class small_parts:
+    """Tiny chunks, and the input cut into ``n`` parts (for hypothesis, which cannot
+    take function-scoped fixtures)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __enter__(self):
+        self.saved = items.CHUNK_BYTES, items.MIN_PART_BYTES, items._cores
+        items.CHUNK_BYTES, items.MIN_PART_BYTES, items._cores = 40, 1, lambda: self.n
+
+    def __exit__(self, *_):
+        items.CHUNK_BYTES, items.MIN_PART_BYTES, items._cores = self.saved
+
+
 ids = st.one_of(st.integers(-3, 12), st.integers(-3, 12).map(str), st.sampled_from(["a", "b\tc"]))
 lines_with_ids = st.lists(
     st.one_of(
@@ -74,46 +97,45 @@ lines_with_ids = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@pytest.mark.parametrize("n_parts", [1, 3])
+@settings(max_examples=100, deadline=None)
 @given(lines=lines_with_ids)
-def test_chunked_ingest_matches_the_line_by_line_reference(tmp_path_factory, lines):
+def test_chunked_ingest_matches_the_line_by_line_reference(tmp_path_factory, lines, n_parts):
     items_ = [line for line in lines if line.strip()]
     if not items_:
         return
-    original = items.CHUNK_BYTES
-    items.CHUNK_BYTES = 40
-    try:
+    with small_parts(n_parts):
         report, stored = ingest_lines(tmp_path_factory.mktemp("ingest"), lines)
-    finally:
-        items.CHUNK_BYTES = original
     expected = reference_rows(lines, None)
     assert stored == expected
     assert report.total == len(expected)
     assert report.duplicates == len(items_) - len(expected)
 
 
-def test_seven_and_quoted_seven_are_one_item_across_chunks(tmp_path, tiny_chunks):
+def test_seven_and_quoted_seven_are_one_item_across_chunks(tmp_path, tiny_chunks, parts):
     lines = [b'{"id": %d}' % i for i in range(10)] + [b'{"id": "7"}', b'{"id": "x"}']
     report, stored = ingest_lines(tmp_path, lines)
     assert [raw_id for raw_id, _ in stored] == [*range(10), "x"]
     assert report.duplicates == 1
 
 
-def test_a_bad_line_in_a_late_chunk_is_named_by_its_line_number(tmp_path, tiny_chunks):
+def test_a_bad_line_in_a_late_chunk_is_named_by_its_line_number(tmp_path, tiny_chunks, parts):
     lines = [b'{"id": %d}' % i for i in range(20)]
     lines[16] = b'{"id": 16'
     with pytest.raises(InputError, match=r"in\.jsonl:17: invalid JSON"):
         ingest_lines(tmp_path, lines)
 
 
-def test_a_bad_id_in_a_late_chunk_is_named_by_its_line_number(tmp_path, tiny_chunks):
+def test_a_bad_id_in_a_late_chunk_is_named_by_its_line_number(tmp_path, tiny_chunks, parts):
     lines = [b'{"key": "k%d"}' % i for i in range(20)]
     lines[13] = b'{"key": 1.5}'
     with pytest.raises(InputError, match=r"in\.jsonl:14: field 'key' is float"):
         ingest_lines(tmp_path, lines, id_field="key")
 
 
-def test_one_item_without_an_id_switches_every_chunk_to_content_hashes(tmp_path, tiny_chunks):
+def test_one_item_without_an_id_switches_every_chunk_to_content_hashes(
+    tmp_path, tiny_chunks, parts
+):
     lines = [b'{"id": %d}' % i for i in range(15)] + [b'{"name": "no id"}']
     report, stored = ingest_lines(tmp_path, lines)
     assert report.id_mode == "content-hash"
@@ -128,3 +150,43 @@ def test_a_large_clean_input_takes_several_real_chunks(tmp_path):
     assert report.total == n and report.duplicates == 1
     assert stored[0] == ("item-0000000", orjson.loads(lines[0]))
     assert stored[-1] == (f"item-{n - 1:07d}", orjson.loads(lines[n - 1]))
+
+
+def test_parts_validated_by_helpers_give_the_same_bytes_and_leave_nothing_behind(
+    tmp_path, parts, monkeypatch
+):
+    """A clean input cut into parts makes exactly the file one pass makes, from the
+    helpers' rows; their row files are gone and no helper outlives the ingest."""
+    import multiprocessing
+
+    kept = []
+    copy_rows = items._Helper.copy_rows
+    monkeypatch.setattr(
+        items._Helper, "copy_rows", lambda h, out: (kept.append(h), copy_rows(h, out))
+    )
+    lines = [b'{"id": "k%d", "v": [%d, "x"]}' % (i, i) for i in range(500)]
+    report, stored = ingest_lines(tmp_path / "a", lines)
+    assert len(kept) == parts - 1  # every later part came from its helper
+    assert report.total == 500 and report.duplicates == 0
+    assert stored == reference_rows(lines, None)
+    assert sorted(p.name for p in (tmp_path / "a" / "out").iterdir()) == ["items.jsonl"]
+    assert multiprocessing.active_children() == []
+
+
+def test_a_duplicate_in_a_later_part_is_counted_and_the_first_one_kept(tmp_path, parts):
+    lines = [b'{"id": %d, "first": true}' % i for i in range(300)]
+    lines.append(b'{"id": "5", "first": false}')  # in the last part: seen in the first
+    report, stored = ingest_lines(tmp_path, lines)
+    assert report.total == 300 and report.duplicates == 1
+    assert stored[5] == (5, {"id": 5, "first": True})
+    assert stored == reference_rows(lines, None)
+
+
+def test_the_first_bad_line_is_named_even_when_a_later_part_also_has_one(tmp_path, parts):
+    lines = [b'{"id": %d}' % i for i in range(300)]
+    lines[120], lines[280] = b'{"id": 120', b"not json"
+    with pytest.raises(InputError, match=r"in\.jsonl:121: invalid JSON"):
+        ingest_lines(tmp_path, lines)
+    lines[120] = b'{"id": 120}'
+    with pytest.raises(InputError, match=r"in\.jsonl:281: invalid JSON"):
+        ingest_lines(tmp_path / "again", lines)

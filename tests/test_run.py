@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from conftest import (
     PY,
@@ -944,3 +945,31 @@ def test_package_exports_exactly_the_api():
 
     assert set(mrpool.API_NAMES) == set(mrpool.api.__all__)
     assert all(getattr(mrpool, name) is getattr(mrpool.api, name) for name in mrpool.API_NAMES)
+
+
+@pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2, reason="the input is validated in parts only with 2+ cores"
+)
+def test_sigkill_during_a_parallel_ingest_leaves_no_job_and_no_helper(mrpool, tmp_path):
+    """A large input is validated by forked helpers; SIGKILL of ``run`` mid-ingest leaves
+    no job (nothing existed yet), the helpers stop on their own (the fixture checks
+    that no process outlives the test), and the same run then succeeds."""
+    n = 600_000
+    job_dir = tmp_path / "job"
+    job_file = write_job(
+        job_dir, [], {"callable": "m:f"}, files={"m.py": "def f(item):\n    return None\n"}
+    )
+    (job_dir / "items.jsonl").write_bytes(
+        b"".join(b'{"id": %d, "pad": "xxxxxxxxxxxx"}\n' % i for i in range(n))
+    )
+    proc = mrpool.start("run", str(job_file), "--job-id", "big")
+    supervisor = psutil.Process(proc.pid)
+    wait_for(supervisor.children, timeout=30, interval=0.002, what="an ingest helper")
+    assert not mrpool.job_dir("big").exists()  # still validating
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not mrpool.job_dir("big").exists()
+    r = mrpool.run("run", str(job_file), "--job-id", "big", timeout=120)
+    assert r.returncode == 0, r.stderr
+    status = mrpool.status("big")
+    assert (status["total"], status["succeeded"]) == (n, n)
