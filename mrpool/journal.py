@@ -31,10 +31,14 @@ Writing (group commit)
 ----------------------
 Only the lock holder appends. ``append`` encodes a record into a buffer;
 ``write`` hands the buffer to the kernel with one ``write(2)``, after which the
-records survive a SIGKILL of this process; ``sync`` adds an ``fsync`` at most
-every ``commit_interval`` seconds (and always when forced), after which they
-survive a power cut. The supervisor writes before it tells a worker to start
-and right after outcomes arrive, so nothing a user can see is only in memory.
+records survive a SIGKILL of this process; ``sync`` starts an ``fsync`` at most
+every ``commit_interval`` seconds, after which they survive a power cut. That
+fsync runs on a committer thread, so the supervisor goes on dispatching while
+the disk works (on a busy VM one fsync can take 300 ms, and the workers would
+run dry waiting for it); a forced ``sync`` (checkpoints, the end of a session)
+waits for it and fsyncs in the caller. The supervisor writes before it tells a
+worker to start and right after outcomes arrive, so nothing a user can see is
+only in memory.
 
 The checkpoint and DLQ snapshot files are single records in the same codec.
 """
@@ -42,6 +46,7 @@ The checkpoint and DLQ snapshot files are single records in the same codec.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -162,8 +167,9 @@ class JournalWriter:
         self.commit_interval = commit_interval
         self._fd = open_private(path, os.O_WRONLY | os.O_CREAT)
         self._buffer: list[bytes] = []
-        self._dirty = False
+        self._dirty = False  # written since the last fsync began
         self._last_sync = time.monotonic()
+        self._committer: _Committer | None = None  # started by the first unforced commit
         try:
             size = os.fstat(self._fd).st_size
             if size > valid_end:  # a torn tail from a crash: cut it before appending
@@ -200,20 +206,31 @@ class JournalWriter:
         self._dirty = True
 
     def sync(self, force: bool = False) -> bool:
-        """``write`` and, if the commit interval has passed (or ``force``), fsync."""
+        """``write``, then make the records durable: unforced, by starting an fsync on
+        the committer thread if the commit interval has passed and none is running
+        (True if one was started); forced, at once, here. Raises ``StorageError`` if
+        an fsync failed, here or on the thread."""
         self.write()
-        if not self._dirty or (
-            not force and time.monotonic() - self._last_sync < self.commit_interval
-        ):
+        committer = self._committer
+        if committer is not None:
+            if force:
+                committer.wait_idle()
+            committer.raise_failure()
+        if force:
+            if self._dirty:
+                _fsync(self._fd, self.path)
+                self._dirty = False
+                self._last_sync = time.monotonic()
+            return True
+        if not self._dirty or time.monotonic() - self._last_sync < self.commit_interval:
             return False
-        try:
-            os.fsync(self._fd)
-            if failpoints.ENABLED:
-                failpoints.hit("journal.after_fsync")
-        except OSError as e:
-            raise StorageError(f"{self.path}: cannot fsync journal: {e.strerror}") from None
-        self._dirty = False
+        if committer is None:
+            committer = self._committer = _Committer(self._fd, self.path)
+        elif committer.busy:
+            return False  # a slow disk: the next commit starts when this one ends
+        self._dirty = False  # the fsync about to start covers everything written so far
         self._last_sync = time.monotonic()
+        committer.start_commit()
         return True
 
     def close(self) -> None:
@@ -221,6 +238,7 @@ class JournalWriter:
             try:
                 self.sync(force=True)
             finally:
+                self._stop_committer()
                 os.close(self._fd)
                 self._fd = -1
 
@@ -228,8 +246,14 @@ class JournalWriter:
         """Close without writing what is buffered (after a storage error)."""
         self._buffer.clear()
         if self._fd >= 0:
+            self._stop_committer()
             os.close(self._fd)
             self._fd = -1
+
+    def _stop_committer(self) -> None:
+        if self._committer is not None:
+            self._committer.stop()
+            self._committer = None
 
     def _undo_partial_write(self) -> None:
         """A failed write may have left part of a record: cut back to the last whole one."""
@@ -238,3 +262,69 @@ class JournalWriter:
             os.lseek(self._fd, self.offset, os.SEEK_SET)
         except OSError:
             pass  # the reader treats the fragment as a torn tail
+
+
+def _fsync(fd: int, path: Path) -> None:
+    try:
+        os.fsync(fd)
+        if failpoints.ENABLED:
+            failpoints.hit("journal.after_fsync")
+    except OSError as e:
+        raise StorageError(f"{path}: cannot fsync journal: {e.strerror}") from None
+
+
+class _Committer:
+    """A thread that fsyncs the journal when asked, one fsync at a time.
+
+    A failed fsync is kept and raised in the writer's thread at its next ``sync``
+    (and every one after it: once an fsync has failed, nothing later is known to
+    be durable)."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd, self._path = fd, path
+        self._changed = threading.Condition()
+        self._wanted = self._running = self._stopping = False
+        self._failure: StorageError | None = None
+        self._thread = threading.Thread(target=self._serve, name="mrpool-commit", daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return self._wanted or self._running
+
+    def start_commit(self) -> None:
+        with self._changed:
+            self._wanted = True
+            self._changed.notify_all()
+
+    def wait_idle(self) -> None:
+        with self._changed:
+            while self._wanted or self._running:
+                self._changed.wait()
+
+    def raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def stop(self) -> None:
+        """Finish the fsync in progress (if any), then end the thread."""
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        self._thread.join()
+
+    def _serve(self) -> None:
+        while True:
+            with self._changed:
+                while not self._wanted and not self._stopping:
+                    self._changed.wait()
+                if not self._wanted:
+                    return
+                self._wanted, self._running = False, True
+            try:
+                _fsync(self._fd, self._path)
+            except StorageError as e:
+                self._failure = e
+            with self._changed:
+                self._running = False
+                self._changed.notify_all()

@@ -297,3 +297,57 @@ def test_flipped_byte_in_the_middle_of_the_journal_is_an_error_naming_file_and_o
     assert r.returncode not in (0, 2) and r.stdout == "", r.stdout
     message = r.stderr.strip()
     assert "\n" not in message and "journal.log" in message and f"byte {start}" in message
+
+
+# -- group commit on the committer thread --------------------------------------------
+def test_a_slow_fsync_does_not_hold_up_the_writer_and_a_forced_sync_waits_for_it(
+    tmp_path, monkeypatch
+):
+    """The disk is made slow (fsync blocks until released): an unforced sync starts the
+    fsync and returns at once, records keep reaching the kernel meanwhile, and a forced
+    sync waits for it, then fsyncs what came after."""
+    import threading
+
+    import mrpool.journal as journal_mod
+
+    release, calls, real_fsync = threading.Event(), [], os.fsync
+
+    def slow_fsync(fd):
+        calls.append(os.fstat(fd).st_size)
+        assert release.wait(10)
+        real_fsync(fd)
+
+    path = tmp_path / "journal.log"
+    writer = JournalWriter(path, 0, commit_interval=0.0)
+    monkeypatch.setattr(journal_mod.os, "fsync", slow_fsync)
+    writer.append({"k": "job", "n": 1})
+    assert writer.sync() is True  # an fsync started; it is blocked on the "disk"
+    writer.append({"k": "ok", "n": 2})
+    assert writer.sync() is False  # written to the kernel; the next commit waits its turn
+    assert len(path.read_bytes().splitlines()) == 2
+    threading.Timer(0.2, release.set).start()
+    writer.sync(force=True)
+    assert len(calls) == 2 and calls[1] == path.stat().st_size  # the second covers both
+    writer.close()
+    assert [r["n"] for _, _, r in read_records(path)] == [1, 2]
+
+
+def test_an_fsync_failing_on_the_committer_thread_is_raised_by_the_next_sync(tmp_path, monkeypatch):
+    import errno
+
+    import mrpool.journal as journal_mod
+    from mrpool.errors import StorageError
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    path = tmp_path / "journal.log"
+    writer = JournalWriter(path, 0, commit_interval=0.0)
+    monkeypatch.setattr(journal_mod.os, "fsync", failing_fsync)
+    writer.append({"k": "job"})
+    assert writer.sync() is True
+    with pytest.raises(StorageError, match=r"journal\.log: cannot fsync journal"):
+        writer.sync(force=True)
+    with pytest.raises(StorageError):  # and every later one: nothing since is known durable
+        writer.sync()
+    writer.abandon()
