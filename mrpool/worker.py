@@ -25,8 +25,10 @@ so nothing runs on unsupervised.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import select
+import shutil
 import signal
 import sys
 import threading
@@ -354,6 +356,7 @@ def _command_runner(config: WorkerConfig, slots: SlotTable, slot: int):
     base_env = dict(os.environ)
     base_env["MRPOOL_JOB_ID"] = config.job_id
     worker_pid = os.getpid()
+    program = functools.lru_cache(maxsize=64)(_program)
 
     def run(index: int, attempt: int, line: bytes) -> tuple[bool, Any]:
         raw_id, _, item_json = line.partition(b"\t")
@@ -373,13 +376,7 @@ def _command_runner(config: WorkerConfig, slots: SlotTable, slot: int):
         stdin, stdout, stderr = _memory_file(item_json), _memory_file(), _memory_file()
         try:
             try:
-                pid = os.posix_spawnp(
-                    argv[0],
-                    argv,
-                    env,
-                    file_actions=[(_DUP2, stdin, 0), (_DUP2, stdout, 1), (_DUP2, stderr, 2)],
-                    setsigdef=_DEFAULT_SIGNALS,
-                )
+                pid = _spawn(program(argv[0]), argv, env, (stdin, stdout, stderr))
             except OSError as e:
                 return False, _failure("exec", f"cannot run {argv[0]!r}: {e.strerror}")
             except ValueError as e:  # an argument filled from the item holds a NUL byte
@@ -406,6 +403,32 @@ def _command_runner(config: WorkerConfig, slots: SlotTable, slot: int):
                 os.close(fd)
 
     return run
+
+
+def _program(name: str) -> str | None:
+    """Where ``name`` is run from: itself if it holds a "/", else its PATH lookup (None:
+    not found). Cached per worker, as a shell hashes commands: ``posix_spawnp`` would
+    search PATH again for every attempt, trying each directory before the right one
+    (with this machine's 15-entry PATH, ~100 us of a ~800 us ``true``)."""
+    return name if "/" in name else shutil.which(name)
+
+
+def _spawn(
+    path: str | None, argv: list[str], env: dict[str, str], fds: tuple[int, int, int]
+) -> int:
+    """``posix_spawn`` of ``argv`` with ``fds`` as its stdin, stdout and stderr. A program
+    not found, or gone since it was looked up, is left to ``posix_spawnp``, whose error
+    is the one to report."""
+    options = {
+        "file_actions": [(_DUP2, fd, target) for target, fd in enumerate(fds)],
+        "setsigdef": _DEFAULT_SIGNALS,
+    }
+    if path is not None:
+        try:
+            return os.posix_spawn(path, argv, env, **options)
+        except OSError:
+            pass
+    return os.posix_spawnp(argv[0], argv, env, **options)
 
 
 _DUP2 = os.POSIX_SPAWN_DUP2

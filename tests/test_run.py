@@ -973,3 +973,27 @@ def test_sigkill_during_a_parallel_ingest_leaves_no_job_and_no_helper(mrpool, tm
     assert r.returncode == 0, r.stderr
     status = mrpool.status("big")
     assert (status["total"], status["succeeded"]) == (n, n)
+
+
+def test_a_map_command_is_looked_up_on_path_once_yet_a_vanished_one_is_found_again(
+    mrpool, tmp_path
+):
+    """Workers remember where a command was found on PATH (as a shell does). When that
+    file goes away mid-run, the next attempt searches PATH again, as it would have
+    without the cache: here it finds the second ``tool`` and every item succeeds."""
+    first, second = tmp_path / "bin1", tmp_path / "bin2"
+    for directory, body in (
+        (first, 'printf first\nif [ "$MRPOOL_ITEM_ID" = 3 ]; then rm -f "$0"; fi\n'),
+        (second, "printf second\n"),
+    ):
+        directory.mkdir()
+        (directory / "tool").write_text("#!/bin/sh\n" + body)
+        (directory / "tool").chmod(0o755)
+    job = write_job(
+        tmp_path / "job", [{"id": i} for i in range(8)], {"command": ["tool"]}, workers=1
+    )
+    env = mrpool.env(PATH=f"{first}:{second}:{os.environ['PATH']}")
+    r = mrpool.run("run", str(job), "--job-id", "path", env=env)
+    assert r.returncode == 0, r.stderr
+    by_id = {row["id"]: row["result"] for row in mrpool.results("path")}
+    assert by_id == {i: "first" if i <= 3 else "second" for i in range(8)}
