@@ -191,3 +191,34 @@ def test_a_workers_outcomes_reach_the_supervisor_sorted_and_journal_ready(outcom
     assert journaled == [orjson.loads(orjson.dumps(rows[k])) for k in good]
     assert worker.held == 0 and not worker.queued
     assert worker.per_item == sum(row[2] for row in rows) / n
+
+
+def test_large_fast_items_are_held_a_few_mib_at_a_time_per_worker(tmp_path):
+    """Real workers, 100 KB items and a no-op map: a batch is sized by bytes as well as
+    by time, so what a worker holds (sent, not yet answered) stays near two batches of
+    ``MAX_BATCH_BYTES`` instead of growing to hundreds of items; every item comes back."""
+    from mrpool import executor as executor_mod
+
+    (tmp_path / "m.py").write_text("def f(item):\n    return None\n")
+    executor = LocalExecutor(WorkerConfig("j", str(tmp_path), None, "m:f", None), 2)
+    pad = "x" * 100_000
+    pending = [b'%d\t{"id":%d,"pad":"%s"}\n' % (i, i, pad.encode()) for i in range(600)]
+    item_size = len(pending[0])
+    done, peak = 0, 0
+    executor.start()
+    try:
+        while done < 600:
+            room = executor.capacity()
+            if room and pending:
+                first = 600 - len(pending)
+                lines, pending = pending[:room], pending[room:]
+                executor.submit(
+                    Batch(list(range(first, first + len(lines))), [1] * len(lines), lines)
+                )
+            peak = max([peak] + [w.held * item_size for w in executor.workers if w is not None])
+            outcomes = executor.wait(0.05)
+            assert not outcomes.failed and not outcomes.requeued
+            done += sum(len(s.indices) for s in outcomes.ok)
+    finally:
+        executor.shutdown()
+    assert peak <= 2 * executor_mod.MAX_BATCH_BYTES + item_size, peak
