@@ -123,9 +123,8 @@ class _IngestRun:
         self.seen = _Identities()
         self.total = self.duplicates = 0
         self.next_line = 1  # .jsonl: the line number the next chunk starts at
-        self.refused: InputError | None = (
-            None  # default id mode: a bad id only counts if every item has one
-        )
+        # default id mode: a bad id only counts if every item has one
+        self.refused: InputError | None = None
 
     def take(self, chunk: _Chunk) -> None:
         if chunk.lines is not None:
@@ -197,11 +196,15 @@ def _start_helpers(spec: JobSpec, dest_dir: Path, id_field: str) -> list[_Helper
     if parts < 2:
         return []
     starts = _line_starts(path, [size * k // parts for k in range(1, parts)], size)
-    bounds = list(zip(starts, [*starts[1:], size]))
-    return [
-        _Helper(path, start, stop, id_field, dest_dir / f".part{k}.tmp")
-        for k, (start, stop) in enumerate(bounds, 1)
-    ]
+    helpers: list[_Helper] = []
+    try:
+        for k, (start, stop) in enumerate(zip(starts, [*starts[1:], size]), 1):
+            helpers.append(_Helper(path, start, stop, id_field, dest_dir / f".part{k}.tmp"))
+    except OSError:  # no process to be had (EAGAIN): the plain pass does it all
+        for helper in helpers:
+            helper.finish()
+        return []
+    return helpers
 
 
 def _cores() -> int:
@@ -235,8 +238,13 @@ class _Helper:
             name="mrpool-ingest",
             daemon=True,
         )
-        self._process.start()
-        sender.close()
+        try:
+            self._process.start()
+        except BaseException:
+            self._receiver.close()
+            raise
+        finally:
+            sender.close()
 
     def result(self) -> tuple[int, list[Any]] | None:
         """``(item count, ids)`` of a clean part, or None (not clean, or the helper died)."""

@@ -207,9 +207,9 @@ class JournalWriter:
 
     def sync(self, force: bool = False) -> bool:
         """``write``, then make the records durable: unforced, by starting an fsync on
-        the committer thread if the commit interval has passed and none is running
-        (True if one was started); forced, at once, here. Raises ``StorageError`` if
-        an fsync failed, here or on the thread."""
+        the committer thread if the commit interval has passed and none is running;
+        forced, at once, here. True if an fsync was started or done. Raises
+        ``StorageError`` if an fsync failed, here or on the thread."""
         self.write()
         committer = self._committer
         if committer is not None:
@@ -217,10 +217,11 @@ class JournalWriter:
                 committer.wait_idle()
             committer.raise_failure()
         if force:
-            if self._dirty:
-                _fsync(self._fd, self.path)
-                self._dirty = False
-                self._last_sync = time.monotonic()
+            if not self._dirty:
+                return False
+            _fsync(self._fd, self.path)
+            self._dirty = False
+            self._last_sync = time.monotonic()
             return True
         if not self._dirty or time.monotonic() - self._last_sync < self.commit_interval:
             return False

@@ -12,6 +12,7 @@ reference model written the obvious way.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import orjson
@@ -190,3 +191,29 @@ def test_the_first_bad_line_is_named_even_when_a_later_part_also_has_one(tmp_pat
     lines[120] = b'{"id": 120}'
     with pytest.raises(InputError, match=r"in\.jsonl:281: invalid JSON"):
         ingest_lines(tmp_path / "again", lines)
+
+
+def test_no_helper_to_be_had_means_one_plain_pass(tmp_path, monkeypatch):
+    """Forking can fail (EAGAIN when a user is at their process limit, which cannot be
+    made to happen here): the ingest then validates every part itself."""
+    import errno
+    import multiprocessing.process
+
+    monkeypatch.setattr(items, "MIN_PART_BYTES", 1)
+    monkeypatch.setattr(items, "_cores", lambda: 3)
+    started = []
+
+    def no_fork(process):
+        if started:  # the first helper starts, the second cannot
+            raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        started.append(process)
+        original_start(process)
+
+    original_start = multiprocessing.process.BaseProcess.start
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", no_fork)
+    lines = [b'{"id": %d}' % i for i in range(300)]
+    report, stored = ingest_lines(tmp_path, lines)
+    assert len(started) == 1 and report.total == 300
+    assert stored == reference_rows(lines, None)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["items.jsonl"]
+    assert multiprocessing.active_children() == []
