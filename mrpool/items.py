@@ -163,7 +163,7 @@ class _IngestRun:
                 self.total += count
                 self.next_line += count  # a clean part has no blank line: one item a line
                 return
-        for chunk in helper.chunks(self.next_line):
+        for chunk in _read_input(self.spec, helper.start, helper.stop, self.next_line):
             self.take(chunk)
 
 
@@ -257,11 +257,6 @@ class _Helper:
     def copy_rows(self, out) -> None:
         with open(self.rows_path, "rb") as rows:
             shutil.copyfileobj(rows, out, 1 << 20)
-
-    def chunks(self, first_line: int) -> Iterator[_Chunk]:
-        with open(self.path, "rb") as handle:
-            handle.seek(self.start)
-            yield from _read_jsonl(self.path, handle, self.stop, first_line)
 
     def finish(self) -> None:
         """End the helper (it may still be running if the pass stopped early) and
@@ -450,9 +445,11 @@ class _Chunk:
             yield self.first + offset, item, (None if b"\t" in raw or b"\r" in raw else raw)
 
 
-def _read_input(spec: JobSpec, stop: int | None = None) -> Iterator[_Chunk]:
-    """The input in chunks, streamed (``.jsonl``, up to byte ``stop`` if given) or from
-    the parsed document (``.json``)."""
+def _read_input(
+    spec: JobSpec, start: int = 0, stop: int | None = None, first_line: int = 1
+) -> Iterator[_Chunk]:
+    """The input in chunks, streamed (``.jsonl``: from byte ``start``, line number
+    ``first_line``, up to byte ``stop`` if given) or from the parsed document (``.json``)."""
     path = Path(spec.input)
     try:
         handle = open(path, "rb")
@@ -464,7 +461,8 @@ def _read_input(spec: JobSpec, stop: int | None = None) -> Iterator[_Chunk]:
         raise InputError(f"{path}: cannot read input: {e.strerror}") from None
     with handle:
         if path.suffix == ".jsonl":
-            yield from _read_jsonl(path, handle, stop)
+            handle.seek(start)
+            yield from _read_jsonl(path, handle, stop, first_line)
         else:
             yield from _read_json(spec, path, handle.read())
 
