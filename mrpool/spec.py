@@ -405,16 +405,54 @@ def render_argv(argv: list[str], item: Any) -> list[str]:
     ``{item.x}`` stays literal; a value never reaches a shell. Raises ``KeyError``
     naming the missing key.
     """
-    import orjson
+    return argv_renderer(argv)(item)
 
-    def fill(match: re.Match[str]) -> str:
-        key = match.group(1)
-        if key is None:
-            value = item
-        elif isinstance(item, dict) and key in item:
-            value = item[key]
-        else:
-            raise KeyError(key)
-        return value if isinstance(value, str) else orjson.dumps(value).decode()
 
-    return [_PLACEHOLDER_RE.sub(fill, arg) if "{item" in arg else arg for arg in argv]
+def argv_renderer(argv: list[str]) -> Callable[[Any], list[str]]:
+    """``render(item)``, the same as ``render_argv(argv, item)`` with the template parsed
+    once: a worker renders it for every attempt, and a regex substitution with a
+    callback costs ~10 us there."""
+    parts = [_template_parts(arg) for arg in argv]
+
+    def render(item: Any) -> list[str]:
+        return [part if part.__class__ is str else _filled(part, item) for part in parts]
+
+    return render
+
+
+def _template_parts(arg: str) -> str | tuple[str | _Key, ...]:
+    """``arg`` itself when it holds no placeholder, else its literal and placeholder pieces."""
+    pieces: list[str | _Key] = []
+    end = 0
+    for match in _PLACEHOLDER_RE.finditer(arg):
+        pieces += [arg[end : match.start()], _Key(match.group(1))]
+        end = match.end()
+    if not pieces:
+        return arg
+    pieces.append(arg[end:])
+    return tuple(piece for piece in pieces if piece != "")
+
+
+@dataclass(frozen=True)
+class _Key:
+    name: str | None  # None: the whole item
+
+
+def _filled(parts: tuple[str | _Key, ...], item: Any) -> str:
+    return "".join(
+        part if part.__class__ is str else _placeholder_value(part.name, item) for part in parts
+    )
+
+
+def _placeholder_value(key: str | None, item: Any) -> str:
+    if key is None:
+        value = item
+    elif isinstance(item, dict) and key in item:
+        value = item[key]
+    else:
+        raise KeyError(key)
+    if isinstance(value, str):
+        return value
+    import orjson  # only workers render: spec's importers need not pay for it
+
+    return orjson.dumps(value).decode()

@@ -9,10 +9,13 @@ off and check that the fallback gives the same answers with real processes.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import psutil
 import pytest
+from conftest import REPO
 
 from mrpool import worker
 
@@ -69,3 +72,40 @@ def test_memory_files_hold_the_item_and_read_back_whole_and_tail(memfd, monkeypa
         assert not os.get_inheritable(fd)  # only its dup as fd 0/1/2 reaches the command
     finally:
         os.close(fd)
+
+
+STRAYS_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from mrpool import worker
+
+def children():
+    return len(open(f"/proc/{me}/task/{me}/children").read().split())
+
+worker._adopt_orphans()
+me = os.getpid()
+worker._kill_strays(me)  # no child at all: nothing to do
+# A command that exits at once, leaving one orphan that runs on and one that exits
+# a moment later: both are re-parented to this process, as to a worker.
+pid = os.posix_spawnp("sh", ["sh", "-c", "sleep 30 & (sleep 0.1; exit 0) &"], dict(os.environ))
+os.waitpid(pid, 0)
+time.sleep(0.5)  # the short one has exited: a zombie of ours by now
+print(children())
+worker._kill_strays(me)
+print(children())
+"""
+
+
+def test_what_an_attempt_left_behind_is_killed_and_reaped_running_or_exited(tmp_path):
+    """``_kill_strays`` in a subreaper, as a worker is: a command left one orphan running
+    and one that has since exited; afterwards neither is a child any more (killed,
+    reaped), and with no child at all the call is a no-op."""
+    proc = subprocess.run(
+        [sys.executable, "-c", STRAYS_SCRIPT, str(REPO)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["2", "0"]

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 from conftest import write_job
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -412,3 +414,68 @@ def test_command_line_usage_errors_exit_2(mrpool, tmp_path, args):
     job = write_job(tmp_path, [{"id": 1}], GOOD_MAP)
     r = mrpool.run(*[str(job) if a == "JOB" else a for a in args])
     assert_refused(mrpool, r)
+
+
+# -- placeholders --------------------------------------------------------------------
+def _render_reference(argv: list[str], item: object) -> list[str]:
+    """The contract's rule written the slow, obvious way: one regex substitution per
+    argument, values never re-scanned, JSON for anything that is not a string."""
+    import re
+
+    def fill(match: re.Match) -> str:
+        key = match.group(1)
+        if key is not None and not (isinstance(item, dict) and key in item):
+            raise KeyError(key)
+        value = item if key is None else item[key]
+        return (
+            value
+            if isinstance(value, str)
+            else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        )
+
+    return [re.sub(r"\{item(?:\.([^{}]+))?\}", fill, arg) for arg in argv]
+
+
+_pieces = st.sampled_from(
+    [
+        "{item}",
+        "{item.a}",
+        "{item.b c}",
+        "{item.}",
+        "{item",
+        "item}",
+        "{",
+        "}",
+        "x",
+        "-",
+        " ",
+        "{item.a",
+    ]
+)
+_args = st.lists(st.one_of(_pieces, st.text(max_size=3)), max_size=5).map("".join)
+_values = st.one_of(
+    st.text(max_size=5), st.integers(-5, 5), st.none(), st.lists(st.integers(0, 3), max_size=2)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    argv=st.lists(_args, min_size=1, max_size=4),
+    item=st.one_of(
+        st.dictionaries(st.sampled_from(["a", "b c", "z"]), _values, max_size=3), _values
+    ),
+)
+def test_a_parsed_command_template_fills_exactly_as_the_rule_says(argv, item):
+    """The worker parses ``map.command`` once and fills it per attempt; whatever the
+    template, it must give what one substitution pass per argument gives, down to
+    the missing key it names."""
+    from mrpool.spec import argv_renderer
+
+    try:
+        expected = _render_reference(argv, item)
+    except KeyError as e:
+        with pytest.raises(KeyError) as raised:
+            argv_renderer(argv)(item)
+        assert raised.value.args == e.args
+    else:
+        assert argv_renderer(argv)(item) == expected
