@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from .errors import JobSpecError
 
 __all__ = [
@@ -97,8 +99,6 @@ def load_job_file(path: str | os.PathLike) -> JobSpec:
 
 def _parse_document(path: Path, text: bytes) -> Any:
     if path.suffix == ".json":
-        import orjson
-
         try:
             return orjson.loads(text)
         except orjson.JSONDecodeError as e:
@@ -398,20 +398,14 @@ def _check_json_path(where: _Where, expr: str) -> None:
         ) from None
 
 
-def render_argv(argv: list[str], item: Any) -> list[str]:
-    """Fill ``{item.KEY}`` / ``{item}`` inside each argv element, in one pass.
-
-    The result of a substitution is never re-scanned, so a value containing
-    ``{item.x}`` stays literal; a value never reaches a shell. Raises ``KeyError``
-    naming the missing key.
-    """
-    return argv_renderer(argv)(item)
-
-
 def argv_renderer(argv: list[str]) -> Callable[[Any], list[str]]:
-    """``render(item)``, the same as ``render_argv(argv, item)`` with the template parsed
-    once: a worker renders it for every attempt, and a regex substitution with a
-    callback costs ~10 us there."""
+    """``render(item)``: ``argv`` with ``{item.KEY}`` / ``{item}`` inside each element
+    filled from ``item``. Raises ``KeyError`` naming the first missing key.
+
+    A filled-in value is never re-scanned, so a value containing ``{item.x}``
+    stays literal, and a value never reaches a shell. The template is parsed
+    here, once: a worker renders it for every attempt, where a regex
+    substitution with a callback would cost ~10 us."""
     parts = [_template_parts(arg) for arg in argv]
 
     def render(item: Any) -> list[str]:
@@ -456,8 +450,4 @@ def _placeholder_value(key: str | None, item: Any) -> str:
         value = item[key]
     else:
         raise KeyError(key)
-    if isinstance(value, str):
-        return value
-    import orjson  # only workers render: spec's importers need not pay for it
-
-    return orjson.dumps(value).decode()
+    return value if isinstance(value, str) else orjson.dumps(value).decode()

@@ -260,7 +260,7 @@ def _kill_strays(pid: int) -> None:
 
     A worker's only children are its map commands and the orphans they leave,
     so when ``waitpid`` finds no child at all (the common case) there is nothing
-    to look for: that costs ~1 us, the ``/proc`` read ~20 us."""
+    to look for: that costs ~1 us, the ``/proc`` read 5-20 us."""
     try:
         os.waitpid(-1, os.WNOHANG)  # reaps at most one exited stray; the rest are read below
     except ChildProcessError:
