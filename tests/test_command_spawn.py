@@ -87,7 +87,7 @@ me = os.getpid()
 worker._kill_strays(me)  # no child at all: nothing to do
 # A command that exits at once, leaving one orphan that runs on and one that exits
 # a moment later: both are re-parented to this process, as to a worker.
-pid = os.posix_spawnp("sh", ["sh", "-c", "sleep 30 & (sleep 0.1; exit 0) &"], dict(os.environ))
+pid = os.posix_spawnp("sh", ["sh", "-c", "sleep 30 >/dev/null 2>&1 & (sleep 0.1; exit 0) &"], dict(os.environ))
 os.waitpid(pid, 0)
 time.sleep(0.5)  # the short one has exited: a zombie of ours by now
 print(children())
