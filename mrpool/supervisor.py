@@ -271,7 +271,7 @@ class Session:
                 self._cut.append(failure.index)
         for done in outcomes.ok:
             self._record_successes(done)
-        if len(outcomes) and failpoints.ENABLED:
+        if failpoints.ENABLED and len(outcomes):
             self.journal.write()
             failpoints.hit("supervisor.after_outcome")
             if any(self.plan.source(i) == "dlq" for done in outcomes.ok for i in done.indices):
