@@ -3,7 +3,8 @@
 Every benchmark measures mrpool and its peers in the same run on the same
 machine and prints ratios (mrpool / peer, higher is better for throughput), so
 the figures mean something on any machine. Figures are also written as JSON to
-``benchmarks/results/NAME.json``.
+``benchmarks/results/NAME.json`` (or ``$MRPOOL_BENCH_RESULTS/NAME.json``: the
+tests' smoke runs write to a temporary directory, never into the repo).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def scratch() -> Path:
 
 
 def report(name: str, rows: list[dict], notes: list[str] | None = None) -> None:
-    """Print a table and write benchmarks/results/NAME.json."""
+    """Print a table and write NAME.json (see the module docstring for where)."""
     keys = list(rows[0].keys()) if rows else []
     widths = {k: max(len(k), *(len(_fmt(r.get(k))) for r in rows)) for k in keys}
     print("  ".join(k.ljust(widths[k]) for k in keys))
@@ -94,8 +95,8 @@ def report(name: str, rows: list[dict], notes: list[str] | None = None) -> None:
         print("  ".join(_fmt(r.get(k)).ljust(widths[k]) for k in keys))
     for note in notes or []:
         print(f"note: {note}")
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
+    out = Path(os.environ.get("MRPOOL_BENCH_RESULTS") or HERE / "results")
+    out.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": name,
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
