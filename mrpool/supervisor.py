@@ -33,7 +33,7 @@ import os
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -72,7 +72,6 @@ class SessionReport:
     plan: dict[str, int]
     message: str = ""
     reduce: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Session:
@@ -143,7 +142,7 @@ class Session:
                 self._settle(outcomes)
                 self._flush_events()
                 self.journal.sync()
-                self.progress.update(self.state)
+                self.progress.update()
                 self._maybe_checkpoint()
             if self.stop_signal is not None or self.stop_error is not None:
                 self._interrupt()
