@@ -72,14 +72,58 @@ def time_mrpool_cli(job_file: Path, state_dir: Path, *extra: str) -> float:
     return elapsed
 
 
-def interleaved_medians(repeats: int, runners: dict) -> dict[str, float]:
-    """The median time of each runner, measured round-robin (one run of each per round),
-    so that a slow spell of a shared machine hits every runner alike, not one of them."""
+def timed_process(
+    argv: list[str], env=None, ok=(0,), stdout=subprocess.DEVNULL
+) -> tuple[float, int]:
+    """Wall seconds and peak RSS in bytes of running ``argv`` to its end: the largest
+    process of its tree (``wait4``'s ``ru_maxrss`` covers the waited-for descendants).
+    An exit status not in ``ok`` stops the benchmark with the command's stderr."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    if code not in ok:
+        raise SystemExit(f"{' '.join(argv[:4])} ... exited {code}: {err}")
+    return elapsed, usage.ru_maxrss * 1024
+
+
+def interleaved_rounds(repeats: int, runners: dict) -> dict[str, list[float]]:
+    """Every runner's times, measured round-robin (one run of each per round), so that a
+    slow spell of a shared machine hits every runner alike, not one of them."""
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
         for name, measure in runners.items():
             times[name].append(measure())
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def interleaved_medians(repeats: int, runners: dict) -> dict[str, float]:
+    """The median of ``interleaved_rounds`` for each runner."""
+    rounds = interleaved_rounds(repeats, runners)
+    return {name: statistics.median(values) for name, values in rounds.items()}
+
+
+def ratio_rows(rounds: dict[str, list[float]], ours: str, items: int) -> list[dict]:
+    """One row per runner: median seconds with the [min-max] range over rounds, and the
+    ratio peer / mrpool taken round by round (both timed in the same round), as the
+    median with its range -- the figure a README may quote, with the range it had."""
+    rows = []
+    for name, times in rounds.items():
+        ratios = [peer / mine for peer, mine in zip(times, rounds[ours])]
+        rows.append(
+            {
+                "runner": name,
+                "seconds": statistics.median(times),
+                "range s": f"{min(times):.3f}-{max(times):.3f}",
+                "items/s": items / statistics.median(times),
+                "peer s / mrpool s": statistics.median(ratios),
+                "ratio range": f"{min(ratios):.2f}-{max(ratios):.2f}",
+            }
+        )
+    return rows
 
 
 def scratch() -> Path:

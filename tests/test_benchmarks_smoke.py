@@ -14,11 +14,13 @@ from _common import _fmt  # noqa: E402  (the benchmarks' own formatting of a cel
 pytestmark = pytest.mark.timeout(300)
 
 SCRIPTS = [
-    ("throughput", ["--items", "300", "--repeats", "1", "--executor-items", "100"]),
+    ("throughput", ["--items", "300", "--repeats", "1"]),
     ("commands", ["--items", "30", "--repeats", "1"]),
     ("efficiency", ["--items", "40", "--repeats", "1"]),
     ("resume_scale", ["--sizes", "500"]),
     ("lock_contention", ["--rounds", "1"]),
+    ("payloads", ["--cases", "20x20000", "--repeats", "1"]),
+    ("failures", ["--items", "200", "--repeats", "1"]),
 ]
 
 
