@@ -292,3 +292,45 @@ def test_a_finished_run_leaves_no_cgroup(tmp_path, mrpool):
     r = mrpool.run("run", str(job))
     assert r.returncode == 0, r.stderr
     assert not mrpool_cgroups(only_job_dir(mrpool))
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("mode", MODES)
+def test_random_kills_never_leave_a_process_behind(tmp_path, mrpool, request, mode):
+    """Rounds of a two-worker job whose every item leaves a background child and a daemon,
+    each round ended by a random kill; then resume to the end: nothing is ever left, and
+    every item still succeeds exactly once."""
+    import random
+
+    request.node.allow_leftover_files = True
+    rng = random.Random(23)
+    shell = "(sleep 77 &); setsid sh -c '(sleep 77 &)'; sleep 0.$(($$ % 5))"
+    job = write_job(
+        tmp_path / "job", [{"id": i} for i in range(60)], {"command": ["sh", "-c", shell]}
+    )
+    env = mrpool.env(MRPOOL_CONTAINMENT=mode)
+    proc = mrpool.start("run", str(job), env=env)
+    for _ in range(10):
+        try:
+            wait_for(lambda: len(leftovers(mrpool.tag)) >= 2, what="background sleeps")
+            how = rng.choice(["supervisor", "group", "term", "worker"])
+            if how == "worker" and workers_of(proc.pid):
+                rng.choice(workers_of(proc.pid)).kill()
+                time.sleep(0.3)
+            if how == "group":
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.send_signal(signal.SIGTERM if how == "term" else signal.SIGKILL)
+            proc.wait(timeout=30)
+            wait_for(lambda: not leftovers(mrpool.tag), timeout=GONE_WITHIN, what=f"after {how}")
+        finally:
+            kill_all(leftovers(mrpool.tag))
+            end(proc)
+        proc = mrpool.start("resume", only_job_dir(mrpool).name, env=env)
+    try:
+        assert proc.wait(timeout=120) in (0, 1)
+    finally:
+        end(proc)
+    wait_for(lambda: not leftovers(mrpool.tag), timeout=GONE_WITHIN, what="after the end")
+    results = mrpool.results(only_job_dir(mrpool).name)
+    assert len({row["id"] for row in results}) == len(results)
