@@ -334,3 +334,26 @@ def test_random_kills_never_leave_a_process_behind(tmp_path, mrpool, request, mo
     wait_for(lambda: not leftovers(mrpool.tag), timeout=GONE_WITHIN, what="after the end")
     results = mrpool.results(only_job_dir(mrpool).name)
     assert len({row["id"] for row in results}) == len(results)
+
+
+def test_the_guardian_holds_nothing_of_the_supervisors(tmp_path, mrpool):
+    """No job file (the lock, the journal), no pipe a caller waits on: only its own pipe,
+    its pidfd of the supervisor and /dev/null as stdin, stdout and stderr."""
+    proc = start_job(tmp_path, mrpool, "token", BACKGROUND["background"])
+    try:
+        guardian = guardian_of(proc.pid)
+        fds = {
+            int(fd): os.readlink(f"/proc/{guardian.pid}/fd/{fd}")
+            for fd in os.listdir(f"/proc/{guardian.pid}/fd")
+        }
+        assert [fds[fd] for fd in (0, 1, 2)] == [os.devnull] * 3
+        rest = sorted(target for fd, target in fds.items() if fd > 2)
+        # its pipe from the supervisor, and pidfds of the supervisor and of the worker
+        assert [t.split(":")[0] for t in rest] == ["anon_inode", "anon_inode", "pipe"], fds
+        assert rest[:2] == ["anon_inode:[pidfd]"] * 2, fds
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 130
+        assert not guardian.is_running()  # reaped by the supervisor before it exited
+    finally:
+        kill_all(leftovers(mrpool.tag))
+        end(proc)
