@@ -94,6 +94,7 @@ def run_job(
     spec = _as_spec(job, base_dir)
     if workers is not None:
         spec = _with_workers(spec, workers)
+    _executor_choice(spec, executor)  # a bad --executor fails before the job exists
     check_callables(spec)
     job_id = validate_job_id(job_id) if job_id is not None else _new_job_id(spec.name)
     root = state_root(state_dir)
@@ -301,10 +302,12 @@ def _executor_choice(spec: JobSpec, option: str | None) -> ExecutorSpec:
     else:
         choice = spec.executor
     if choice.kind == "dask":
-        import importlib.util
-
-        if importlib.util.find_spec("distributed") is None:
-            raise UsageError("the Dask executor needs the 'dask' extra: pip install 'mrpool[dask]'")
+        try:
+            import distributed  # noqa: F401 - the extra's package; the executor imports it too
+        except ImportError:
+            raise UsageError(
+                "the Dask executor needs the 'dask' extra: pip install 'mrpool[dask]'"
+            ) from None
     return choice
 
 
