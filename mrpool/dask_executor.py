@@ -91,6 +91,7 @@ class DaskExecutor:
         self._finished: queue.SimpleQueue = queue.SimpleQueue()
         self._running: dict[str, tuple[int, int]] = {}  # task key -> attempt it last reported
         self._per_item = 0.0
+        self._work = (0.0, 0.0)  # decayed (seconds, items) of the slices that came back
         self._item_bytes = 0
         self._threads = 0
         self._next_threads = 0.0
@@ -277,8 +278,11 @@ class DaskExecutor:
                 outcomes.requeued.append((index, attempt, line_of[index]))
         secs = summary.get("secs")
         if secs is not None and len(batch):
-            mean = secs / len(batch)
-            self._per_item = mean if self._per_item <= 0 else 0.7 * self._per_item + 0.3 * mean
+            # weighted by items, so that a big slice's measure outweighs the one-item
+            # slices a session starts with (a per-slice average took ~10 round trips to
+            # come down from them, most of a short job)
+            self._work = (0.5 * self._work[0] + secs, 0.5 * self._work[1] + len(batch))
+            self._per_item = self._work[0] / self._work[1]
 
     def _renew_lease(self) -> None:
         now = time.monotonic()
