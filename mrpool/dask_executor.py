@@ -310,7 +310,7 @@ class DaskExecutor:
             return
         if self._no_worker_since is None:
             self._no_worker_since = now
-        deadline = NO_WORKER_DEADLINE[self._kind]
+        deadline = _no_worker_deadline(self._kind)
         if now - self._no_worker_since > deadline:
             where = "the local Dask cluster" if self._kind == "local" else self.address
             raise ExecutorError(
@@ -340,6 +340,16 @@ class DaskExecutor:
             except Exception:  # noqa: BLE001 - the cluster may be gone: nothing runs there
                 pass
         return lost
+
+
+def _no_worker_deadline(kind: str) -> float:
+    """Seconds without any worker before the session ends: ``NO_WORKER_DEADLINE``, or
+    ``$MRPOOL_DASK_NO_WORKER_SECONDS`` (a cluster whose nodes take longer to come back)."""
+    text = os.environ.get("MRPOOL_DASK_NO_WORKER_SECONDS")
+    try:
+        return float(text) if text else NO_WORKER_DEADLINE[kind]
+    except ValueError:
+        return NO_WORKER_DEADLINE[kind]
 
 
 def _allowed_failures(dask_scheduler: Any) -> int:

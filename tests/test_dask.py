@@ -346,6 +346,50 @@ def test_ctrl_c_cancels_the_clusters_attempts(mrpool, tmp_path, cluster):
     # the cluster fixture checks that no attempt (sleep 60) is left running on the cluster
 
 
+def test_losing_every_worker_ends_the_session_resumably(mrpool, tmp_path):
+    env = _dask_env(DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="0")
+    scheduler, address = _start_scheduler(tmp_path, "lonely", env)
+    workers = subprocess.Popen(
+        [PY, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1"]
+        + ["--host", "127.0.0.1", "--no-dashboard"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    started, hold = tmp_path / "started", tmp_path / "hold"
+    try:
+        _wait_for_workers(address, 1)
+        hold.write_text("")
+        command = ["sh", "-c", f"touch {started}; if [ -e {hold} ]; then sleep 60; fi"]
+        job = write_job(tmp_path, [{"id": i} for i in range(3)], {"command": command})
+        proc = mrpool.start(
+            "run",
+            str(job),
+            "--executor",
+            _dask_address(address),
+            "--job-id",
+            "w1",
+            env=mrpool.env(MRPOOL_DASK_NO_WORKER_SECONDS="2"),
+        )
+        try:
+            wait_for(started.exists, 60, 0.05, "an attempt running")
+            kill_group(workers)  # the nanny and its worker: no worker left
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                kill_group(proc)
+    finally:
+        kill_group(workers)
+        _stop(scheduler)
+    assert proc.returncode == 1, err
+    assert "no Dask worker left" in err.decode() and "mrpool resume w1" in err.decode()
+    hold.unlink()
+    r = mrpool.run("resume", "w1", "--executor", "local", "--json")
+    assert r.returncode == 0, r.stderr  # resumable, here on the local executor
+    assert json.loads(r.stdout.splitlines()[-1])["succeeded"] == 3
+
+
 # -- refusals ------------------------------------------------------------------------
 def test_a_scheduler_that_retries_tasks_is_refused(mrpool, tmp_path):
     scheduler, address = _start_scheduler(tmp_path, "retrying", _dask_env())
