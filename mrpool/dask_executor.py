@@ -104,15 +104,15 @@ class DaskExecutor:
     def start(self) -> None:
         dask, distributed = _dask_modules()
         if self.address is None:
-            dask.config.set({"distributed.scheduler.allowed-failures": 0})
-            self._cluster = distributed.LocalCluster(
-                n_workers=self.n,
-                threads_per_worker=1,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address=None,
-                silence_logs=logging.ERROR,
-            )
+            with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+                self._cluster = distributed.LocalCluster(  # its scheduler reads it at start
+                    n_workers=self.n,
+                    threads_per_worker=1,
+                    processes=True,
+                    host="127.0.0.1",
+                    dashboard_address=None,
+                    silence_logs=logging.ERROR,
+                )
             self._client = distributed.Client(self._cluster, set_as_default=False)
         else:
             try:
@@ -496,6 +496,8 @@ def _close_session(session: str) -> None:
         record.idle.clear()
     for helper in busy:
         helper.kill()
+    for helper in idle:
+        helper.ask_to_exit()
     for helper in idle:
         helper.close()
 

@@ -45,6 +45,7 @@ from typing import Any
 
 import orjson
 
+from .slots import RUNNING
 from .worker import WorkerConfig, kill_tree
 
 __all__ = ["Helper", "HelperError", "HelperGone", "lost_slice", "join_rows", "serve"]
@@ -193,12 +194,16 @@ class Helper:
             if deadline is not None and time.monotonic() > deadline:
                 return None
 
-    def close(self) -> None:
-        """Ask the helper to exit (it stops its worker), then make sure it did."""
+    def ask_to_exit(self) -> None:
+        """Tell the helper to exit (it stops its worker); ``close`` waits for it."""
         try:
             _write_message(self._in, b"")
         except OSError:
             pass
+
+    def close(self) -> None:
+        """Ask the helper to exit, then make sure it did."""
+        self.ask_to_exit()
         try:
             self.proc.wait(2.0)
         except subprocess.TimeoutExpired:
@@ -317,7 +322,7 @@ def _run_slice(executor, indices, attempts, lines, proto_in, proto_out, parent) 
             last_note = now
             view = executor.slots.read(0)
             current = (view.index, view.attempt)
-            if view.state == 1 and current != reported:
+            if view.state == RUNNING and current != reported:
                 reported = current
                 _write_message(proto_out, orjson.dumps({"running": list(current)}))
             if watch.poll(0) or os.getppid() != parent:
