@@ -35,7 +35,14 @@ from .lock import JobLock, live_holder
 from .planner import PlanOptions, ResumePlan, plan_session
 from .reduce import read_reduce_output, run_reduce
 from .slots import SLOTS_FILE, running_at_crash
-from .spec import JobSpec, check_callables, load_job_file, spec_from_dict
+from .spec import (
+    ExecutorSpec,
+    JobSpec,
+    check_callables,
+    executor_from_option,
+    load_job_file,
+    spec_from_dict,
+)
 from .store import (
     DLQ,
     FAILED,
@@ -77,6 +84,7 @@ def run_job(
     on_created: Callable[[str], None] | None = None,
     progress: bool = False,
     base_dir: str | os.PathLike | None = None,
+    executor: str | None = None,
 ) -> SessionReport:
     """Create a job from a job file (path), a job dict or a ``JobSpec``, and run it.
 
@@ -86,6 +94,7 @@ def run_job(
     spec = _as_spec(job, base_dir)
     if workers is not None:
         spec = _with_workers(spec, workers)
+    _executor_choice(spec, executor)  # a bad --executor fails before the job exists
     check_callables(spec)
     job_id = validate_job_id(job_id) if job_id is not None else _new_job_id(spec.name)
     root = state_root(state_dir)
@@ -118,7 +127,9 @@ def run_job(
             failpoints.hit("run.after_create")
         if on_created:
             on_created(job_id)
-        return _run_session(store, "run", PlanOptions(), workers=None, progress=progress)
+        return _run_session(
+            store, "run", PlanOptions(), workers=None, progress=progress, executor=executor
+        )
     finally:
         lock.release()
 
@@ -135,8 +146,12 @@ def resume_job(
     wait: float = 0.0,
     progress: bool = False,
     on_plan: Callable[[ResumePlan], None] | None = None,
+    executor: str | None = None,
 ) -> SessionReport:
-    """Run what is left of a job: pending + failed + DLQ items, each once."""
+    """Run what is left of a job: pending + failed + DLQ items, each once.
+
+    ``executor`` ("local", "dask", "dask://HOST:PORT") overrides the job file's for
+    this session (a cluster's address may change between sessions)."""
     store = JobStore.open(state_root(state_dir), job_id)
     with JobLock(store.dir, command=f"mrpool resume {job_id}").acquire(wait):
         options = PlanOptions(include_dlq=not no_dlq, crash_limit=_crash_limit(store))
@@ -149,6 +164,7 @@ def resume_job(
             reset_failed=reset_failed,
             additional=max_additional_retries,
             on_plan=on_plan,
+            executor=executor,
         )
 
 
@@ -162,6 +178,7 @@ def retry_dlq(
     wait: float = 0.0,
     progress: bool = False,
     on_plan: Callable[[ResumePlan], None] | None = None,
+    executor: str | None = None,
 ) -> SessionReport:
     """Re-run DLQ items (all, or those named); each success leaves the DLQ."""
     store = JobStore.open(state_root(state_dir), job_id)
@@ -177,7 +194,13 @@ def retry_dlq(
             crash_limit=_crash_limit(store),
         )
         return _run_session(
-            store, "dlq retry", options, workers=workers, progress=progress, on_plan=on_plan
+            store,
+            "dlq retry",
+            options,
+            workers=workers,
+            progress=progress,
+            on_plan=on_plan,
+            executor=executor,
         )
 
 
@@ -188,6 +211,7 @@ def plan_resume(
     store = JobStore.open(state_root(state_dir), job_id)
     state = store.load_state(store.info().total)
     options = PlanOptions(include_dlq=not no_dlq, crash_limit=_crash_limit(store))
+    _close_remote_crash(state, None)
     return plan_session(store.dir, state, options, _running_at_crash(store, state))
 
 
@@ -201,14 +225,17 @@ def _run_session(
     reset_failed: bool = False,
     additional: int | None = None,
     on_plan: Callable[[ResumePlan], None] | None = None,
+    executor: str | None = None,
 ) -> SessionReport:
     store.sweep()
     info = store.info()
     spec = info.spec
+    choice = _executor_choice(spec, executor)
     check_callables(spec)
     state = store.load_state(info.total)
     journal = JournalWriter(store.journal_path, state.offset)
     try:
+        _close_remote_crash(state, journal)
         plan = plan_session(store.dir, state, plan_options, _running_at_crash(store, state))
         if on_plan:
             on_plan(plan)
@@ -225,19 +252,13 @@ def _run_session(
             return _nothing_left(store.job_id, state, plan)
         if reset_failed:
             _reset_attempts(journal, state, plan)
-        executor = LocalExecutor(
-            WorkerConfig(
-                store.job_id, spec.base_dir, spec.map.command, spec.map.callable, spec.map.timeout
-            ),
-            workers or spec.workers,
-            slots_path=store.dir / SLOTS_FILE,
-        )
+        runner = _new_executor(store, spec, workers or spec.workers, choice)
         session = Session(
             store,
             state,
             journal,
             plan,
-            executor,
+            runner,
             SessionOptions(
                 retries=spec.map.retries,
                 backoff=spec.map.backoff,
@@ -249,6 +270,8 @@ def _run_session(
             ),
         )
         session.run()
+        if choice.kind != "local":  # a local session's slot file, read by this one's plan
+            (store.dir / SLOTS_FILE).unlink(missing_ok=True)
         report = session.report(store.job_id)
         if report.state == "completed" and spec.reduce is not None and (reduce_due or plan.total):
             report.reduce = _reduce(store, spec, info.total, state, journal)
@@ -266,6 +289,61 @@ def _run_session(
         raise
     journal.close()
     return report
+
+
+def _executor_choice(spec: JobSpec, option: str | None) -> ExecutorSpec:
+    """The executor of this session: ``--executor`` if given, else the job file's. Asking
+    for Dask without the extra installed is a usage error naming the extra."""
+    if option is not None:
+        try:
+            choice = executor_from_option(option)
+        except ValueError as e:
+            raise UsageError(f"--executor: {e}") from None
+    else:
+        choice = spec.executor
+    if choice.kind == "dask":
+        try:
+            import distributed  # noqa: F401 - the extra's package; the executor imports it too
+        except ImportError:
+            raise UsageError(
+                "the Dask executor needs the 'dask' extra: pip install 'mrpool[dask]'"
+            ) from None
+    return choice
+
+
+def _new_executor(store: JobStore, spec: JobSpec, workers: int, choice: ExecutorSpec):
+    config = WorkerConfig(
+        store.job_id, spec.base_dir, spec.map.command, spec.map.callable, spec.map.timeout
+    )
+    if choice.kind == "dask":
+        from .dask_executor import DaskExecutor
+
+        return DaskExecutor(config, workers, choice.address)
+    return LocalExecutor(config, workers, slots_path=store.dir / SLOTS_FILE)
+
+
+def _close_remote_crash(state, journal: JournalWriter | None) -> None:
+    """Settle the open attempts of a crashed session that ran on a remote executor.
+
+    Such a session leaves no slot file (the crash evidence of local workers), so
+    which of its open attempts really ran is unknown. Each counts -- its number may
+    have run on the cluster and is never reused -- but none gets a crash streak: a
+    supervisor's crash is never a remote item's fault. Written as the ``close``
+    record the crashed session never wrote (``journal`` None: only in memory, for
+    a plan that runs nothing)."""
+    kind = (state.executor or {}).get("kind", "local")
+    if not state.open_count or kind == "local":
+        return
+    record = {
+        "k": "close",
+        "t": time.time(),
+        "reason": f"crashed; closed by the next session (a {kind} session leaves no record "
+        "of which attempts ran: each counts, none gets a crash streak)",
+        "cut": state.open_indices(),
+    }
+    if journal is not None:
+        journal.append(record)
+    state.apply(record)
 
 
 def _close_quietly(journal: JournalWriter) -> None:
@@ -356,6 +434,7 @@ def job_status(job_id: str, *, state_dir: str | os.PathLike | None = None) -> di
         "reduce": None
         if state.reduce is None
         else {"ok": state.reduce.get("ok"), "error": state.reduce.get("error")},
+        "executor": state.executor or {"kind": "local"},
     }
 
 

@@ -46,6 +46,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("jobfile")
     p.add_argument("--job-id")
     p.add_argument("--workers", type=_positive_int)
+    _executor_option(p)
     p.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
 
     p = sub.add_parser("resume", parents=[common], help="run what is left of a job")
@@ -63,6 +64,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="attempts for failed and DLQ items in this resume",
     )
     p.add_argument("--workers", type=_positive_int)
+    _executor_option(p)
     p.add_argument(
         "--wait",
         type=_seconds,
@@ -113,6 +115,7 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("job_id")
     d.add_argument("item_ids", nargs="*")
     d.add_argument("--workers", type=_positive_int)
+    _executor_option(d)
     d.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS")
     d.add_argument("--json", action="store_true")
     d = dsub.add_parser("purge", parents=[common], help="drop DLQ items for good (needs --yes)")
@@ -124,6 +127,14 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("job_id")
     d.add_argument("-o", "--output", metavar="FILE")
     return parser
+
+
+def _executor_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--executor",
+        metavar="local|dask|dask://HOST:PORT",
+        help="where attempts run in this session (overrides the job file's executor)",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -183,6 +194,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             state_dir=state_dir,
             on_created=_print_job_id,
             progress=True,
+            executor=args.executor,
         )
         return _finish(report, args.json)
     if args.command == "resume":
@@ -196,6 +208,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             wait=args.wait,
             progress=True,
             on_plan=_print_plan,
+            executor=args.executor,
         )
         return _finish(report, args.json)
     if args.command == "status":
@@ -235,6 +248,7 @@ def _dlq(args: argparse.Namespace, state_dir: str | None) -> int:
             wait=args.wait,
             progress=True,
             on_plan=_print_plan,
+            executor=args.executor,
         )
         return _finish(report, args.json)
     if cmd == "purge":

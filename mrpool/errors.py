@@ -24,6 +24,7 @@ __all__ = [
     "CorruptStateError",
     "StorageError",
     "DlqFullError",
+    "ExecutorError",
 ]
 
 EXIT_OK = 0
@@ -78,3 +79,8 @@ class StorageError(MrpoolError):
 
 class DlqFullError(MrpoolError):
     """Parking one more item would exceed ``dlq.max_items`` with ``on_full: stop``."""
+
+
+class ExecutorError(MrpoolError):
+    """The executor cannot go on (a cluster that lost every worker, a scheduler that
+    would retry tasks behind the journal's back): the session ends, resumable."""

@@ -11,7 +11,8 @@ Every object has ``k`` (the kind) and ``t`` (unix time). The first record of the
 file is ``{"k":"job","v":1,...}``. Kinds: ``job``, ``open`` (a command started
 a session), ``plan``, ``s`` (attempts started, batched), ``ok`` (successes with
 their results, batched), ``f`` (one failed attempt), ``reset``, ``purge``,
-``worker``, ``ckpt``, ``reduce``, ``close`` (a session ended cleanly).
+``worker``, ``executor`` (the session's executor, when not local: kind, scheduler
+address, workers), ``ckpt``, ``reduce``, ``close`` (a session ended cleanly).
 
 An ``s`` record names its attempts as ``b``, ``[[index, attempt], ...]``, and/or
 as ``r``, ``[[first, count, attempt], ...]``: runs of consecutive items starting

@@ -27,6 +27,7 @@ __all__ = [
     "MapSpec",
     "ReduceSpec",
     "DlqSpec",
+    "ExecutorSpec",
     "JobSpec",
     "load_job_file",
     "spec_from_dict",
@@ -34,10 +35,23 @@ __all__ = [
 ]
 
 MAX_WORKERS = 1024  # one process each: beyond this a typo, not a plan
-_TOP_KEYS = {"name", "input", "json_path", "id_field", "workers", "map", "reduce", "dlq"}
+_TOP_KEYS = {
+    "name",
+    "input",
+    "json_path",
+    "id_field",
+    "workers",
+    "map",
+    "reduce",
+    "dlq",
+    "executor",
+}
 _MAP_KEYS = {"command", "callable", "timeout", "retries", "backoff"}
 _REDUCE_KEYS = {"command", "callable", "timeout"}
 _DLQ_KEYS = {"max_items", "on_full"}
+_EXECUTOR_KEYS = {"kind", "address"}
+_EXECUTOR_KINDS = ("local", "dask")
+_ADDRESS_RE = re.compile(r"^(tcp|tls)://[^\s/]+:\d+$")
 _CALLABLE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _MAX_TIMEOUT = 2_147_483.0  # (2**31 - 1) ms: a longer wait raises OverflowError in a worker
 _PLACEHOLDER_RE = re.compile(r"\{item(?:\.([^{}]+))?\}")
@@ -66,6 +80,15 @@ class DlqSpec:
 
 
 @dataclass(frozen=True)
+class ExecutorSpec:
+    """Where attempts run: ``local`` worker processes, or ``dask`` (a scheduler at
+    ``address``, or with no address a local cluster of ``workers`` processes)."""
+
+    kind: str = "local"
+    address: str | None = None
+
+
+@dataclass(frozen=True)
 class JobSpec:
     name: str
     input: str  # absolute path
@@ -76,6 +99,7 @@ class JobSpec:
     id_field: str | None = None
     reduce: ReduceSpec | None = None
     dlq: DlqSpec = field(default_factory=DlqSpec)
+    executor: ExecutorSpec = field(default_factory=ExecutorSpec)
     source: str = ""  # the job file it came from, for messages
 
     def to_dict(self) -> dict[str, Any]:
@@ -172,6 +196,7 @@ def spec_from_dict(
     map_spec = _map_spec(where, data["map"])
     reduce_spec = None if data.get("reduce") is None else _reduce_spec(where, data["reduce"])
     dlq_spec = _dlq_spec(where, data.get("dlq"))
+    executor_spec = _executor_spec(where, data.get("executor"))
     return JobSpec(
         name=name.strip(),
         input=str(input_path),
@@ -182,6 +207,7 @@ def spec_from_dict(
         id_field=id_field,
         reduce=reduce_spec,
         dlq=dlq_spec,
+        executor=executor_spec,
         source=str(source),
     )
 
@@ -199,6 +225,7 @@ def spec_from_stored(data: dict[str, Any]) -> JobSpec:
         id_field=data.get("id_field"),
         reduce=ReduceSpec(**reduce) if reduce else None,
         dlq=DlqSpec(**data.get("dlq", {})),
+        executor=ExecutorSpec(**data.get("executor", {})),
         source=data.get("source", ""),
     )
 
@@ -385,6 +412,41 @@ def _dlq_spec(where: _Where, data: Any) -> DlqSpec:
     if on_full not in ("stop", "keep_failed"):
         raise where.error("dlq.on_full", "must be 'stop' or 'keep_failed'")
     return DlqSpec(max_items=max_items, on_full=on_full)
+
+
+def _executor_spec(where: _Where, data: Any) -> ExecutorSpec:
+    if data is None or data == "local":
+        return ExecutorSpec()
+    if data == "dask":
+        return ExecutorSpec(kind="dask")
+    if not isinstance(data, dict):
+        raise where.error(
+            "executor",
+            "must be 'local', 'dask' or a mapping {kind: dask, address: tcp://HOST:PORT}",
+        )
+    where.unknown_keys("executor.", data, _EXECUTOR_KEYS)
+    kind = data.get("kind", "local")
+    if kind not in _EXECUTOR_KINDS:
+        raise where.error("executor.kind", f"must be one of: {', '.join(_EXECUTOR_KINDS)}")
+    address = data.get("address")
+    if address is not None:
+        if kind != "dask":
+            raise where.error("executor.address", "applies only to kind: dask")
+        if not isinstance(address, str) or not _ADDRESS_RE.fullmatch(address):
+            raise where.error(
+                "executor.address", f"must look like 'tcp://HOST:PORT' (or tls://), got {address!r}"
+            )
+    return ExecutorSpec(kind=kind, address=address)
+
+
+def executor_from_option(text: str) -> ExecutorSpec:
+    """``--executor local|dask|dask://HOST:PORT`` (``dask+tls://HOST:PORT`` for TLS)."""
+    if text in _EXECUTOR_KINDS:
+        return ExecutorSpec(kind=text)
+    for prefix, scheme in (("dask://", "tcp://"), ("dask+tls://", "tls://")):
+        if text.startswith(prefix) and _ADDRESS_RE.fullmatch(scheme + text[len(prefix) :]):
+            return ExecutorSpec(kind="dask", address=scheme + text[len(prefix) :])
+    raise ValueError(f"must be 'local', 'dask' or 'dask://HOST:PORT', got {printable(text)!r}")
 
 
 def _check_json_path(where: _Where, expr: str) -> None:

@@ -15,9 +15,10 @@ by one append, so there is never a moment where two files disagree.
 
 Checkpoint format (``checkpoint.json``, version 1): a single journal-codec
 record ``{"k":"checkpoint","v":1,"journal_offset":N,"total":T,"status":B64,
-"attempts":B64,"streak":B64,"open":[[index,attempt],...],"reduce":R}``, where
+"attempts":B64,"streak":B64,"open":[[index,attempt],...],"reduce":R,"executor":E?}``, where
 each B64 is a zlib-compressed array (status: one byte per item; attempts: uint32
-per item; streak: one byte per item). A checkpoint that fails its checksum is
+per item; streak: one byte per item), and ``executor``, only when the last session
+ran on a remote executor, its ``executor`` record's fields. A checkpoint that fails its checksum is
 reported and ignored: the state is rebuilt from the journal, losing nothing.
 """
 
@@ -118,6 +119,7 @@ class JobState:
         self.open_count = 0
         self.counts = [total, 0, 0, 0, 0]
         self.reduce: dict[str, Any] | None = None
+        self.executor: dict[str, Any] | None = None  # the last session's, None: local
         self.offset = 0  # journal bytes applied
 
     # -- transitions -----------------------------------------------------
@@ -153,6 +155,9 @@ class JobState:
             self.set_status(index, DLQ if record["next"] == "dlq" else FAILED)
         elif kind == "open":  # a new session began while attempts were open: the last one crashed
             self._settle_open(record.get("cut"), crashed=True)
+            self.executor = None
+        elif kind == "executor":  # which executor this session runs on (absent: local)
+            self.executor = {k: v for k, v in record.items() if k not in ("k", "t")}
         elif kind == "close":  # a clean stop: open attempts were interrupted, not crashed
             self._settle_open(record.get("cut"), crashed=False)
         elif kind == "reset":
@@ -275,6 +280,7 @@ class JobState:
                 "streak": pack(bytes(self.streak)),
                 "open": list(self.open_attempts().items()),
                 "reduce": self.reduce,
+                **({"executor": self.executor} if self.executor else {}),
             }
         )
 
@@ -295,6 +301,7 @@ class JobState:
         state.open_count = state.opened.count(1)
         state.counts = [state.status.count(s) for s in range(5)]
         state.reduce = record.get("reduce")
+        state.executor = record.get("executor")
         state.offset = record["journal_offset"]
         return state
 
