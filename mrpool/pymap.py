@@ -35,6 +35,9 @@ difference. Items and results travel as JSON: a tuple comes back as a list.
 
 from __future__ import annotations
 
+import builtins
+import hashlib
+import itertools
 import multiprocessing
 import os
 import re
@@ -53,8 +56,8 @@ import orjson
 
 from .errors import CorruptStateError, InputError, MrpoolError, UsageError
 from .gc_policy import fewer_collections
+from .items import ITEMS_FILE, content_id, identity_text, ingest, read_ids
 from .items import _item_id as checked_field_id
-from .items import content_id, identity_text, ingest, read_ids
 from .journal import JOURNAL_FILE, JournalWriter, decode_line
 from .lock import JobLock
 from .spec import IN_PROCESS_PREFIX, JobSpec, provide_callable, spec_from_dict
@@ -72,6 +75,7 @@ from .store import (
 
 __all__ = ["map", "imap", "MapFailures", "Failed"]
 
+_each = builtins.map  # this module defines its own ``map``
 _KEY_CALLABLE = "key:callable"  # the id mode of a job whose ids come from a ``key`` function
 _NOTHING = object()
 
@@ -316,14 +320,14 @@ def _prepare(call: _Call, extend: bool, keep_items: bool) -> _Run | None:
     return. None: the iterable is empty and no job of that name exists."""
     store = JobStore(state_root(call.state_dir), call.job)
     originals: list[Any] | None = [] if keep_items else None
-    encoded = _encoded(call, originals)
-    first = next(encoded, _NOTHING)
+    chunks = _encoded_chunks(call, originals)
+    first = next(chunks, None)
     exists = (store.dir / JOB_FILE).is_file()
-    if first is _NOTHING and not exists:
+    if first is None and not exists:
         return None
-    stream = encoded if first is _NOTHING else _chained(first, encoded)
+    stream = chunks if first is None else itertools.chain([first], chunks)
     if not exists:
-        return _create(call, store, stream, originals)
+        return _create(call, store, stream, _id_mode_known(call, first[1][0]), originals)
     lock = JobLock(store.dir, command=f"mrpool.map {call.job}").acquire()
     try:
         total, positions, count = _match(call, store, stream, extend)
@@ -333,28 +337,52 @@ def _prepare(call: _Call, extend: bool, keep_items: bool) -> _Run | None:
     return _Run(store, lock, total, count, positions, originals)
 
 
-def _chained(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    yield first
-    yield from rest
+_CHUNK = 4096
+_STRICT = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+# (an item is JSON or refused: a dataclass or a datetime would otherwise become an object
+# or a string without a word, and the map would get something else than it was given)
 
 
-def _encoded(call: _Call, originals: list[Any] | None) -> Iterator[tuple[int, Any, bytes]]:
-    """``(position, item, item as JSON)``; an item that is not JSON is refused, by position.
-    (Dataclasses and datetimes too: orjson would turn them into objects and strings.)"""
-    dumps, strict = orjson.dumps, orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
-    for position, item in enumerate(call.items):
+def _encoded_chunks(
+    call: _Call, originals: list[Any] | None
+) -> Iterator[tuple[int, list[Any], list[bytes]]]:
+    """``(first position, items, their JSON)`` a few thousand items at a time (one
+    comprehension each, not a generator step per item); an item that is not JSON is
+    refused, naming its position."""
+    dumps, iterator, position = orjson.dumps, iter(call.items), 0
+    while items := list(itertools.islice(iterator, _CHUNK)):
         try:
-            raw = dumps(item, option=strict)
-        except TypeError as e:
-            raise InputError(
-                f"{call.where}: item at position {position} is not JSON: {e}"
-            ) from None
+            raws = [dumps(item, option=_STRICT) for item in items]
+        except TypeError:
+            raws = [_one_encoded(call, position + k, item) for k, item in enumerate(items)]
         if originals is not None:
-            originals.append(item)
-        yield position, item, raw
+            originals.extend(items)
+        yield position, items, raws
+        position += len(items)
 
 
-def _create(call: _Call, store: JobStore, stream: Iterator, originals: list | None) -> _Run:
+def _one_encoded(call: _Call, position: int, item: Any) -> bytes:
+    try:
+        return orjson.dumps(item, option=_STRICT)
+    except TypeError as e:
+        raise InputError(f"{call.where}: item at position {position} is not JSON: {e}") from None
+
+
+def _id_mode_known(call: _Call, first: Any) -> str | None:
+    """The id mode when the call and the first item settle it before the rest is read:
+    a key function, or content hashes by default once the first item has no ``"id"``
+    (the contract's default needs every item to have one). None: ``items.ingest``
+    decides, reading them all."""
+    if callable(call.key):
+        return _KEY_CALLABLE
+    if call.key is None and not (isinstance(first, dict) and "id" in first):
+        return "content-hash"
+    return None
+
+
+def _create(
+    call: _Call, store: JobStore, stream: Iterator, id_mode: str | None, originals: list | None
+) -> _Run:
     """A new job: its copy of the items, ``job.json``, the journal's header, the lock --
     all in a private temp directory published with one rename (as ``api.run_job``)."""
     spec = call.spec()
@@ -362,11 +390,11 @@ def _create(call: _Call, store: JobStore, stream: Iterator, originals: list | No
     made: dict[str, Any] = {}
 
     def build(tmp: Path) -> None:
-        if callable(call.key):
-            total, duplicates, positions = _copy_with_key(call, stream, tmp)
-            id_mode = _KEY_CALLABLE
-        else:
+        nonlocal id_mode
+        if id_mode is None:
             total, duplicates, id_mode, positions = _copy_by_ingest(call, spec, stream, tmp)
+        else:
+            total, duplicates, positions = _copy_with_ids(stream, tmp, _id_maker(call, id_mode))
         made.update(total=total, positions=positions)
         write_job_file(tmp, call.job, spec, total, duplicates, id_mode)
         journal = JournalWriter(tmp / JOURNAL_FILE, 0)
@@ -403,9 +431,8 @@ def _copy_by_ingest(
     identity rules, duplicate counting and fast paths, exactly as for a job file."""
     scratch = tmp / "iterable.jsonl"
     with open(scratch, "wb", buffering=1 << 20) as out:
-        write = out.write
-        for _, _, raw in stream:
-            write(raw + b"\n")
+        for _, _, raws in stream:
+            out.write(b"\n".join(raws) + b"\n")
     try:
         report = ingest(replace(spec, input=str(scratch)), tmp)
     except InputError as e:  # "<scratch>:<line>: ..." -> the item's position
@@ -423,25 +450,61 @@ def _copy_by_ingest(
     return report.total, report.duplicates, report.id_mode, positions
 
 
-def _copy_with_key(call: _Call, stream: Iterator, tmp: Path) -> tuple[int, int, array | None]:
-    """``key`` is a function: write the job's ``items.jsonl`` rows (``id TAB item``, see
-    items.py) with the ids it gives, the first item of each identity kept."""
+def _copy_with_ids(
+    stream: Iterator, tmp: Path, id_of: Callable[[int, list[Any], list[bytes]], list[Any]]
+) -> tuple[int, int, array | None]:
+    """Write the job's ``items.jsonl`` rows (``id TAB item``, see items.py) with the ids
+    ``id_of`` gives, the first item of each identity kept (the rule ``ingest`` follows).
+    A chunk whose ids are all new is written in one join; positions are kept only
+    once a duplicate shows that they differ from the job's indices."""
     index_of: dict[str, int] = {}
-    positions = array("q")
-    with open(tmp / "items.jsonl", "wb", buffering=1 << 20) as out:
-        for position, item, raw in stream:
-            raw_id = _key_id(call, position, item)
-            text = identity_text(raw_id)
-            index = index_of.get(text)
-            if index is None:
-                index = index_of[text] = len(index_of)
-                out.write(orjson.dumps(raw_id) + b"\t" + raw + b"\n")
-            positions.append(index)
+    positions: array | None = None
+    count = 0
+    with open(tmp / ITEMS_FILE, "wb", buffering=1 << 20) as out:
+        for first, items, raws in stream:
+            raw_ids = id_of(first, items, raws)
+            texts = [identity_text(raw_id) for raw_id in raw_ids]
+            start = len(index_of)
+            fresh = dict(zip(texts, range(start, start + len(texts))))
+            if positions is None and len(fresh) == len(texts) and index_of.keys().isdisjoint(fresh):
+                index_of.update(fresh)  # all new: the common case
+                out.write(b"\n".join(_each(b"\t".join, zip(_each(orjson.dumps, raw_ids), raws))))
+                out.write(b"\n")
+            else:  # a duplicate: item by item
+                if positions is None:
+                    positions = array("q", range(count))
+                for raw_id, text, raw in zip(raw_ids, texts, raws):
+                    index = index_of.get(text)
+                    if index is None:
+                        index = index_of[text] = len(index_of)
+                        out.write(orjson.dumps(raw_id) + b"\t" + raw + b"\n")
+                    positions.append(index)
+            count += len(items)
         out.flush()
         os.fsync(out.fileno())
     total = len(index_of)
-    duplicates = len(positions) - total
-    return total, duplicates, (positions if duplicates else None)
+    return total, count - total, positions
+
+
+def _id_maker(call: _Call, id_mode: str) -> Callable[[int, list[Any], list[bytes]], list[Any]]:
+    """``ids(first position, items, their JSON)`` for ``_copy_with_ids``."""
+    if id_mode == _KEY_CALLABLE:
+        return lambda first, items, _raws: [
+            _key_id(call, first + k, item) for k, item in enumerate(items)
+        ]
+    return _content_ids
+
+
+_SCALARS = frozenset({int, str, float, bool, type(None)})
+
+
+def _content_ids(_first: int, items: list[Any], raws: list[bytes]) -> list[str]:
+    """``items.content_id`` of each; a scalar's JSON is already canonical, hashed as is."""
+    blake2b, scalars = hashlib.blake2b, _SCALARS
+    return [
+        blake2b(raw, digest_size=16).hexdigest() if type(item) in scalars else content_id(item)
+        for item, raw in zip(items, raws)
+    ]
 
 
 def _key_id(call: _Call, position: int, item: Any) -> str | int:
@@ -488,14 +551,15 @@ def _match(
     positions = array("q")
     seen = bytearray(info.total)
     new: list[tuple[int, str]] = []
-    for position, item, _raw in stream:
-        text = identify(position, item)
-        index = index_of.get(text)
-        if index is None:
-            new.append((position, text))
-            continue
-        seen[index] = 1
-        positions.append(index)
+    for first, items, _raws in stream:
+        for position, item in enumerate(items, first):
+            text = identify(position, item)
+            index = index_of.get(text)
+            if index is None:
+                new.append((position, text))
+                continue
+            seen[index] = 1
+            positions.append(index)
     if new:
         position, text = new[0]
         hint = (

@@ -315,3 +315,16 @@ def test_the_exports():
     assert {"map", "imap", "MapFailures", "Failed"} <= set(mrpool.__all__)
     assert issubclass(mrpool.MapFailures, MrpoolError)
     assert sys.modules["mrpool.pymap"].map is mrpool.map
+
+
+def test_duplicate_identities_are_one_item_and_every_position_gets_its_result(tmp_path):
+    state = tmp_path / "state"
+    many = [n % 5 for n in range(5000)]  # content-hash ids, duplicates past the first chunk
+    assert mrpool.map(negate, many, job="dups", state_dir=state, workers=1) == [-n for n in many]
+    assert mrpool.job_status("dups", state_dir=state)["total"] == 5
+    rows = [{"k": n % 3, "v": n} for n in range(7)]  # a key function: the first of each wins
+    got = mrpool.map(_value, rows, job="keyed", key=lambda r: r["k"], state_dir=state, workers=1)
+    assert got == [0, 1, 2, 0, 1, 2, 0]
+    assert list(
+        mrpool.imap(_value, rows, job="keyed", key=lambda r: r["k"], state_dir=state, ordered=True)
+    ) == [(row, row["k"]) for row in rows]
