@@ -134,12 +134,14 @@ def map(  # noqa: A001 - the name users reach for, as Pool.map
         run = _prepare(call, extend, keep_items=False)
         if run is None:
             return []
+        by_index: list[Any] = [_NOTHING] * run.total
+        recorded = _recorded_results(run, call, include_dlq)
         try:
-            by_index: list[Any] = [_NOTHING] * run.total
-            for index, result in _recorded_results(run, call, include_dlq):
+            for index, result in recorded:
                 by_index[index] = result
             failures = _failures(run, by_index)
         finally:
+            recorded.close()  # the session has ended (or is stopped now) before the lock goes
             run.lock.release()
         results = _in_input_order(run, by_index)
     if failures and on_failure == "raise":
@@ -175,8 +177,9 @@ def imap(
         return
     by_index: list[Any] = [_NOTHING] * run.total
     order = _InputOrder(run) if ordered else None
+    recorded = _recorded_results(run, call, include_dlq)
     try:
-        for index, result in _recorded_results(run, call, include_dlq):
+        for index, result in recorded:
             by_index[index] = result
             for position in order.ready(by_index) if order else run.positions_of(index):
                 yield (
@@ -184,7 +187,8 @@ def imap(
                     result if order is None else _at(run, by_index, position),
                 )
         failures = _failures(run, by_index)
-    finally:
+    finally:  # also when the caller closes this generator early
+        recorded.close()  # the session has ended (or is stopped now) before the lock goes
         run.lock.release()
     # what is left: in input order, the successes held back behind a failed item (ordered)
     # and, with on_failure="return", the failed items themselves

@@ -72,6 +72,14 @@ SCRIPT = textwrap.dedent(
                 fd = os.open(os.environ["YIELD_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
                 os.write(fd, b"%d\\n" % item["n"])
                 os.close(fd)
+        elif mode == "imap-break":
+            import psutil
+            pairs = mrpool.imap(flaky_square, items(300), job=job, retries=2)
+            taken = [next(pairs) for _ in range(10)]
+            pairs.close()  # the caller is done early: the session stops, saving
+            status = mrpool.job_status(job)
+            print(json.dumps([len(taken), status["state"], status["lock"],
+                              len(psutil.Process().children(recursive=True))]))
         elif mode == "kinds":
             def in_main(x):
                 return x + 1
@@ -328,3 +336,12 @@ def test_duplicate_identities_are_one_item_and_every_position_gets_its_result(tm
     assert list(
         mrpool.imap(_value, rows, job="keyed", key=lambda r: r["k"], state_dir=state, ordered=True)
     ) == [(row, row["k"]) for row in rows]
+
+
+def test_closing_imap_early_stops_the_session_and_a_rerun_finishes(script):
+    r = script.run("imap-break", "early", DELAY="0.004")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [10, "interrupted", None, 0]  # stopped, unlocked, no child
+    r = script.run("map", "early", "300", log="run2.log")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [n * n for n in range(300)]
