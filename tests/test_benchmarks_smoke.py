@@ -15,6 +15,7 @@ SCRIPTS = [
     ("efficiency", ["--items", "40", "--repeats", "1"]),
     ("resume_scale", ["--sizes", "500"]),
     ("lock_contention", ["--rounds", "1"]),
+    ("python_map", ["--items", "300", "--slow-items", "20", "--repeats", "1"]),
 ]
 
 
