@@ -688,6 +688,7 @@ class _SessionProcess:
     def __init__(self, store: JobStore, call: _Call, include_dlq: bool) -> None:
         self.store, self.call, self.include_dlq = store, call, include_dlq
         self.process: Any = None
+        self._receiver: Any = None
         self.message: tuple[str, Any] | None = None
 
     def start(self) -> None:
@@ -695,11 +696,12 @@ class _SessionProcess:
         self._receiver, sender = ctx.Pipe(duplex=False)
         stored_name = self.store.info().spec.map.callable  # what the spec's check resolves
         args = (self.store, stored_name, self.call, self.include_dlq, sender, os.getpid())
-        self.process = ctx.Process(target=_session_main, args=args, name="mrpool-map")
+        process = ctx.Process(target=_session_main, args=args, name="mrpool-map")
         try:
-            self.process.start()
+            process.start()
         finally:
             sender.close()
+        self.process = process  # only a started one: stop() and the end wait for it
 
     def running(self) -> bool:
         return self.process.is_alive()
@@ -718,7 +720,9 @@ class _SessionProcess:
     def stop(self) -> None:
         """Stop the session as Ctrl-C stops one (it saves), and wait for it; a second
         Ctrl-C kills it -- what was recorded is kept either way."""
-        if self.process is None:
+        if self.process is None:  # it never started
+            if self._receiver is not None:
+                self._receiver.close()
             return
         if self.process.is_alive():
             os.kill(self.process.pid, signal.SIGINT)
