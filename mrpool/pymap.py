@@ -129,7 +129,7 @@ def map(  # noqa: A001 - the name users reach for, as Pool.map
     Items whose every attempt failed raise one ``MapFailures`` at the end (or, with
     ``on_failure="return"``, stand as ``Failed`` markers in the list)."""
     call = _Call(fn, items, job, key, workers, retries, backoff, timeout, state_dir, progress)
-    call.check(on_failure, include_dlq, extend)
+    call.check(on_failure)
     with fewer_collections():
         run = _prepare(call, extend, keep_items=False)
         if run is None:
@@ -171,7 +171,7 @@ def imap(
     first, then the rest as they come. Like any generator it starts on the first
     ``next()``; closing it early stops the session (what ran is kept)."""
     call = _Call(fn, items, job, key, workers, retries, backoff, timeout, state_dir, progress)
-    call.check(on_failure, include_dlq, extend)
+    call.check(on_failure)
     run = _prepare(call, extend, keep_items=True)
     if run is None:
         return
@@ -236,7 +236,7 @@ class _Call:
     def where(self) -> str:
         return f"mrpool.map(job={self.job!r})"
 
-    def check(self, on_failure: str, include_dlq: bool, extend: bool) -> None:
+    def check(self, on_failure: str) -> None:
         """Refuse a bad argument before anything is read or created."""
         validate_job_id(self.job)
         if not callable(self.fn):
