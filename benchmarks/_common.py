@@ -3,7 +3,8 @@
 Every benchmark measures mrpool and its peers in the same run on the same
 machine and prints ratios (mrpool / peer, higher is better for throughput), so
 the figures mean something on any machine. Figures are also written as JSON to
-``benchmarks/results/NAME.json``.
+``benchmarks/results/NAME.json`` (or ``$MRPOOL_BENCH_RESULTS/NAME.json``: the
+tests' smoke runs write to a temporary directory, never into the repo).
 """
 
 from __future__ import annotations
@@ -71,14 +72,58 @@ def time_mrpool_cli(job_file: Path, state_dir: Path, *extra: str) -> float:
     return elapsed
 
 
-def interleaved_medians(repeats: int, runners: dict) -> dict[str, float]:
-    """The median time of each runner, measured round-robin (one run of each per round),
-    so that a slow spell of a shared machine hits every runner alike, not one of them."""
+def timed_process(
+    argv: list[str], env=None, ok=(0,), stdout=subprocess.DEVNULL
+) -> tuple[float, int]:
+    """Wall seconds and peak RSS in bytes of running ``argv`` to its end: the largest
+    process of its tree (``wait4``'s ``ru_maxrss`` covers the waited-for descendants).
+    An exit status not in ``ok`` stops the benchmark with the command's stderr."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    if code not in ok:
+        raise SystemExit(f"{' '.join(argv[:4])} ... exited {code}: {err}")
+    return elapsed, usage.ru_maxrss * 1024
+
+
+def interleaved_rounds(repeats: int, runners: dict) -> dict[str, list[float]]:
+    """Every runner's times, measured round-robin (one run of each per round), so that a
+    slow spell of a shared machine hits every runner alike, not one of them."""
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
         for name, measure in runners.items():
             times[name].append(measure())
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def interleaved_medians(repeats: int, runners: dict) -> dict[str, float]:
+    """The median of ``interleaved_rounds`` for each runner."""
+    rounds = interleaved_rounds(repeats, runners)
+    return {name: statistics.median(values) for name, values in rounds.items()}
+
+
+def ratio_rows(rounds: dict[str, list[float]], ours: str, items: int) -> list[dict]:
+    """One row per runner: median seconds with the [min-max] range over rounds, and the
+    ratio peer / mrpool taken round by round (both timed in the same round), as the
+    median with its range -- the figure a README may quote, with the range it had."""
+    rows = []
+    for name, times in rounds.items():
+        ratios = [peer / mine for peer, mine in zip(times, rounds[ours])]
+        rows.append(
+            {
+                "runner": name,
+                "seconds": statistics.median(times),
+                "range s": f"{min(times):.3f}-{max(times):.3f}",
+                "items/s": items / statistics.median(times),
+                "peer s / mrpool s": statistics.median(ratios),
+                "ratio range": f"{min(ratios):.2f}-{max(ratios):.2f}",
+            }
+        )
+    return rows
 
 
 def scratch() -> Path:
@@ -86,7 +131,7 @@ def scratch() -> Path:
 
 
 def report(name: str, rows: list[dict], notes: list[str] | None = None) -> None:
-    """Print a table and write benchmarks/results/NAME.json."""
+    """Print a table and write NAME.json (see the module docstring for where)."""
     keys = list(rows[0].keys()) if rows else []
     widths = {k: max(len(k), *(len(_fmt(r.get(k))) for r in rows)) for k in keys}
     print("  ".join(k.ljust(widths[k]) for k in keys))
@@ -94,8 +139,8 @@ def report(name: str, rows: list[dict], notes: list[str] | None = None) -> None:
         print("  ".join(_fmt(r.get(k)).ljust(widths[k]) for k in keys))
     for note in notes or []:
         print(f"note: {note}")
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
+    out = Path(os.environ.get("MRPOOL_BENCH_RESULTS") or HERE / "results")
+    out.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": name,
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),

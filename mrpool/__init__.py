@@ -12,6 +12,7 @@ The folder is the architecture, one module per concept:
     slots.py       per-worker shared-memory slots (item, since, heartbeat)
     worker.py      a worker process: runs command / callable attempts
     executor.py    the executor boundary; LocalExecutor = forked workers
+    containment.py every process a session starts (cgroup or token) and its guardian
     supervisor.py  one session: dispatch, outcomes, retries, stop path
     reduce.py      the reduce step
     gc_policy.py   fewer collector passes in mrpool's bulk loops, none in user code

@@ -22,12 +22,15 @@ its results' rows with ``orjson.dumps``, where they come back.)
 
 Batches are sized per worker so a batch takes about 20 ms (one item at a time
 for slow items), and a fast worker gets its next batch queued before it runs
-dry. ``wait`` polls every pipe and every worker's death sentinel; a worker that
-dies is handled in one place, ``_worker_lost``: the item its slot names is
+dry. ``wait`` polls every pipe and a pidfd of every worker (not multiprocessing's
+sentinel pipe: a process a callable forks inherits that, and it would not fire
+until that process ends too); a worker that dies is handled in one place, ``_worker_lost``: the item its slot names is
 failed as ``worker_died`` (or ``timeout`` / ``hung`` when we killed it), and the
 rest of what it held is handed back -- with a new attempt number for items it
 had started (their outcome died with it), with the same one for items it never
-reached -- and a replacement is started.
+reached -- and a replacement is started. What each worker incarnation starts is
+contained (containment.py): a killed or dead worker's leftovers are ended with
+it, and the session's close (in ``shutdown``) ends whatever is left.
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ from typing import Any, Protocol
 
 import orjson
 
+from .containment import Containment, Unit
 from .slots import RUNNING, SlotTable
-from .worker import WorkerConfig, kill_tree, worker_main
+from .worker import WorkerConfig, worker_main
 
 __all__ = ["Batch", "Failure", "Successes", "Outcomes", "Executor", "LocalExecutor"]
 
@@ -145,6 +149,8 @@ class _Worker:
     process: Any
     conn: Any
     pid: int = 0
+    unit: Unit | None = None
+    death_fd: int = -1  # readable once it has exited: a pidfd, or its sentinel (old kernels)
     queued: deque[Batch] = field(default_factory=deque)  # sent, in order; answered in order
     answered: int = 0  # how much of queued[0] has been answered
     held: int = 0  # items sent and not yet answered
@@ -209,6 +215,15 @@ def _framed(parts: list[bytes]) -> bytes:
     return b"".join([prefix, *parts])
 
 
+def _death_fd(process: Any) -> int:
+    """A descriptor readable once ``process`` (our child) has exited: a pidfd, which no
+    other process can hold open, or its sentinel pipe on a kernel before 5.3."""
+    try:
+        return os.pidfd_open(process.pid)
+    except (OSError, AttributeError):
+        return process.sentinel
+
+
 def _first_index(rows: bytes) -> int | None:
     """The index of the first row of an encoded ``[[index, ...], ...]`` array (a cheap
     check that a worker answered in order), None for an empty array."""
@@ -238,64 +253,86 @@ class LocalExecutor:
         self._timeout = config.timeout
         self._next_check = 0.0
         self._poller = select.poll()
-        self._by_fd: dict[int, tuple[_Worker, bool]] = {}  # fd -> (worker, is its death sentinel)
+        self._by_fd: dict[int, tuple[_Worker, bool]] = {}  # fd -> (worker, is its death fd)
+        # the job directory: the slot file's (a previous session's leftovers are found by it)
+        self.containment = Containment(slots_path.parent if slots_path is not None else None)
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
+        self.containment.start()
         for slot in range(self.n):
             self._spawn(slot)
 
     def _spawn(self, slot: int) -> _Worker:
         self.slots.reset(slot)
         parent_end, child_end = self._ctx.Pipe(duplex=True)
+        unit = self.containment.new_unit(slot)
         process = self._ctx.Process(
             target=worker_main,
-            args=(self.config, self.slots, slot, child_end, os.getpid()),
+            args=(self.config, self.slots, slot, child_end, os.getpid(), unit),
             name=f"mrpool-worker-{slot}",
             daemon=True,
         )
         process.start()
+        self.containment.attach(process.pid)
         child_end.close()
-        worker = self.workers[slot] = _Worker(slot, process, parent_end, process.pid)
+        worker = self.workers[slot] = _Worker(slot, process, parent_end, process.pid, unit)
+        worker.death_fd = _death_fd(process)
         worker.sock = socket.socket(fileno=os.dup(parent_end.fileno()))
-        for fd, is_sentinel in ((parent_end.fileno(), False), (process.sentinel, True)):
-            self._by_fd[fd] = (worker, is_sentinel)
+        for fd, is_death in ((parent_end.fileno(), False), (worker.death_fd, True)):
+            self._by_fd[fd] = (worker, is_death)
             self._poller.register(fd, select.POLLIN)
         self.events.append({"k": "worker", "ev": "started", "pid": process.pid, "slot": slot})
         return worker
 
     def _forget(self, w: _Worker) -> None:
-        """Stop polling ``w``'s pipe and sentinel and release them."""
-        for fd in (w.conn.fileno(), w.process.sentinel):
+        """Stop polling ``w`` (reaped), release its pipe and death fd, end what its
+        incarnation left and drop its containment."""
+        for fd in (w.conn.fileno(), w.death_fd):
             self._by_fd.pop(fd, None)
             self._poller.unregister(fd)
+        if w.death_fd != w.process.sentinel:
+            os.close(w.death_fd)
         w.conn.close()
         w.sock.close()
         w.process.close()
         self.workers[w.slot] = None
+        if w.unit is not None:
+            self.containment.release(w.unit, w.pid)
+
+    def _reaped(self, w: _Worker, timeout: float) -> bool:
+        """Whether ``w`` exits within ``timeout`` seconds; it is reaped if so."""
+        if w.process.exitcode is not None:
+            return True
+        poller = select.poll()
+        poller.register(w.death_fd, select.POLLIN)
+        poller.poll(max(0.0, timeout) * 1000.0)
+        return w.process.exitcode is not None
 
     def shutdown(self, keep_slots: bool = False) -> None:
         """Stop every worker: ask politely, then SIGKILL what lingers. Reap all.
 
         The slot file is removed unless ``keep_slots`` (a failed session: the next
         one reads from it which items were running)."""
-        live = [w for w in self.workers if w is not None]
-        for w in live:
-            if w.outgoing:  # work still on its way to it: nothing to finish politely
-                self._kill(w)
-                continue
-            try:
-                w.conn.send_bytes(b"")  # "exit"; its pipe is drained, this cannot wait
-            except OSError:
-                pass
-        deadline = time.monotonic() + 1.0
-        for w in live:
-            w.process.join(max(0.0, deadline - time.monotonic()))
-            if w.process.is_alive():
-                self._kill(w)
-                w.process.join(1.0)
-            self._forget(w)
-        self.slots.close(remove=not keep_slots)
+        try:
+            live = [w for w in self.workers if w is not None]
+            for w in live:
+                if w.outgoing:  # work still on its way to it: nothing to finish politely
+                    self._kill(w)
+                    continue
+                try:
+                    w.conn.send_bytes(b"")  # "exit"; its pipe is drained, this cannot wait
+                except OSError:
+                    pass
+            deadline = time.monotonic() + 1.0
+            for w in live:
+                if not self._reaped(w, deadline - time.monotonic()):
+                    self._kill(w)
+                    self._reaped(w, 5.0)
+                self._forget(w)
+            self.slots.close(remove=not keep_slots)
+        finally:
+            self.containment.close()  # whatever is left of the session ends here
 
     def started(self) -> list[int]:
         """Items a worker has started whose outcome has not been delivered yet."""
@@ -315,19 +352,15 @@ class LocalExecutor:
             if w is None:
                 continue
             self._kill(w)
-            w.process.join(2.0)
+            self._reaped(w, 2.0)
             rest = w.take_rest()
             lost.extend(zip(rest.indices, rest.attempts, rest.lines))
         return lost
 
     def _kill(self, w: _Worker) -> None:
-        child = self.slots.read(w.slot).child
-        try:
-            os.kill(w.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        if child > 0:
-            kill_tree(child)
+        """SIGKILL ``w`` and everything its incarnation started (it is not reaped yet)."""
+        if w.process.exitcode is None and w.unit is not None:
+            self.containment.end_unit(w.unit, w.pid)
 
     # -- dispatch --------------------------------------------------------
     def _batch_size(self, w: _Worker) -> int:
@@ -418,8 +451,8 @@ class LocalExecutor:
         outcomes = Outcomes()
         lost: list[_Worker] = []
         for fd, event in self._poller.poll(timeout * 1000.0):
-            w, is_sentinel = self._by_fd[fd]
-            if is_sentinel:
+            w, is_death = self._by_fd[fd]
+            if is_death:
                 lost.append(w)
                 continue
             if event & select.POLLOUT:
@@ -471,10 +504,10 @@ class LocalExecutor:
         while w.conn.poll() and self._receive(w, outcomes):
             pass  # what it sent before it died
         view = self.slots.read(w.slot)
-        w.process.join(1.0)
+        self._reaped(w, 1.0)  # its death fd fired: it has exited
         code = w.process.exitcode
-        if view.child > 0:
-            kill_tree(view.child)
+        if w.unit is not None:
+            self.containment.end_unit(w.unit)  # what it started dies with it
         rest = w.take_rest()
         started = _started_prefix(rest, view.index, view.attempt)
         for position, (index, attempt, line) in enumerate(

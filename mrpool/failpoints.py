@@ -5,6 +5,9 @@ list of ``NAME=ACTION[@N]``:
 
 * ``kill``   -- SIGKILL this process (a crash between two syscalls);
 * ``eio`` / ``enospc`` / ``efbig`` -- raise that ``OSError`` (a failing disk);
+* ``skip``   -- leave out the step the point guards, from the N-th hit on (a
+  deliberately broken build, to prove a checker catches it; only points that
+  say so take it);
 * ``@N``     -- fire on the N-th time the point is reached (default: the first).
 
 Example: ``MRPOOL_FAILPOINTS=journal.after_write=kill@3``.
@@ -35,6 +38,7 @@ POINTS = {
     "worker.before_send": "a worker ran attempts; their outcomes are not yet sent (they die with it)",
     "retry.after_success": "a DLQ item's success written to the journal (= left the DLQ), snapshot not yet rewritten",
     "run.after_create": "job directory created and locked, id not yet printed",
+    "fsutil.fsync_dir": "a directory is about to be fsynced (skip: it is not; power-cut tests)",
 }
 
 _ERRNOS = {"eio": errno.EIO, "enospc": errno.ENOSPC, "efbig": errno.EFBIG}
@@ -47,7 +51,7 @@ def _parse(spec: str) -> dict[str, tuple[str, int]]:
         action, _, nth = action.partition("@")
         if name not in POINTS:
             raise SystemExit(f"MRPOOL_FAILPOINTS: unknown failpoint {name!r}")
-        if action not in ("kill", *_ERRNOS):
+        if action not in ("kill", "skip", *_ERRNOS):
             raise SystemExit(f"MRPOOL_FAILPOINTS: unknown action {action!r} for {name}")
         points[name] = (action, int(nth or 1))
     return points
@@ -58,15 +62,18 @@ _HITS: dict[str, int] = {}
 ENABLED = bool(_ACTIVE)
 
 
-def hit(name: str) -> None:
-    """Fire failpoint ``name`` if it is armed and this is its N-th hit."""
+def hit(name: str) -> bool:
+    """Fire failpoint ``name`` if it is armed and this is its N-th hit. True when the
+    caller must leave out the step the point guards (action ``skip``)."""
     armed = _ACTIVE.get(name)
     if armed is None:
-        return
+        return False
     action, nth = armed
     _HITS[name] = count = _HITS.get(name, 0) + 1
+    if action == "skip":
+        return count >= nth
     if count != nth:
-        return
+        return False
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     code = _ERRNOS[action]

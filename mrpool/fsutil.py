@@ -35,6 +35,8 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename or unlink inside ``path`` durable."""
+    if failpoints.ENABLED and failpoints.hit("fsutil.fsync_dir"):
+        return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
     try:
         os.fsync(fd)
@@ -43,11 +45,22 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def make_private_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` (and parents) readable by the owner only; refuse a symlink."""
+    """Create ``path`` (and parents) readable by the owner only; refuse a symlink.
+
+    A directory it creates is made durable (its parent is fsynced): a job published
+    into a new ``jobs/`` of a new state dir would otherwise vanish in a power cut
+    with the directories that hold it, after ``run`` had printed its id."""
     path = Path(path)
+    created = []
+    missing = path
+    while not os.path.lexists(missing) and missing != missing.parent:
+        created.append(missing)
+        missing = missing.parent
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     if path.is_symlink():
         raise OSError(f"refusing to use {path}: it is a symbolic link")
+    for directory in created:
+        fsync_dir(directory.parent)
     return path
 
 

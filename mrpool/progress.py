@@ -22,7 +22,7 @@ class Progress:
         self._start = time.monotonic()
         self._last = 0.0
 
-    def update(self, _state: object = None, force: bool = False) -> None:
+    def update(self, force: bool = False) -> None:
         if not self.enabled:
             return
         now = time.monotonic()

@@ -765,9 +765,9 @@ def _session_main(
     """In the session process: provide the function to the forked workers, run one
     session, send back how it ended. Dies with its caller (a killed kernel)."""
     from . import api
-    from .worker import _die_with_parent
+    from .containment import die_with_parent
 
-    _die_with_parent()
+    die_with_parent()
     if os.getppid() != parent:
         os._exit(70)
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -33,7 +33,7 @@ import os
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -72,7 +72,6 @@ class SessionReport:
     plan: dict[str, int]
     message: str = ""
     reduce: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Session:
@@ -143,7 +142,7 @@ class Session:
                 self._settle(outcomes)
                 self._flush_events()
                 self.journal.sync()
-                self.progress.update(self.state)
+                self.progress.update()
                 self._maybe_checkpoint()
             if self.stop_signal is not None or self.stop_error is not None:
                 self._interrupt()
@@ -271,7 +270,7 @@ class Session:
                 self._cut.append(failure.index)
         for done in outcomes.ok:
             self._record_successes(done)
-        if len(outcomes) and failpoints.ENABLED:
+        if failpoints.ENABLED and len(outcomes):
             self.journal.write()
             failpoints.hit("supervisor.after_outcome")
             if any(self.plan.source(i) == "dlq" for done in outcomes.ok for i in done.indices):

@@ -18,8 +18,13 @@ Protocol on the worker's own pipe (``multiprocessing`` Connection, bytes):
 
 Before each attempt the worker writes the item into its shared slot, and a
 watchdog thread heartbeats every 0.1 s; if the supervisor disappears (its pid
-is no longer our parent), the watchdog kills the running map command and exits,
-so nothing runs on unsupervised.
+is no longer our parent), the watchdog kills everything the worker started and
+exits, so nothing runs on unsupervised.
+
+First thing after the fork a worker enters its containment (containment.py:
+its own cgroup, or the session's token in its environment) and becomes a child
+subreaper, so whatever its attempts leave running in the background is its
+child, killed after each command attempt and when the worker exits.
 """
 
 from __future__ import annotations
@@ -42,14 +47,18 @@ import orjson
 import psutil
 
 from . import failpoints, gc_policy
+from .containment import Unit
+from .containment import die_with_parent as _die_with_parent  # even mid C call holding the GIL
 from .slots import SlotTable
 from .spec import argv_renderer, resolve_callable
 
 __all__ = ["WorkerConfig", "worker_main", "kill_tree"]
 
 TAIL_BYTES = 2048
+# Linux limits one environment string ("NAME=value" and its NUL) to 32 pages, 128 KiB:
+# a larger item is given on stdin only, without MRPOOL_ITEM.
+ENV_ITEM_MAX = 32 * 4096 - len("MRPOOL_ITEM=") - 1
 FLUSH_EVERY = 0.02
-_PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _duration = itemgetter(2)
 
@@ -63,17 +72,25 @@ class WorkerConfig:
     timeout: float | None
 
 
-def worker_main(config: WorkerConfig, slots: SlotTable, slot: int, conn, parent_pid: int) -> None:
+def worker_main(
+    config: WorkerConfig,
+    slots: SlotTable,
+    slot: int,
+    conn,
+    parent_pid: int,
+    unit: Unit | None = None,
+) -> None:
     """Entry point of a forked worker process."""
+    if unit is not None:  # before anything runs: all it starts is contained
+        unit.enter(forks_die_with_worker=unit.cgroup is None and bool(config.callable))
+    _adopt_orphans()
     gc_policy.for_user_code()
     signal.signal(signal.SIGINT, _ignore)  # the supervisor decides what Ctrl-C means
-    signal.signal(signal.SIGTERM, lambda *_: _exit_now(slots, slot))
+    signal.signal(signal.SIGTERM, lambda *_: _exit_now())
     pid = os.getpid()
     slots.claim(slot, pid)
     if config.callable:
         _die_with_parent()
-    else:
-        _adopt_orphans()
     threading.Thread(target=_watchdog, args=(slots, slot, parent_pid), daemon=True).start()
     outbox = _Outbox(conn)
     threading.Thread(target=outbox.send_every_interval, daemon=True).start()
@@ -89,6 +106,7 @@ def worker_main(config: WorkerConfig, slots: SlotTable, slot: int, conn, parent_
         indices, attempts = orjson.loads(header)
         run_batch(indices, attempts, body)
         outbox.send()
+    _end_descendants()  # a clean finish: what a callable forked ends with the job
     os._exit(0)
 
 
@@ -231,23 +249,15 @@ def _ignore(*_: object) -> None:
     """A no-op handler, not SIG_IGN: exec() resets it, so map commands still get Ctrl-C."""
 
 
-def _exit_now(slots: SlotTable, slot: int) -> None:
-    _kill_child(slots, slot)
+def _exit_now() -> None:
+    _end_descendants()
     os._exit(143)
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this worker if the supervisor dies, even mid C call holding the GIL."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-
-
 def _adopt_orphans() -> None:
-    """Linux: become a child subreaper, so what a map command leaves running in the
-    background is re-parented to this worker (and can be killed) rather than to init."""
+    """Linux: become a child subreaper, so what a map command or a callable's fork leaves
+    running in the background is re-parented to this worker (and can be killed) rather
+    than to init."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_CHILD_SUBREAPER, 1)
@@ -285,15 +295,27 @@ def _watchdog(slots: SlotTable, slot: int, parent_pid: int) -> None:
     while True:
         slots.beat(slot)
         if os.getppid() != parent_pid:
-            _kill_child(slots, slot)
+            _end_descendants()
             os._exit(70)
         time.sleep(0.1)
 
 
-def _kill_child(slots: SlotTable, slot: int) -> None:
-    child = slots.read(slot).child
-    if child > 0:
-        kill_tree(child)
+def _end_descendants() -> None:
+    """Kill every process this worker started that still runs: its children (of any of
+    its threads), which as a subreaper include every orphan its attempts left, and
+    theirs. (Not reaped: the worker is about to exit.)"""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/children", "rb") as f:
+                children = [int(p) for p in f.read().split()]
+        except (OSError, ValueError):
+            continue
+        for child in children:
+            kill_tree(child)
 
 
 def kill_tree(pid: int) -> None:
@@ -381,7 +403,8 @@ def _command_runner(config: WorkerConfig, slots: SlotTable, slot: int):
         env = base_env.copy()
         env[b"MRPOOL_ITEM_ID"] = (item_id if isinstance(item_id, str) else str(item_id)).encode()
         env[b"MRPOOL_ATTEMPT"] = b"%d" % attempt
-        env[b"MRPOOL_ITEM"] = item_json
+        if len(item_json) <= ENV_ITEM_MAX:  # else E2BIG: the item is on stdin only
+            env[b"MRPOOL_ITEM"] = item_json
         stdin, stdout, stderr = _memory_file(item_json), _memory_file(), _memory_file()
         try:
             try:

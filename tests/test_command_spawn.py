@@ -42,10 +42,8 @@ def test_exit_statuses_come_back_as_the_contract_records_them(wait_mode):
 
 
 def test_a_command_past_its_timeout_is_killed_with_its_children_and_reaped(wait_mode, monkeypatch):
-    pid = spawn("sh", "-c", "sleep 30 & sleep 30")
-    time.sleep(0.1)  # let it start its background child
-    children = psutil.Process(pid).children(recursive=True)
-    assert children
+    pid = spawn("sh", "-c", "sleep 30 & sleep 30; true")  # "; true": sh forks both
+    children = _children_once_started(pid, count=2)  # its background child and its own
     started = time.monotonic()
     assert worker._wait_for(pid, timeout=0.3) is None
     assert time.monotonic() - started < 5
@@ -74,6 +72,17 @@ def test_memory_files_hold_the_item_and_read_back_whole_and_tail(memfd, monkeypa
         os.close(fd)
 
 
+def _children_once_started(pid: int, count: int) -> list[psutil.Process]:
+    """``pid``'s descendants once there are ``count`` of them (no guessed sleep)."""
+    deadline = time.monotonic() + 10
+    while True:
+        children = psutil.Process(pid).children(recursive=True)
+        if len(children) >= count or time.monotonic() > deadline:
+            assert len(children) >= count, children
+            return children
+        time.sleep(0.01)
+
+
 STRAYS_SCRIPT = """
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
@@ -89,7 +98,13 @@ worker._kill_strays(me)  # no child at all: nothing to do
 # a moment later: both are re-parented to this process, as to a worker.
 pid = os.posix_spawnp("sh", ["sh", "-c", "sleep 30 >/dev/null 2>&1 & (sleep 0.1; exit 0) &"], dict(os.environ))
 os.waitpid(pid, 0)
-time.sleep(0.5)  # the short one has exited: a zombie of ours by now
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:  # until both orphans are ours and the short one has exited
+    kids = open(f"/proc/{me}/task/{me}/children").read().split()
+    states = [open(f"/proc/{k}/stat").read().rsplit(")", 1)[1].split()[0] for k in kids]
+    if len(kids) == 2 and "Z" in states:
+        break
+    time.sleep(0.01)
 print(children())
 worker._kill_strays(me)
 print(children())

@@ -10,6 +10,7 @@ again, nothing left behind. Disk faults are also produced for real with
 
 from __future__ import annotations
 
+import ast
 import resource
 import signal
 import subprocess
@@ -90,7 +91,8 @@ KILL_POINTS = [
 
 def test_every_failpoint_is_exercised():
     """The list below covers every failpoint the code defines (a new one needs a test)."""
-    others = {"retry.after_success", "worker.before_send"}  # tested below / in test_run.py
+    # tested below, in test_run.py, and in test_power_loss.py (the skip of a directory fsync)
+    others = {"retry.after_success", "worker.before_send", "fsutil.fsync_dir"}
     assert {name for name, _ in KILL_POINTS} | others == set(POINTS)
 
 
@@ -109,11 +111,8 @@ def test_sigkill_at_failpoint_then_resume_loses_nothing(mrpool, tmp_path, point,
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
     # -- phase 2: the job exists and reads cleanly; a dead holder does not block
     status = mrpool.status("fp")
-    assert (
-        status["lock"] is None
-        and status["state"] == "interrupted"
-        or status["state"].startswith("completed")
-    )
+    assert status["lock"] is None, status  # the dead holder is not reported as holding it
+    assert status["state"] == "interrupted" or status["state"].startswith("completed"), status
     assert status["total"] == N
     recorded = recorded_ids(mrpool, "fp")
     # -- phase 3: resume finishes; nothing lost, nothing doubled, no recorded success re-run
@@ -230,8 +229,54 @@ def test_real_efbig_from_rlimit_fsize_then_resume(mrpool, tmp_path):
     assert not set(side_log(tmp_path)[ran_before:]) & recorded
 
 
-def test_failpoints_cost_nothing_when_off():
-    """Disabled failpoints are a module flag: the names list is non-empty, ENABLED is False."""
+def _guarded_by_enabled_flag(tree: ast.AST) -> list[str]:
+    """``failpoints.hit(...)`` calls not inside an ``if`` that tests ``failpoints.ENABLED``
+    first (as the condition, or the first operand of an ``and``)."""
+
+    def tests_flag_first(test: ast.expr) -> bool:
+        if isinstance(test, ast.BoolOp) and isinstance(test.op, ast.And):
+            test = test.values[0]
+        return ast.unparse(test) == "failpoints.ENABLED"
+
+    unguarded: list[str] = []
+
+    def visit(node: ast.AST, guarded: bool) -> None:
+        if (
+            isinstance(node, ast.Call)
+            and ast.unparse(node.func) == "failpoints.hit"
+            and not guarded
+        ):
+            unguarded.append(f"line {node.lineno}: {ast.unparse(node)}")
+        for child in ast.iter_child_nodes(node):
+            inside = (
+                guarded
+                or (isinstance(node, ast.If) and child in node.body and tests_flag_first(node.test))
+                or (  # ``failpoints.ENABLED and failpoints.hit(...)``: short-circuited
+                    isinstance(node, ast.BoolOp)
+                    and isinstance(node.op, ast.And)
+                    and child is not node.values[0]
+                    and tests_flag_first(node)
+                )
+            )
+            visit(child, inside)
+
+    visit(tree, False)
+    return unguarded
+
+
+def test_disabled_failpoints_cost_one_flag_check():
+    """Off, a failpoint costs one global lookup: ENABLED is False without the variable,
+    and every ``failpoints.hit`` in the package sits behind ``if failpoints.ENABLED``
+    (so no call, no string formatting, no dict lookup on a hot path); an unknown name
+    in the variable is refused."""
+    with_calls = set()
+    for path in sorted((REPO / "mrpool").glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        if "failpoints.hit(" in ast.unparse(tree):
+            with_calls.add(path.name)
+        assert not _guarded_by_enabled_flag(tree), (path.name, _guarded_by_enabled_flag(tree))
+    # the check looked at the real call sites
+    assert {"api.py", "fsutil.py", "journal.py", "supervisor.py", "worker.py"} <= with_calls
     out = subprocess.run(
         [PY, "-c", "import mrpool.failpoints as f; print(f.ENABLED)"],
         capture_output=True,
