@@ -17,6 +17,7 @@ The folder is the architecture, one module per concept:
     reduce.py      the reduce step
     gc_policy.py   fewer collector passes in mrpool's bulk loops, none in user code
     api.py         the Python API;  cli.py  the command line
+    pymap.py       mrpool.map / mrpool.imap: a durable map over a Python iterable
     failpoints.py  named crash/IO-error points for tests
 """
 
@@ -40,13 +41,19 @@ API_NAMES = (
     "iter_events",
     "SessionReport",
 )
-__all__ = ["__version__", *API_NAMES]
+# ``mrpool.map`` and friends (mrpool/pymap.py), imported on first use like the API.
+MAP_NAMES = ("map", "imap", "MapFailures", "Failed")
+__all__ = ["__version__", *API_NAMES, *MAP_NAMES]
 
 
 def __getattr__(name: str):
-    """``mrpool.run_job`` etc.: the API, imported on first use."""
+    """``mrpool.run_job``, ``mrpool.map`` etc.: imported on first use."""
     if name in API_NAMES:
         from . import api
 
         return getattr(api, name)
+    if name in MAP_NAMES:
+        from . import pymap
+
+        return getattr(pymap, name)
     raise AttributeError(f"module 'mrpool' has no attribute {name!r}")

@@ -215,6 +215,21 @@ def plan_resume(
     return plan_session(store.dir, state, options, _running_at_crash(store, state))
 
 
+def run_held_session(
+    store: JobStore,
+    command: str,
+    *,
+    include_dlq: bool = True,
+    workers: int | None = None,
+    progress: bool = False,
+) -> SessionReport:
+    """One session of a job whose lock is already held for it -- by ``mrpool.map``'s
+    calling process, which runs this in a forked child (a POSIX lock is not inherited,
+    so the child cannot take it, and must not need to)."""
+    options = PlanOptions(include_dlq=include_dlq, crash_limit=_crash_limit(store))
+    return _run_session(store, command, options, workers=workers, progress=progress)
+
+
 def _run_session(
     store: JobStore,
     command: str,

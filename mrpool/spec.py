@@ -32,6 +32,9 @@ __all__ = [
     "load_job_file",
     "spec_from_dict",
     "import_callable",
+    "resolve_callable",
+    "provide_callable",
+    "IN_PROCESS_PREFIX",
 ]
 
 MAX_WORKERS = 1024  # one process each: beyond this a typo, not a plan
@@ -248,6 +251,26 @@ def import_callable(path: str, base_dir: str) -> Callable[..., Any]:
     return target
 
 
+# A function that only exists in one Python process (a lambda, a notebook cell's or a
+# script's ``__main__`` function, a ``functools.partial``) is stored under a name with this
+# prefix: no other process can import it, so only that process (and the workers it forks)
+# can run the job's map -- see ``provide_callable`` and mrpool/pymap.py.
+IN_PROCESS_PREFIX = "in-process:"
+_PROVIDED: dict[str, Callable[..., Any]] = {}
+
+
+def provide_callable(name: str, function: Callable[..., Any]) -> None:
+    """Make ``name`` resolve to ``function`` here and in every process forked from here on
+    (``mrpool.map``'s session process does this, so its forked workers need no import)."""
+    _PROVIDED[name] = function
+
+
+def resolve_callable(path: str, base_dir: str) -> Callable[..., Any]:
+    """The function provided under ``path`` in this process, else ``import_callable``."""
+    provided = _PROVIDED.get(path)
+    return provided if provided is not None else import_callable(path, base_dir)
+
+
 def check_callables(spec: JobSpec) -> None:
     """Import every callable the job names, so a typo fails before anything runs."""
     for field_name, dotted in (
@@ -256,8 +279,14 @@ def check_callables(spec: JobSpec) -> None:
     ):
         if not dotted:
             continue
+        if dotted.startswith(IN_PROCESS_PREFIX) and dotted not in _PROVIDED:
+            raise JobSpecError(
+                f"{spec.source}: {field_name}: {dotted[len(IN_PROCESS_PREFIX) :]} exists only in "
+                "the Python process that started the job; resume it from Python: call "
+                "mrpool.map(fn, items, job=...) again with the same job"
+            )
         try:
-            import_callable(dotted, spec.base_dir)
+            resolve_callable(dotted, spec.base_dir)
         except (Exception, SystemExit) as e:  # noqa: BLE001 - any import-time error is the user's to see
             detail = " ".join(f"{type(e).__name__}: {e}".split())
             raise JobSpecError(

@@ -50,7 +50,7 @@ from . import failpoints, gc_policy
 from .containment import Unit
 from .containment import die_with_parent as _die_with_parent  # even mid C call holding the GIL
 from .slots import SlotTable
-from .spec import argv_renderer, import_callable
+from .spec import argv_renderer, resolve_callable
 
 __all__ = ["WorkerConfig", "worker_main", "kill_tree"]
 
@@ -165,7 +165,7 @@ def _batch_runner(config: WorkerConfig, slots: SlotTable, slot: int, outbox: _Ou
     if config.command:
         run_one = _command_runner(config, slots, slot)
     else:
-        function = import_callable(config.callable, config.base_dir)
+        function = resolve_callable(config.callable, config.base_dir)  # mrpool.map: no import
         run_one = _callable_runner(function)
 
     def run_each(indices: list[int], attempts: list[int], body: bytes) -> None:

@@ -21,6 +21,7 @@ SCRIPTS = [
     ("lock_contention", ["--rounds", "1"]),
     ("payloads", ["--cases", "20x20000", "--repeats", "1"]),
     ("failures", ["--items", "200", "--repeats", "1"]),
+    ("python_map", ["--items", "300", "--slow-items", "20", "--repeats", "1"]),
 ]
 
 
