@@ -35,6 +35,8 @@ POINTS = {
     "worker.before_send": "a worker ran attempts; their outcomes are not yet sent (they die with it)",
     "retry.after_success": "a DLQ item's success written to the journal (= left the DLQ), snapshot not yet rewritten",
     "run.after_create": "job directory created and locked, id not yet printed",
+    "dlq.purge.after_lock": "dlq purge holds the job's lock, nothing purged yet",
+    "lock.after_holder_unlink": "a release removed holder.json, not yet the lock file",
 }
 
 _ERRNOS = {"eio": errno.EIO, "enospc": errno.ENOSPC, "efbig": errno.EFBIG}

@@ -91,6 +91,7 @@ KILL_POINTS = [
 def test_every_failpoint_is_exercised():
     """The list below covers every failpoint the code defines (a new one needs a test)."""
     others = {"retry.after_success", "worker.before_send"}  # tested below / in test_run.py
+    others |= {"dlq.purge.after_lock", "lock.after_holder_unlink"}  # in test_peers.py
     assert {name for name, _ in KILL_POINTS} | others == set(POINTS)
 
 
