@@ -37,6 +37,8 @@ API_NAMES = (
     "open_dlq",
     "purge_dlq",
     "iter_events",
+    "iter_joblog",
+    "unlock_job",
     "SessionReport",
 )
 __all__ = ["__version__", *API_NAMES]
