@@ -209,6 +209,17 @@ def wait_until_running(job_dir: Path, proc: subprocess.Popen, start: int = 0) ->
     return seen
 
 
+def python_script(mrpool, script: Path, *args: Any) -> subprocess.Popen:
+    """Start ``python script args...`` tagged for the leak checks, its output piped."""
+    return subprocess.Popen(
+        [PY, str(script), *map(str, args)],
+        env=mrpool.env(),
+        cwd=str(REPO),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
 def finish(proc: subprocess.Popen, timeout: float = 30) -> tuple[int, str, str]:
     """Wait for ``proc`` to end; its exit status and text output."""
     out, err = proc.communicate(timeout=timeout)
@@ -628,16 +639,7 @@ def test_unlink_on_release_never_lets_two_processes_in(mrpool, tmp_path):
     counter.write_text("0")
     script = tmp_path / "hammer.py"
     script.write_text(HAMMER_PY)
-    procs = [
-        subprocess.Popen(
-            [PY, str(script), str(job_dir), str(counter), str(marker), "50"],
-            env=mrpool.env(),
-            cwd=str(REPO),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for _ in range(4)
-    ]
+    procs = [python_script(mrpool, script, job_dir, counter, marker, "50") for _ in range(4)]
     outputs = [finish(proc, timeout=120) for proc in procs]
     stale = 0
     for rc, out, err in outputs:
@@ -679,21 +681,9 @@ def test_clear_stale_beside_racing_holders_never_removes_a_live_one(mrpool, tmp_
     counter.write_text("0")
     (tmp_path / "hammer.py").write_text(HAMMER_PY)
     (tmp_path / "sweeper.py").write_text(SWEEPER_PY)
-    sweeper = subprocess.Popen(
-        [PY, str(tmp_path / "sweeper.py"), str(job_dir), str(stop)],
-        env=mrpool.env(),
-        cwd=str(REPO),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    sweeper = python_script(mrpool, tmp_path / "sweeper.py", job_dir, stop)
     hammers = [
-        subprocess.Popen(
-            [PY, str(tmp_path / "hammer.py"), str(job_dir), str(counter), str(marker), "30"],
-            env=mrpool.env(),
-            cwd=str(REPO),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        python_script(mrpool, tmp_path / "hammer.py", job_dir, counter, marker, "30")
         for _ in range(3)
     ]
     outputs = [finish(proc, timeout=120) for proc in hammers]
