@@ -231,49 +231,49 @@ def unlock(
 def _unlock(
     job_dir: Path, *, force: bool, only_if_stale: bool, on_remove=None
 ) -> dict[str, Any] | None:
-    if not ((job_dir / LOCK_FILE).exists() or (job_dir / HOLDER_FILE).exists()):
+    """``unlock``, or with ``only_if_stale`` ``clear_stale`` (None instead of a refusal)."""
+    lock_path = job_dir / LOCK_FILE
+    if not (lock_path.exists() or (job_dir / HOLDER_FILE).exists()):
         return None
     with _REGISTRY_GUARD:
+        had_lock_file = lock_path.exists()
         mine = _REGISTRY.get(str(job_dir.resolve()))
-        if mine is not None:
-            if only_if_stale:
-                return None
-            raise UnlockRefused(_held_message(job_dir.name, mine.holder or {}, "this process"))
-        lock = _lock_now(job_dir)
-        if lock is None:
-            if only_if_stale:
-                return None
-            holder = read_holder(job_dir) or {}
-            raise UnlockRefused(_held_message(job_dir.name, holder, "a live process"))
+        lock = None if mine is not None else _lock_now(job_dir)
+        holder = mine.holder if mine is not None else read_holder(job_dir)
+        holder = holder or {}
         try:
-            holder = read_holder(job_dir) or {}
-            foreign = bool(holder) and holder.get("hostname") != _HOSTNAME
-            if _is_live(holder) or (foreign and not force):
+            refusal = _why_kept(job_dir.name, holder, lock is not None, force)
+            if refusal is not None:
+                if lock is not None and not had_lock_file:  # the one _lock_now just made
+                    lock_path.unlink(missing_ok=True)
                 if only_if_stale:
                     return None
-                raise UnlockRefused(_refusal(job_dir.name, holder, foreign))
+                raise UnlockRefused(refusal)
             if on_remove is not None:
                 on_remove(holder)
             _remove_files(job_dir)
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
     return holder
 
 
-def _held_message(job_id: str, holder: dict[str, Any], who: str) -> str:
-    return f"job {job_id} is locked right now by {who} ({describe_holder(holder)}); nothing removed"
-
-
-def _refusal(job_id: str, holder: dict[str, Any], foreign: bool) -> str:
-    if foreign:
+def _why_kept(job_id: str, holder: dict[str, Any], locked_by_us: bool, force: bool) -> str | None:
+    """Why ``unlock`` must leave this holder alone, or None when it may remove it."""
+    if not locked_by_us:
+        return f"job {job_id} is locked right now ({describe_holder(holder)}); nothing removed"
+    foreign = bool(holder) and holder.get("hostname") != _HOSTNAME
+    if foreign and not force:
         return (
             f"job {job_id} is held by {describe_holder(holder)}, another host, which cannot be "
             f"checked from here; if that process is gone, run 'mrpool unlock {job_id} --force'"
         )
-    return (
-        f"job {job_id} is held by {describe_holder(holder)}, which is alive on this host; "
-        "nothing removed (stop it, or wait for it)"
-    )
+    if _is_live(holder):
+        return (
+            f"job {job_id} is held by {describe_holder(holder)}, which is alive on this host; "
+            "nothing removed (stop it, or wait for it)"
+        )
+    return None
 
 
 def _lock_now(job_dir: Path) -> fasteners.InterProcessLock | None:
