@@ -157,6 +157,17 @@ def test_stop_event_interrupts_a_session_on_a_worker_thread(tagged, tmp_path):
     r = mrpool.run("resume", "st")
     assert r.returncode == 0, r.stderr
     assert sorted(r["result"] for r in mrpool.results("st")) == [0, 1, 2]
+    # the joblog: the two cut attempts as interrupted, then every item's success
+    rows = [json.loads(line) for line in joblog(mrpool, "st").splitlines()]
+    assert [(r["id"], r["attempt"], r["outcome"]) for r in rows[:2]] == [
+        (0, 1, "interrupted"),
+        (1, 1, "interrupted"),
+    ]
+    assert sorted((r["id"], r["attempt"], r["outcome"]) for r in rows[2:]) == [
+        (0, 2, "ok"),
+        (1, 2, "ok"),
+        (2, 1, "ok"),
+    ]
 
 
 def test_two_jobs_in_two_threads_of_one_process(tagged, tmp_path):
