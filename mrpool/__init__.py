@@ -39,6 +39,8 @@ API_NAMES = (
     "open_dlq",
     "purge_dlq",
     "iter_events",
+    "iter_joblog",
+    "unlock_job",
     "SessionReport",
 )
 # ``mrpool.map`` and friends (mrpool/pymap.py), imported on first use like the API.

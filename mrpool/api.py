@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,8 +31,9 @@ from .errors import MrpoolError, StorageError, UsageError
 from .executor import LocalExecutor
 from .gc_policy import fewer_collections
 from .items import indices_of, ingest, iter_item_lines, read_ids
+from .joblog import exit_fields, iter_attempts
 from .journal import JournalWriter, read_records, started_attempts
-from .lock import JobLock, live_holder
+from .lock import JobLock, clear_stale, live_holder, unlock
 from .planner import PlanOptions, ResumePlan, plan_session
 from .reduce import read_reduce_output, run_reduce
 from .slots import SLOTS_FILE, running_at_crash
@@ -69,6 +71,8 @@ __all__ = [
     "open_dlq",
     "purge_dlq",
     "iter_events",
+    "iter_joblog",
+    "unlock_job",
     "SessionReport",
 ]
 
@@ -85,11 +89,13 @@ def run_job(
     progress: bool = False,
     base_dir: str | os.PathLike | None = None,
     executor: str | None = None,
+    stop: threading.Event | None = None,
 ) -> SessionReport:
     """Create a job from a job file (path), a job dict or a ``JobSpec``, and run it.
 
     Everything is validated before any state exists; ``on_created(job_id)`` is
-    called the moment the job exists (the CLI prints the id there).
+    called the moment the job exists (the CLI prints the id there). ``stop``: see
+    ``resume_job``.
     """
     spec = _as_spec(job, base_dir)
     if workers is not None:
@@ -128,7 +134,13 @@ def run_job(
         if on_created:
             on_created(job_id)
         return _run_session(
-            store, "run", PlanOptions(), workers=None, progress=progress, executor=executor
+            store,
+            "run",
+            PlanOptions(),
+            workers=None,
+            progress=progress,
+            executor=executor,
+            stop=stop,
         )
     finally:
         lock.release()
@@ -147,11 +159,19 @@ def resume_job(
     progress: bool = False,
     on_plan: Callable[[ResumePlan], None] | None = None,
     executor: str | None = None,
+    stop: threading.Event | None = None,
 ) -> SessionReport:
     """Run what is left of a job: pending + failed + DLQ items, each once.
 
     ``executor`` ("local", "dask", "dask://HOST:PORT") overrides the job file's for
-    this session (a cluster's address may change between sessions)."""
+    this session (a cluster's address may change between sessions).
+
+    Any thread may call this (and ``run_job``, ``retry_dlq``), one job per thread. On
+    the main thread SIGINT/SIGTERM stop the session; on another thread Python cannot
+    take signals, so set ``stop`` (a ``threading.Event``, from any thread) instead: the
+    session stops as on Ctrl-C -- attempts killed, kept pending, report state
+    ``"interrupted"`` -- and ``resume`` continues it later.
+    """
     store = JobStore.open(state_root(state_dir), job_id)
     with JobLock(store.dir, command=f"mrpool resume {job_id}").acquire(wait):
         options = PlanOptions(include_dlq=not no_dlq, crash_limit=_crash_limit(store))
@@ -165,6 +185,7 @@ def resume_job(
             additional=max_additional_retries,
             on_plan=on_plan,
             executor=executor,
+            stop=stop,
         )
 
 
@@ -179,8 +200,10 @@ def retry_dlq(
     progress: bool = False,
     on_plan: Callable[[ResumePlan], None] | None = None,
     executor: str | None = None,
+    stop: threading.Event | None = None,
 ) -> SessionReport:
-    """Re-run DLQ items (all, or those named); each success leaves the DLQ."""
+    """Re-run DLQ items (all, or those named); each success leaves the DLQ (``stop``: see
+    ``resume_job``)."""
     store = JobStore.open(state_root(state_dir), job_id)
     with JobLock(store.dir, command=f"mrpool dlq retry {job_id}").acquire(wait):
         only = None
@@ -201,6 +224,7 @@ def retry_dlq(
             progress=progress,
             on_plan=on_plan,
             executor=executor,
+            stop=stop,
         )
 
 
@@ -241,6 +265,7 @@ def _run_session(
     additional: int | None = None,
     on_plan: Callable[[ResumePlan], None] | None = None,
     executor: str | None = None,
+    stop: threading.Event | None = None,
 ) -> SessionReport:
     store.sweep()
     info = store.info()
@@ -282,6 +307,7 @@ def _run_session(
                 dlq_on_full=spec.dlq.on_full,
                 progress=progress,
                 command=command,
+                stop=stop,
             ),
         )
         session.run()
@@ -434,6 +460,7 @@ def job_status(job_id: str, *, state_dir: str | os.PathLike | None = None) -> di
     store = JobStore.open(state_root(state_dir), job_id)
     info = store.info()
     state = store.load_state(info.total)
+    clear_stale(store.dir)  # a SIGKILLed holder's files go with the first look at the job
     holder = live_holder(store.dir)
     summary = state.summary()
     return {
@@ -521,6 +548,10 @@ def purge_dlq(
     """Drop DLQ items (all, or those named) for good, under the job's lock."""
     store = JobStore.open(state_root(state_dir), job_id)
     with JobLock(store.dir, command=f"mrpool dlq purge {job_id}").acquire(wait):
+        from . import failpoints
+
+        if failpoints.ENABLED:
+            failpoints.hit("dlq.purge.after_lock")
         state = store.load_state(store.info().total)
         indices = _indices_in_dlq(store, state, item_ids) if item_ids else None
         journal = JournalWriter(store.journal_path, state.offset)
@@ -553,25 +584,33 @@ def iter_events(
     """The job's event log, one dict per event; ``follow`` tails it while a holder lives."""
     store = JobStore.open(state_root(state_dir), job_id)
     ids = read_ids(store.dir)
+    command = store.info().spec.map.command is not None
     offset = 0
     while True:
         for _, end, record in read_records(store.journal_path, offset):
-            yield from _events_of(record, ids)
+            yield from _events_of(record, ids, command)
             offset = end
         if not follow or not live_holder(store.dir):
             if follow:  # the holder just ended: drain its last records
                 for _, _end, record in read_records(store.journal_path, offset):
-                    yield from _events_of(record, ids)
+                    yield from _events_of(record, ids, command)
             return
         time.sleep(0.2)
 
 
-def _events_of(record: dict[str, Any], ids: list[Any]) -> Iterator[dict[str, Any]]:
+def _events_of(
+    record: dict[str, Any], ids: list[Any], command: bool = False
+) -> Iterator[dict[str, Any]]:
+    """The events of one journal record. An attempt's end (``item_succeeded``,
+    ``item_retrying`` / ``item_parked`` / ``item_failed``) has ``duration`` (seconds,
+    null when it never reported), and for a command map ``exit_code`` and ``signal``
+    (see joblog.py: null when not applicable)."""
     kind, t = record["k"], record.get("t")
     if kind == "s":
         for index, attempt in started_attempts(record):
             yield {"t": t, "event": "item_started", "id": ids[index], "attempt": attempt}
     elif kind == "ok":
+        ended = {"exit_code": 0, "signal": None} if command else {}
         for index, attempt, duration, _result in record["b"]:
             yield {
                 "t": t,
@@ -579,6 +618,7 @@ def _events_of(record: dict[str, Any], ids: list[Any]) -> Iterator[dict[str, Any
                 "id": ids[index],
                 "attempt": attempt,
                 "duration": duration,
+                **ended,
             }
     elif kind == "f":
         name = {"retry": "item_retrying", "dlq": "item_parked"}.get(record["next"], "item_failed")
@@ -590,6 +630,8 @@ def _events_of(record: dict[str, Any], ids: list[Any]) -> Iterator[dict[str, Any
             "kind": record.get("kind"),
             "error": record.get("msg"),
             "worker_pid": record.get("pid"),
+            "duration": record.get("dur"),
+            **(dict(zip(("exit_code", "signal"), exit_fields(record))) if command else {}),
         }
     elif kind == "worker":
         yield {
@@ -605,6 +647,33 @@ def _events_of(record: dict[str, Any], ids: list[Any]) -> Iterator[dict[str, Any
             "event": _EVENT_NAMES.get(kind, kind),
             **{k: v for k, v in record.items() if k not in ("k", "t")},
         }
+
+
+def unlock_job(
+    job_id: str,
+    *,
+    state_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    on_remove: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any] | None:
+    """Remove the lock files of a holder that is gone (``mrpool unlock``; lock.unlock).
+
+    Returns the holder record removed (``{}``: a lock file without one), None if there
+    were no lock files. Raises ``LockedError`` (exit 3) if a live process holds the job,
+    or the holder is on another host and not ``force``."""
+    store = JobStore.open(state_root(state_dir), job_id)
+    return unlock(store.dir, force=force, on_remove=on_remove)
+
+
+def iter_joblog(
+    job_id: str, *, state_dir: str | os.PathLike | None = None
+) -> Iterator[dict[str, Any]]:
+    """One row per attempt, in the order they ended (``mrpool joblog``; fields in
+    joblog.py): id, attempt, host, start, duration, exit_code, signal, outcome."""
+    store = JobStore.open(state_root(state_dir), job_id)
+    command = store.info().spec.map.command is not None
+    live = live_holder(store.dir) is not None
+    return iter_attempts(store.dir, store.journal_path, command=command, live=live)
 
 
 # -- helpers ---------------------------------------------------------------------

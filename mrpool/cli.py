@@ -8,6 +8,7 @@ traceback. stdout carries data (the job id, JSON, JSONL); humans get stderr.
 from __future__ import annotations
 
 import argparse
+import itertools
 import signal
 import sys
 from datetime import datetime
@@ -88,11 +89,29 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("--reduce", action="store_true", help="print the reduce step's output instead")
 
-    p = sub.add_parser("events", parents=[common], help="the job's event log as JSONL")
-    p.add_argument("job_id")
-    p.add_argument(
-        "--follow", action="store_true", help="keep printing until the job has no live holder"
-    )
+    for name, what, flag, flag_help in (
+        (
+            "events",
+            "the job's event log as JSONL",
+            "--follow",
+            "keep printing until the job has no live holder",
+        ),
+        (
+            "joblog",
+            "one row per attempt (id, attempt, host, start, duration, exit code, signal, outcome)",
+            "--tsv",
+            "GNU parallel's --joblog columns, with a header",
+        ),
+        (
+            "unlock",
+            "remove the lock files of a holder that is gone (--force: one on another host)",
+            "--force",
+            "also remove a holder recorded on another host (it cannot be checked from here)",
+        ),
+    ):
+        p = sub.add_parser(name, parents=[common], help=what)
+        p.add_argument("job_id")
+        p.add_argument(flag, action="store_true", help=flag_help)
 
     p = sub.add_parser(
         "dlq", parents=[common], help="inspect, retry, purge or export the dead letter queue"
@@ -232,7 +251,42 @@ def _dispatch(args: argparse.Namespace) -> int:
             live=args.follow,
         )
         return 0
+    if args.command == "joblog":
+        return _joblog(args, state_dir)
+    if args.command == "unlock":
+        return _unlock(args, state_dir)
     return _dlq(args, state_dir)
+
+
+def _joblog(args: argparse.Namespace, state_dir: str | None) -> int:
+    from . import api
+    from .joblog import TSV_HEADER, tsv_line
+
+    rows = api.iter_joblog(args.job_id, state_dir=state_dir)
+    if args.tsv:
+        _write_lines(itertools.chain((TSV_HEADER,), (tsv_line(row) for row in rows)))
+    else:
+        _write_lines(orjson.dumps(row) + b"\n" for row in rows)
+    return 0
+
+
+def _unlock(args: argparse.Namespace, state_dir: str | None) -> int:
+    from . import api
+
+    holder = api.unlock_job(
+        args.job_id, state_dir=state_dir, force=args.force, on_remove=_say_holder
+    )
+    if holder is None:
+        _say(f"job {args.job_id} has no lock files; nothing to do")
+    else:
+        _say(f"removed the lock files of job {args.job_id}")
+    return 0
+
+
+def _say_holder(holder: dict[str, Any]) -> None:
+    from .lock import describe_holder
+
+    _say(f"holder record: {describe_holder(holder) if holder else 'none (a lock file alone)'}")
 
 
 def _dlq(args: argparse.Namespace, state_dir: str | None) -> int:

@@ -41,6 +41,7 @@ import select
 import signal
 import socket
 import struct
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -240,6 +241,13 @@ def _started_prefix(rest: Batch, index: int, attempt: int) -> int:
     return 0
 
 
+# Sessions may run on several threads of one process. A fork copies every descriptor
+# open at that instant, so a worker forked by one session while another session is
+# between its own fork and closing its copy of the child's pipe ends would hold that
+# worker's death sentinel open: its death would go unseen. Forks take turns.
+_FORKING = threading.Lock()
+
+
 class LocalExecutor:
     """N forked worker processes on this machine."""
 
@@ -273,9 +281,10 @@ class LocalExecutor:
             name=f"mrpool-worker-{slot}",
             daemon=True,
         )
-        process.start()
-        self.containment.attach(process.pid)
-        child_end.close()
+        with _FORKING:  # one fork at a time: a sibling session's pipe ends must not leak in
+            process.start()
+            self.containment.attach(process.pid)
+            child_end.close()
         worker = self.workers[slot] = _Worker(slot, process, parent_end, process.pid, unit)
         worker.death_fd = _death_fd(process)
         worker.sock = socket.socket(fileno=os.dup(parent_end.fileno()))

@@ -39,6 +39,8 @@ POINTS = {
     "retry.after_success": "a DLQ item's success written to the journal (= left the DLQ), snapshot not yet rewritten",
     "run.after_create": "job directory created and locked, id not yet printed",
     "fsutil.fsync_dir": "a directory is about to be fsynced (skip: it is not; power-cut tests)",
+    "dlq.purge.after_lock": "dlq purge holds the job's lock, nothing purged yet",
+    "lock.after_holder_unlink": "a release removed holder.json, not yet the lock file",
 }
 
 _ERRNOS = {"eio": errno.EIO, "enospc": errno.ENOSPC, "efbig": errno.EFBIG}

@@ -19,6 +19,7 @@ cycles, so at the default threshold the collector ran hundreds of times in a
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,18 +29,27 @@ BULK_THRESHOLD = 20_000
 _callers: list[tuple[int, ...]] = []  # thresholds replaced by the blocks now open, outermost first
 
 
+_guard = threading.Lock()
+
+
 @contextmanager
 def fewer_collections() -> Iterator[None]:
-    """The bulk threshold for the duration of the block, then the setting before it."""
-    before = gc.get_threshold()
-    _callers.append(before)
-    if before[0]:  # 0: automatic collection is off, and stays off
-        gc.set_threshold(max(BULK_THRESHOLD, before[0]), *before[1:])
+    """The bulk threshold for the duration of the block, then the setting before it.
+
+    Blocks may overlap on several threads (one session per thread): the threshold is
+    the caller's again when the last open block ends, whichever thread ends last."""
+    with _guard:
+        before = _callers[0] if _callers else gc.get_threshold()
+        _callers.append(before)
+        if before[0]:  # 0: automatic collection is off, and stays off
+            gc.set_threshold(max(BULK_THRESHOLD, before[0]), *before[1:])
     try:
         yield
     finally:
-        gc.set_threshold(*before)
-        _callers.pop()
+        with _guard:
+            _callers.pop()
+            if not _callers:
+                gc.set_threshold(*before)
 
 
 def for_user_code() -> None:

@@ -8,7 +8,16 @@ What it guarantees
 * A holder that died never blocks anyone: the lock is a POSIX record lock
   (``fasteners.InterProcessLock``, ``lockf``), which the kernel drops when the
   process dies, however it dies.
+* Any thread may take it: the registry below makes threads of one process
+  compete like processes (one wins, the others get ``LockedError``).
 * After ``release`` nothing is left: no ``lock`` file, no ``holder.json``.
+  What a SIGKILLed holder leaves (both files, or the ``lock`` file alone when
+  the kill fell inside acquire or between release's two unlinks) goes with the
+  next command that takes the lock, or looks at the job (``clear_stale``, from
+  ``status``), once the kernel lock is free and the record provably dead.
+* ``unlock`` (``mrpool unlock``) removes a dead holder's files on demand, and
+  with ``force`` one recorded on another host -- never while the kernel lock is
+  held, never a holder alive on this host.
 
 Why each guard exists (the sharp edges)
 ---------------------------------------
@@ -24,7 +33,11 @@ Why each guard exists (the sharp edges)
 * ``holder.json`` is informative, the kernel lock is the truth. A holder record
   is *live* only if on this host its pid exists, is not a zombie and has the
   recorded start time (PIDs are reused). A record from another host cannot be
-  checked from here: it is reported and never broken.
+  checked from here: it is reported and never broken, except by ``unlock
+  --force`` (the message of a refusal says so).
+* A refused ``fasteners`` acquire leaves its descriptor open; we close it at
+  once rather than when the garbage collector does (safe: the registry proves
+  this process holds no lock on that file).
 * The lock file is created 0600 without following symlinks; after locking we
   check the locked descriptor is a regular file at that very path.
 
@@ -42,6 +55,7 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -50,10 +64,11 @@ import fasteners
 import orjson
 import psutil
 
+from . import failpoints
 from .errors import LockedError
 from .fsutil import atomic_write, fsync_dir, open_private
 
-__all__ = ["JobLock", "live_holder", "describe_holder"]
+__all__ = ["JobLock", "live_holder", "describe_holder", "clear_stale", "unlock", "UnlockRefused"]
 
 LOCK_FILE = "lock"
 HOLDER_FILE = "holder.json"
@@ -94,18 +109,13 @@ class JobLock:
             other = _REGISTRY.get(key)
             if other is not None:
                 return other.holder or {"pid": os.getpid(), "hostname": _HOSTNAME}
-            path = self.job_dir / LOCK_FILE
-            os.close(open_private(path, os.O_RDWR | os.O_CREAT))
-            lock = fasteners.InterProcessLock(str(path))
-            if not lock.acquire(blocking=False):
+            lock = _lock_now(self.job_dir)
+            if lock is None:
                 # A dead holder's record lingers until the new holder replaces it: not the holder.
                 holder = read_holder(self.job_dir)
                 if holder and holder.get("hostname") == _HOSTNAME and not _is_live(holder):
                     return {}
                 return holder or {}
-            if not _same_file(lock, path):  # unlinked by the previous holder's release
-                lock.release()
-                return {}
             foreign = read_holder(self.job_dir)
             if foreign and (foreign.get("hostname") != _HOSTNAME or _is_live(foreign)):
                 lock.release()  # never break a record we cannot prove dead
@@ -137,15 +147,7 @@ class JobLock:
         if lock is None:
             return
         with _REGISTRY_GUARD:
-            for name in (HOLDER_FILE, LOCK_FILE):
-                try:
-                    os.unlink(self.job_dir / name)
-                except FileNotFoundError:
-                    pass
-            try:
-                fsync_dir(self.job_dir)
-            except OSError:
-                pass
+            _remove_files(self.job_dir)
             lock.release()
             _REGISTRY.pop(str(self.job_dir.resolve()), None)
             _REGISTRY.pop(str(self.job_dir), None)
@@ -171,6 +173,127 @@ class JobLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _remove_files(job_dir: Path) -> None:
+    """Unlink holder.json, then the lock file (call holding the kernel lock)."""
+    for name in (HOLDER_FILE, LOCK_FILE):
+        try:
+            os.unlink(job_dir / name)
+        except FileNotFoundError:
+            pass
+        if failpoints.ENABLED and name == HOLDER_FILE:
+            failpoints.hit("lock.after_holder_unlink")
+    try:
+        fsync_dir(job_dir)
+    except OSError:
+        pass
+
+
+def clear_stale(job_dir: str | os.PathLike) -> bool:
+    """Remove a ``lock``/``holder.json`` that a dead holder left; True if it did.
+
+    A SIGKILL can land anywhere in a holder's life, also between its release's two
+    unlinks, and no later command need take the lock (``dlq purge`` killed after its
+    record, on a job that is then complete). So read commands call this: it takes the
+    kernel lock for a few microseconds, only when it is free, removes the files only
+    when the record is missing or provably dead on this host, and never touches a
+    record from another host (that is ``unlock --force``). A command that wants the
+    lock meanwhile sees a holder without a record and retries within its grace.
+    """
+    try:
+        return _unlock(Path(job_dir), force=False, only_if_stale=True) is not None
+    except OSError:  # a read-only look (no write access, say) must not fail for this
+        return False
+
+
+class UnlockRefused(LockedError):
+    """``unlock`` will not remove this holder (it is live, or on another host)."""
+
+
+def unlock(
+    job_dir: str | os.PathLike,
+    *,
+    force: bool = False,
+    on_remove: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any] | None:
+    """Remove the job's lock and holder files when no live process holds it.
+
+    Returns the holder record removed (``{}``: a lock file without one; None: there was
+    nothing to remove). Removes a holder provably dead on this host; one from another
+    host only with ``force`` (it cannot be checked from here). Raises ``UnlockRefused``
+    when the kernel lock is held right now or the holder is alive on this host, or is
+    on another host and not ``force``. ``on_remove(record)`` is told what is about to go.
+    """
+    return _unlock(Path(job_dir), force=force, only_if_stale=False, on_remove=on_remove)
+
+
+def _unlock(
+    job_dir: Path, *, force: bool, only_if_stale: bool, on_remove=None
+) -> dict[str, Any] | None:
+    """``unlock``, or with ``only_if_stale`` ``clear_stale`` (None instead of a refusal)."""
+    lock_path = job_dir / LOCK_FILE
+    if not (lock_path.exists() or (job_dir / HOLDER_FILE).exists()):
+        return None
+    with _REGISTRY_GUARD:
+        had_lock_file = lock_path.exists()
+        mine = _REGISTRY.get(str(job_dir.resolve()))
+        lock = None if mine is not None else _lock_now(job_dir)
+        holder = mine.holder if mine is not None else read_holder(job_dir)
+        holder = holder or {}
+        try:
+            refusal = _why_kept(job_dir.name, holder, lock is not None, force)
+            if refusal is not None:
+                if lock is not None and not had_lock_file:  # the one _lock_now just made
+                    lock_path.unlink(missing_ok=True)
+                if only_if_stale:
+                    return None
+                raise UnlockRefused(refusal)
+            if on_remove is not None:
+                on_remove(holder)
+            _remove_files(job_dir)
+        finally:
+            if lock is not None:
+                lock.release()
+    return holder
+
+
+def _why_kept(job_id: str, holder: dict[str, Any], locked_by_us: bool, force: bool) -> str | None:
+    """Why ``unlock`` must leave this holder alone, or None when it may remove it."""
+    if not locked_by_us:
+        return f"job {job_id} is locked right now ({describe_holder(holder)}); nothing removed"
+    foreign = bool(holder) and holder.get("hostname") != _HOSTNAME
+    if foreign and not force:
+        return (
+            f"job {job_id} is held by {describe_holder(holder)}, another host, which cannot be "
+            f"checked from here; if that process is gone, run 'mrpool unlock {job_id} --force'"
+        )
+    if _is_live(holder):
+        return (
+            f"job {job_id} is held by {describe_holder(holder)}, which is alive on this host; "
+            "nothing removed (stop it, or wait for it)"
+        )
+    return None
+
+
+def _lock_now(job_dir: Path) -> fasteners.InterProcessLock | None:
+    """The kernel lock on ``job_dir/lock`` if it is free right now, else None.
+
+    Call under ``_REGISTRY_GUARD`` and only when the registry says this process does
+    not hold the job: on a refusal the descriptor is closed at once (not left for the
+    garbage collector), which would drop a lock this process held on that file.
+    """
+    path = job_dir / LOCK_FILE
+    os.close(open_private(path, os.O_RDWR | os.O_CREAT))
+    lock = fasteners.InterProcessLock(str(path))
+    if not lock.acquire(blocking=False):
+        lock.lockfile.close()
+        lock.lockfile = None
+        return None
+    if not _same_file(lock, path):  # unlinked by the previous holder's release
+        lock.release()
+        return None
+    return lock
 
 
 def _same_file(lock: fasteners.InterProcessLock, path: Path) -> bool:
@@ -236,6 +359,12 @@ def describe_holder(holder: dict[str, Any]) -> str:
 
 
 def _locked_message(job_id: str, holder: dict[str, Any]) -> str:
+    if holder.get("hostname") not in (None, _HOSTNAME):
+        return (
+            f"job {job_id} is locked by {describe_holder(holder)}, another host, which cannot be "
+            f"checked from here; wait for it, or, if that process is gone, "
+            f"run 'mrpool unlock {job_id} --force'"
+        )
     return (
         f"job {job_id} is locked by {describe_holder(holder)}; wait for it, or pass --wait SECONDS"
     )

@@ -18,8 +18,9 @@ Actors:
 * ``Session._settle`` turns outcomes into journal records: a success is one
   ``ok`` record (which also takes an item out of the DLQ); a failure is one
   ``f`` record saying whether it will be retried or is parked.
-* ``_interrupt`` is the stop path for SIGINT/SIGTERM: kill in-flight attempts,
-  close the session, keep everything for ``resume``.
+* ``_interrupt`` is the stop path for SIGINT/SIGTERM (or ``SessionOptions.stop``
+  set, for a session on another thread than the main one): kill in-flight
+  attempts, close the session, keep everything for ``resume``.
 
 Every record goes through ``Session._record``, which appends it to the journal
 and applies it to the in-memory state, so memory and disk cannot drift (``ok``
@@ -31,6 +32,8 @@ from __future__ import annotations
 import heapq
 import os
 import signal
+import socket
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -50,6 +53,7 @@ __all__ = ["SessionOptions", "SessionReport", "Session"]
 
 CHECKPOINT_EVERY = 30.0
 LOST_OUTCOME_LIMIT = 3  # see Session._hand_back
+STOPPED_BY_CALLER = 0  # stop_signal when options.stop was set (no real signal is 0)
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class SessionOptions:
     dlq_on_full: str = "stop"
     progress: bool = False
     command: str = "run"
+    stop: threading.Event | None = None  # set: stop like Ctrl-C (any thread can set it)
 
 
 @dataclass
@@ -124,16 +129,17 @@ class Session:
                 "k": "open",
                 "cmd": self.options.command,
                 "pid": os.getpid(),
+                "host": socket.gethostname(),
                 "cut": self.plan.crash_cut,
             }
         )
         self._record({"k": "plan", **self.plan.summary()})
         self._park_poison()
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = self._install_signal_handlers()
         try:
             self.executor.start()
             self._flush_events()
-            while self.stop_signal is None and self.stop_error is None:
+            while self._stop_not_asked():
                 self._release_due_retries()
                 self._dispatch()
                 if self._finished():
@@ -162,6 +168,21 @@ class Session:
         self.state.offset = self.journal.offset
         self.store.write_checkpoint(self.state)
 
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """SIGINT/SIGTERM stop the session -- when it runs on the main thread, the only
+        one Python lets set handlers. On another thread the caller stops it with
+        ``options.stop`` (a ``threading.Event``), and the process's signals keep
+        whatever meaning the caller gave them."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _stop_not_asked(self) -> bool:
+        stop = self.options.stop
+        if stop is not None and stop.is_set() and self.stop_signal is None:
+            self.stop_signal = STOPPED_BY_CALLER
+        return self.stop_signal is None and self.stop_error is None
+
     def _finished(self) -> bool:
         return self._fresh_done and not self.ready and not self.delayed and self.in_flight == 0
 
@@ -174,6 +195,8 @@ class Session:
         self.stop_signal = signum
 
     def _close_reason(self) -> str:
+        if self.stop_signal == STOPPED_BY_CALLER:
+            return "interrupted: stopped by the caller"
         if self.stop_signal is not None:
             return f"interrupted by {signal.Signals(self.stop_signal).name}"
         if self.stop_error is not None:

@@ -1,4 +1,5 @@
-"""`events --follow`: prints the log live and ends when the job has no live holder."""
+"""`events --follow`: prints the log live and ends when the job has no live holder; every
+attempt's end event says how long it ran, and for command maps how it exited."""
 
 import json
 import select
@@ -54,3 +55,59 @@ def test_follow_streams_until_the_holder_ends(mrpool, tmp_path):
         follow.args[:-1], env=mrpool.env(), capture_output=True, text=True
     ).stdout
     assert [json.loads(line)["event"] for line in again.splitlines()] == events
+
+
+FLAKY = """
+def work(item):
+    if item["id"] == "bad":
+        raise ValueError("always")
+    return item["id"]
+"""
+
+
+def test_attempt_end_events_carry_duration_and_for_commands_exit_code_and_signal(mrpool, tmp_path):
+    """A callable map: duration on every end event, no exit fields. A command map:
+    exit_code (0 for a success) and signal, null when not applicable."""
+    job = write_job(
+        tmp_path / "py",
+        [{"id": "ok"}, {"id": "bad"}],
+        {"callable": "flaky:work", "retries": 1},
+        files={"flaky.py": FLAKY},
+    )
+    assert mrpool.run("run", str(job), "--job-id", "py").returncode == 1
+    ends = [
+        e
+        for e in events(mrpool, "py")
+        if e["event"].startswith("item_") and "started" not in e["event"]
+    ]
+    assert [(e["id"], e["event"]) for e in ends if e["id"] == "bad"] == [
+        ("bad", "item_retrying"),
+        ("bad", "item_parked"),
+    ]
+    assert all(isinstance(e["duration"], float) and e["duration"] >= 0 for e in ends)
+    assert not any("exit_code" in e or "signal" in e for e in ends)
+    job = write_job(
+        tmp_path / "sh",
+        [
+            {"id": "ok", "sh": "true"},
+            {"id": "seven", "sh": "exit 7"},
+            {"id": "term", "sh": "kill $$"},
+        ],
+        {"command": ["sh", "-c", "{item.sh}"]},
+    )
+    assert mrpool.run("run", str(job), "--job-id", "sh").returncode == 1
+    ends = {
+        e["id"]: e for e in events(mrpool, "sh") if e["event"] in ("item_succeeded", "item_parked")
+    }
+    assert {k: (e["exit_code"], e["signal"]) for k, e in ends.items()} == {
+        "ok": (0, None),
+        "seven": (7, None),
+        "term": (None, 15),
+    }
+    assert all(e["duration"] >= 0 for e in ends.values())
+
+
+def events(mrpool, job_id):
+    r = mrpool.run("events", job_id)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]

@@ -93,6 +93,7 @@ def test_every_failpoint_is_exercised():
     """The list below covers every failpoint the code defines (a new one needs a test)."""
     # tested below, in test_run.py, and in test_power_loss.py (the skip of a directory fsync)
     others = {"retry.after_success", "worker.before_send", "fsutil.fsync_dir"}
+    others |= {"dlq.purge.after_lock", "lock.after_holder_unlink"}  # in test_peers.py
     assert {name for name, _ in KILL_POINTS} | others == set(POINTS)
 
 

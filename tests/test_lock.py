@@ -16,7 +16,8 @@ checks what users rely on (CONTRACT.md, guarantee 3 and exit status 3):
 * after every command ends (any exit status, SIGINT, SIGTERM, an error) the job
   directory holds no ``lock`` and no ``holder.json``;
 * the unlink-on-release race (a waiter locking the old inode) never lets two
-  processes in at once;
+  processes in at once, also with ``clear_stale`` (what ``status`` runs) sweeping
+  beside them -- it never removes a live holder's record;
 * ``--wait`` waits; ``run``, ``resume`` and ``dlq retry`` all take the lock.
 
 Synchronisation is on state (journal records, exit of processes), never on
@@ -88,7 +89,7 @@ def hold(item):
 # between fasteners' open and its lockf() widens it, and each process counts how
 # often it did lock an unlinked inode, to prove the race really happened.
 HAMMER_PY = """
-import os, random, sys, time
+import json, os, random, sys, time
 from pathlib import Path
 import fasteners
 from mrpool.lock import JobLock
@@ -108,12 +109,21 @@ def slow_trylock(self):
         stale += 1
 
 
+def _holder_is_me(job_dir):
+    try:
+        return json.loads((Path(job_dir) / "holder.json").read_text())["pid"] == os.getpid()
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 fasteners.InterProcessLock.trylock = slow_trylock
 for _ in range(rounds):
     with JobLock(job_dir, command="hammer").acquire(wait=10):
         try:
             os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
+            overlaps += 1
+        if not _holder_is_me(job_dir):  # a sweeper (clear_stale) removed a live record
             overlaps += 1
         value = int(counter.read_text())
         time.sleep(0.0005)
@@ -197,6 +207,17 @@ def wait_until_running(job_dir: Path, proc: subprocess.Popen, start: int = 0) ->
         rc, _, err = finish(proc)
         raise AssertionError(f"pid {proc.pid} exited {rc} instead of running: {err}")
     return seen
+
+
+def python_script(mrpool, script: Path, *args: Any) -> subprocess.Popen:
+    """Start ``python script args...`` tagged for the leak checks, its output piped."""
+    return subprocess.Popen(
+        [PY, str(script), *map(str, args)],
+        env=mrpool.env(),
+        cwd=str(REPO),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 30) -> tuple[int, str, str]:
@@ -618,16 +639,7 @@ def test_unlink_on_release_never_lets_two_processes_in(mrpool, tmp_path):
     counter.write_text("0")
     script = tmp_path / "hammer.py"
     script.write_text(HAMMER_PY)
-    procs = [
-        subprocess.Popen(
-            [PY, str(script), str(job_dir), str(counter), str(marker), "50"],
-            env=mrpool.env(),
-            cwd=str(REPO),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for _ in range(4)
-    ]
+    procs = [python_script(mrpool, script, job_dir, counter, marker, "50") for _ in range(4)]
     outputs = [finish(proc, timeout=120) for proc in procs]
     stale = 0
     for rc, out, err in outputs:
@@ -640,6 +652,52 @@ def test_unlink_on_release_never_lets_two_processes_in(mrpool, tmp_path):
     print(f"\n[lock] unlink race: an unlinked inode was locked {stale} times, never a double entry")
     assert not marker.exists()
     assert_no_lock_files(job_dir, "200 acquire/release")
+
+
+# What read commands run on every look at a job (``status``): it takes the kernel lock for
+# microseconds whenever it is free, to remove a dead holder's files.
+SWEEPER_PY = """
+import sys, time
+from pathlib import Path
+from mrpool.lock import clear_stale
+
+job_dir, stop = sys.argv[1], Path(sys.argv[2])
+removed = looks = 0
+while not stop.exists():
+    removed += clear_stale(job_dir)
+    looks += 1
+    time.sleep(0.0005)
+print(looks, removed)
+"""
+
+
+def test_clear_stale_beside_racing_holders_never_removes_a_live_one(mrpool, tmp_path):
+    """3 processes x 30 acquire/release while a sweeper runs ``clear_stale`` in a loop:
+    nobody inside the lock ever finds its holder record gone or another process inside,
+    no acquire times out, and the counter ends at exactly 90."""
+    job_dir = mrpool.state_dir / "jobs" / "swept"  # checked for leftovers by conftest
+    job_dir.mkdir(parents=True)
+    counter, marker, stop = tmp_path / "counter", tmp_path / "inside", tmp_path / "stop"
+    counter.write_text("0")
+    (tmp_path / "hammer.py").write_text(HAMMER_PY)
+    (tmp_path / "sweeper.py").write_text(SWEEPER_PY)
+    sweeper = python_script(mrpool, tmp_path / "sweeper.py", job_dir, stop)
+    hammers = [
+        python_script(mrpool, tmp_path / "hammer.py", job_dir, counter, marker, "30")
+        for _ in range(3)
+    ]
+    outputs = [finish(proc, timeout=120) for proc in hammers]
+    stop.touch()
+    rc, out, err = finish(sweeper, timeout=30)
+    assert rc == 0, err
+    looks, removed = map(int, out.split())
+    for rc, out, err in outputs:
+        assert rc == 0, err
+        assert out.split()[0] == "0", "a holder found its record gone or another inside"
+    assert counter.read_text() == "90"
+    assert looks > 100, "the sweeper hardly ran: the test proved nothing"
+    print(f"\n[lock] clear_stale looked {looks} times beside 90 hand-overs, removed {removed}")
+    assert_no_lock_files(job_dir, "the hand-overs and the sweeper")
 
 
 # -- --wait ----------------------------------------------------------------------------

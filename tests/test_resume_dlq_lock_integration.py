@@ -98,6 +98,9 @@ print(json.dumps({"id": int(iid), "attempt": int(attempt)}))
 AT_REST = {"job.json", "items.jsonl", "journal.log", "checkpoint.json", "dlq.json"}
 LOCK_FILES = {"lock", "holder.json"}
 HOLDER_FILES = LOCK_FILES | {"slots.bin"}
+# what a SIGKILLed holder leaves once `status` has looked: it removes a dead holder's lock
+# files (lock.clear_stale); slots.bin stays for the next session to read
+STATUS_SWEPT = {"slots.bin"}
 FIRST_RUN = {"job.json", "items.jsonl", "journal.log"}  # before any session ended cleanly
 
 
@@ -384,7 +387,7 @@ def test_complete_resume_workflow_with_dlq_and_lock(mrpool, bench):
     assert summary == plan_of(pending=4, dlq=3)
     assert planned == [(k, "dlq") for k in (4, 5, 6)] + [(k, "pending") for k in (7, 8, 9, 10)]
     # planning read the state and wrote nothing
-    assert bench.files() == FIRST_RUN | HOLDER_FILES
+    assert bench.files() == FIRST_RUN | STATUS_SWEPT
 
     # -- phase 3: cause fixed; two resumers race, the winner is held at item 4
     bench.fix()
@@ -554,7 +557,7 @@ def test_deduplication_with_dlq_and_pending(mrpool, bench):
     # in their last settled places (3: dlq, 4: failed), and in flight at the crash
     assert bench.counts() == ("interrupted", 2, 1, 1, 1, 2, None)
     assert bench.dlq() == {3: 3}
-    assert bench.files() == AT_REST | HOLDER_FILES
+    assert bench.files() == AT_REST | STATUS_SWEPT
 
     # -- phase 3: the plan: 3 and 4 collapse onto their pending (in-flight) source
     summary, planned = bench.plan()
@@ -656,7 +659,7 @@ def test_resume_after_partial_failure(mrpool, bench):
     assert bench.ran() == [(k, 1) for k in range(1, 10)]
     assert bench.counts() == ("interrupted", 5, 3, 0, 2, 1, None)
     assert bench.dlq() == {6: 1, 7: 1, 8: 1}
-    assert bench.files() == FIRST_RUN | HOLDER_FILES
+    assert bench.files() == FIRST_RUN | STATUS_SWEPT
 
     # -- phase 2: the plan: 2 pending + 3 from the DLQ, disjoint
     summary, planned = bench.plan()
