@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, MrpoolError, UsageError
+from .spec import printable
 
 __all__ = ["main"]
 
@@ -267,16 +268,17 @@ def _dlq(args: argparse.Namespace, state_dir: str | None) -> int:
         else:
             for g in groups:
                 _out(
-                    f"{g['count']} item(s): {g['kind']}: {g['example']}  [signature {g['signature']}]\n".encode()
+                    _human_line(
+                        f"{g['count']} item(s): {g['kind']}: {g['example']}  [signature {g['signature']}]"
+                    )
                 )
         return 0
     if cmd == "export":
-        lines = dlq.export()
         if args.output:
-            with open(args.output, "wb") as handle:
-                handle.writelines(lines)
+            count = api.export_dlq(args.job_id, args.output, state_dir=state_dir)
+            _say(f"exported {count} item(s) from the DLQ of {args.job_id} to {args.output}")
         else:
-            _write_lines(lines)
+            _write_lines(dlq.export())
         return 0
     raise UsageError(f"unknown dlq command {cmd!r}")
 
@@ -300,9 +302,9 @@ def _status(args: argparse.Namespace, state_dir: str | None) -> int:
             "pending",
             "duplicates_in_input",
         ):
-            _out(f"{key:20} {status[key]}\n".encode())
+            _out(_human_line(f"{key:20} {status[key]}"))
         lock = status["lock"]
-        _out(f"{'lock':20} {'-' if not lock else _holder_text(lock)}\n".encode())
+        _out(_human_line(f"{'lock':20} {'-' if not lock else _holder_text(lock)}"))
         return 0
     rows = api.list_jobs(state_dir=state_dir)
     if args.json:
@@ -380,7 +382,9 @@ def _when(ts: float | None) -> str:
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> None:
-    cells = [header, *[[str(c) for c in row] for row in rows]]
+    """Aligned columns; control characters in a cell are escaped (an id or error holding
+    a newline or an ANSI escape must not forge a row or repaint the terminal)."""
+    cells = [header, *[[printable(str(c)) for c in row] for row in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for row in cells:
         _out(("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n").encode())
@@ -415,7 +419,13 @@ def _write_lines(lines, *, live: bool = False) -> None:
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """One line for a human on stderr, control characters escaped."""
+    print(printable(message), file=sys.stderr, flush=True)
+
+
+def _human_line(text: str) -> bytes:
+    """A line for a human on stdout, control characters escaped."""
+    return printable(text).encode() + b"\n"
 
 
 if __name__ == "__main__":  # pragma: no cover
