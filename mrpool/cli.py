@@ -21,13 +21,24 @@ from .spec import printable
 __all__ = ["main"]
 
 
+REFERENCE = "docs/reference.md"  # in the mrpool repository: every job-file key and command
+
+
 class _Parser(argparse.ArgumentParser):
+    """No abbreviated options: ``--worker 3`` must be an error, not ``--workers 3`` --
+    an abbreviation that works today would silently change meaning once a new option
+    shares its prefix."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, exit 2 (the contract)
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     common.add_argument(
         "--state-dir",
         default=argparse.SUPPRESS,
@@ -36,14 +47,21 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mrpool",
         description="A local MapReduce job runner that never loses work.",
+        epilog=f"The job file's keys, every command and option, exit codes and guarantees: "
+        f"{REFERENCE} in the mrpool repository.",
         parents=[common],
     )
     from . import __version__
 
-    parser.add_argument("--version", action="version", version=f"mrpool {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"mrpool {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("run", parents=[common], help="start a new job from a job file")
+    p = sub.add_parser(
+        "run",
+        parents=[common],
+        help="start a new job from a job file",
+        epilog=f"Job-file keys (input, map, retries, dlq, reduce, ...): {REFERENCE}.",
+    )
     p.add_argument("jobfile")
     p.add_argument("--job-id")
     p.add_argument("--workers", type=_positive_int)

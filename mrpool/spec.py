@@ -8,6 +8,7 @@ job that ``run`` started, even if the job file has changed since.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 import os
@@ -313,9 +314,19 @@ class _Where:
         for key in data:
             if key not in allowed:
                 name = f"{prefix}{key if isinstance(key, str) and key else repr(key)}"
-                raise self.error(
-                    name, f"unknown key (expected one of: {', '.join(sorted(allowed))})"
-                )
+                raise self.error(name, f"unknown key{_did_you_mean(key, allowed)}")
+
+
+def _did_you_mean(key: Any, allowed: set[str]) -> str:
+    """`` (did you mean 'workers'? expected one of: ...)``: the nearest known key, if any
+    is near (a typo, or a key of another section), then all of them."""
+    expected = f"expected one of: {', '.join(sorted(allowed))}"
+    if not isinstance(key, str):
+        return f" ({expected})"
+    typed = key.lower()
+    near = [k for k in sorted(allowed) if len(typed) >= 3 and k.startswith(typed)]
+    near = near or difflib.get_close_matches(typed, sorted(allowed), n=1, cutoff=0.6)
+    return f" (did you mean {near[0]!r}? {expected})" if near else f" ({expected})"
 
 
 def _check_values(where: _Where, data: Any) -> None:

@@ -622,3 +622,66 @@ def test_a_refused_run_leaves_the_state_dir_as_it_found_it(mrpool, tmp_path, exi
         assert os.listdir(mrpool.state_dir) == []
     else:
         assert not mrpool.state_dir.exists(), os.listdir(mrpool.state_dir)
+
+
+# -- a newcomer's command line and typos (issue 24 item 6) ------------------------------------
+@pytest.mark.parametrize(
+    "args, abbreviation",
+    [
+        (("run", "JOB", "--worker", "3"), "--worker"),
+        (("run", "JOB", "--job", "x"), "--job"),
+        (("resume", "j", "--max-add", "2"), "--max-add"),
+        (("dlq", "list", "j", "--js"), "--js"),
+        (("status", "--js"), "--js"),
+        (("status", "--state", "DIR"), "--state"),
+    ],
+    ids=["run-worker", "run-job", "resume-max-add", "dlq-list-js", "status-js", "state-dir"],
+)
+def test_abbreviated_options_are_refused_not_guessed(mrpool, tmp_path, args, abbreviation):
+    """``--worker 3`` is not ``--workers 3``: an abbreviation is an unknown option (exit 2,
+    one line naming it), on the top parser and every subcommand's, so no option silently
+    changes meaning when a longer one is added; nothing runs and no job is created."""
+    job = write_job(tmp_path, [{"id": 1}], GOOD_MAP)
+    fill = {"JOB": str(job), "DIR": str(mrpool.state_dir)}
+    r = mrpool.run(*[fill.get(a, a) for a in args])
+    line = assert_refused(mrpool, r)
+    assert abbreviation in line and "--help" in line, line
+    assert not mrpool.state_dir.exists()
+
+
+@pytest.mark.parametrize("flag", ["-V", "--version"])
+def test_the_version_is_printed(mrpool, flag):
+    """``mrpool -V`` / ``--version``: the package version on stdout, exit 0."""
+    from mrpool import __version__
+
+    r = mrpool.run(flag)
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"mrpool {__version__}\n", "")
+
+
+@pytest.mark.parametrize(
+    "text, field, suggestion",
+    [
+        ("input: items.jsonl\nworker: 3\nmap: {command: [echo]}\n", "worker", "workers"),
+        ("input: items.jsonl\nmap: {command: [echo], timout: 3}\n", "map.timout", "timeout"),
+        ("input: items.jsonl\nmap: {command: [echo], Retries: 1}\n", "map.Retries", "retries"),
+        ("input: items.jsonl\nidfield: id\nmap: {command: [echo]}\n", "idfield", "id_field"),
+        ("input: items.jsonl\nmap: {command: [echo]}\ndlq: {max: 3}\n", "dlq.max", "max_items"),
+    ],
+    ids=["worker", "timout", "Retries", "idfield", "dlq-max"],
+)
+def test_an_unknown_job_file_key_suggests_the_nearest_known_one(
+    mrpool, tmp_path, text, field, suggestion
+):
+    """A misspelt key is refused naming it, with the nearest key of its section as a
+    did-you-mean, and the keys it could be; nothing is created."""
+    job = write_yaml_job(tmp_path, text)
+    line = assert_refused(
+        mrpool, run(mrpool, job), f"{job}: {field}: unknown key (did you mean {suggestion!r}?"
+    )
+    assert "expected one of: " in line, line
+
+
+def test_an_unknown_key_far_from_every_known_one_gets_no_guess(mrpool, tmp_path):
+    job = write_yaml_job(tmp_path, "input: items.jsonl\nzzz: 1\nmap: {command: [echo]}\n")
+    line = assert_refused(mrpool, run(mrpool, job), f"{job}: zzz: unknown key (expected one of: ")
+    assert "did you mean" not in line
