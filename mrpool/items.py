@@ -503,7 +503,8 @@ def _read_jsonl(path: Path, handle, stop: int | None = None, lineno: int = 1) ->
         lines = block.split(b"\n")
         if not lines[-1]:
             lines.pop()  # the block ended with LF
-        unclean = b"\t" in block or b"\r" in block or b"\\u0000" in block
+        # (memchr for a backslash first: ~0.1 ms a chunk; the substring search costs ~5 ms)
+        unclean = b"\t" in block or b"\r" in block or (b"\\" in block and b"\\u0000" in block)
         yield _Chunk(path, lineno, lines, unclean=unclean)
         lineno += len(lines)
 
