@@ -318,8 +318,8 @@ class _Where:
 
 
 def _did_you_mean(key: Any, allowed: set[str]) -> str:
-    """`` (did you mean 'workers'? expected one of: ...)``: the nearest known key, if any
-    is near (a typo, or a key of another section), then all of them."""
+    """`` (did you mean 'workers'? expected one of: ...)``: the known key this one is the
+    start of, or else the nearest by difflib's ratio if any is near (a typo), then all."""
     expected = f"expected one of: {', '.join(sorted(allowed))}"
     if not isinstance(key, str):
         return f" ({expected})"
