@@ -37,6 +37,7 @@ API_NAMES = (
     "iter_result_lines",
     "reduce_output",
     "open_dlq",
+    "export_dlq",
     "purge_dlq",
     "iter_events",
     "iter_joblog",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ import orjson
 from .dlq import DeadLetterQueue
 from .errors import MrpoolError, StorageError, UsageError
 from .executor import LocalExecutor
+from .fsutil import atomic_write_chunks
 from .gc_policy import fewer_collections
 from .items import indices_of, ingest, iter_item_lines, read_ids
 from .joblog import exit_fields, iter_attempts
@@ -69,6 +71,7 @@ __all__ = [
     "iter_result_lines",
     "reduce_output",
     "open_dlq",
+    "export_dlq",
     "purge_dlq",
     "iter_events",
     "iter_joblog",
@@ -536,6 +539,42 @@ def reduce_output(job_id: str, *, state_dir: str | os.PathLike | None = None) ->
 
 def open_dlq(job_id: str, *, state_dir: str | os.PathLike | None = None) -> DeadLetterQueue:
     return DeadLetterQueue(JobStore.open(state_root(state_dir), job_id))
+
+
+def export_dlq(
+    job_id: str, output: str | os.PathLike, *, state_dir: str | os.PathLike | None = None
+) -> int:
+    """Write the DLQ as JSONL to ``output``: a new file, 0600 (it holds item data), put
+    in place whole by one rename, so a reader never sees half an export. ``output`` may
+    be a symlink to a file (the file is replaced); anything else that is not a regular
+    file is refused. Returns how many items were written."""
+    dlq = open_dlq(job_id, state_dir=state_dir)
+    target = Path(os.path.realpath(output))
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise UsageError(f"{output}: cannot write the export: {e.strerror}") from None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise UsageError(
+            f"{output}: not a regular file; -o writes one (leave -o out to print to stdout)"
+        )
+    count = 0
+
+    def blocks() -> Iterator[bytes]:
+        nonlocal count
+        block: list[bytes] = []
+        for line in dlq.export():
+            block.append(line)
+            count += 1
+            if len(block) == 1024:
+                yield b"".join(block)
+                block.clear()
+        yield b"".join(block)
+
+    atomic_write_chunks(target, blocks())
+    return count
 
 
 def purge_dlq(

@@ -17,17 +17,29 @@ from typing import Any
 import orjson
 
 from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, MrpoolError, UsageError
+from .spec import printable
 
 __all__ = ["main"]
 
 
+REFERENCE = "docs/reference.md"  # in the mrpool repository: every job-file key and command
+
+
 class _Parser(argparse.ArgumentParser):
+    """No abbreviated options: ``--worker 3`` must be an error, not ``--workers 3`` --
+    an abbreviation that works today would silently change meaning once a new option
+    shares its prefix."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, exit 2 (the contract)
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     common.add_argument(
         "--state-dir",
         default=argparse.SUPPRESS,
@@ -36,14 +48,21 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mrpool",
         description="A local MapReduce job runner that never loses work.",
+        epilog=f"The job file's keys, every command and option, exit codes and guarantees: "
+        f"{REFERENCE} in the mrpool repository.",
         parents=[common],
     )
     from . import __version__
 
-    parser.add_argument("--version", action="version", version=f"mrpool {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"mrpool {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("run", parents=[common], help="start a new job from a job file")
+    p = sub.add_parser(
+        "run",
+        parents=[common],
+        help="start a new job from a job file",
+        epilog=f"Job-file keys (input, map, retries, dlq, reduce, ...): {REFERENCE}.",
+    )
     p.add_argument("jobfile")
     p.add_argument("--job-id")
     p.add_argument("--workers", type=_positive_int)
@@ -335,16 +354,17 @@ def _dlq(args: argparse.Namespace, state_dir: str | None) -> int:
         else:
             for g in groups:
                 _out(
-                    f"{g['count']} item(s): {g['kind']}: {g['example']}  [signature {g['signature']}]\n".encode()
+                    _human_line(
+                        f"{g['count']} item(s): {g['kind']}: {g['example']}  [signature {g['signature']}]"
+                    )
                 )
         return 0
     if cmd == "export":
-        lines = dlq.export()
         if args.output:
-            with open(args.output, "wb") as handle:
-                handle.writelines(lines)
+            count = api.export_dlq(args.job_id, args.output, state_dir=state_dir)
+            _say(f"exported {count} item(s) from the DLQ of {args.job_id} to {args.output}")
         else:
-            _write_lines(lines)
+            _write_lines(dlq.export())
         return 0
     raise UsageError(f"unknown dlq command {cmd!r}")
 
@@ -368,9 +388,9 @@ def _status(args: argparse.Namespace, state_dir: str | None) -> int:
             "pending",
             "duplicates_in_input",
         ):
-            _out(f"{key:20} {status[key]}\n".encode())
+            _out(_human_line(f"{key:20} {status[key]}"))
         lock = status["lock"]
-        _out(f"{'lock':20} {'-' if not lock else _holder_text(lock)}\n".encode())
+        _out(_human_line(f"{'lock':20} {'-' if not lock else _holder_text(lock)}"))
         return 0
     rows = api.list_jobs(state_dir=state_dir)
     if args.json:
@@ -448,7 +468,9 @@ def _when(ts: float | None) -> str:
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> None:
-    cells = [header, *[[str(c) for c in row] for row in rows]]
+    """Aligned columns; control characters in a cell are escaped (an id or error holding
+    a newline or an ANSI escape must not forge a row or repaint the terminal)."""
+    cells = [header, *[[printable(str(c)) for c in row] for row in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for row in cells:
         _out(("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n").encode())
@@ -483,7 +505,13 @@ def _write_lines(lines, *, live: bool = False) -> None:
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """One line for a human on stderr, control characters escaped."""
+    print(printable(message), file=sys.stderr, flush=True)
+
+
+def _human_line(text: str) -> bytes:
+    """A line for a human on stdout, control characters escaped."""
+    return printable(text).encode() + b"\n"
 
 
 if __name__ == "__main__":  # pragma: no cover

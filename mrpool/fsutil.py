@@ -14,17 +14,23 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
+from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 from . import failpoints
 from .errors import StorageError
 
 __all__ = [
     "TEMP_MARK",
+    "NotRegularFileError",
     "atomic_write",
+    "atomic_write_chunks",
     "fsync_dir",
     "make_private_dir",
     "open_private",
+    "open_regular_file",
     "sweep_temp_files",
 ]
 
@@ -69,6 +75,49 @@ def open_private(path: str | os.PathLike, flags: int) -> int:
     return os.open(path, flags | _NOFOLLOW | _CLOEXEC, 0o600)
 
 
+class NotRegularFileError(OSError):
+    """A path that must name a regular file names a FIFO, device, socket or directory."""
+
+    def __init__(self, path: str | os.PathLike, kind: str) -> None:
+        super().__init__(f"{path} is {kind}, not a regular file")
+        self.kind = kind
+
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _require_regular(path: str | os.PathLike, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a file")
+        raise NotRegularFileError(path, kind)
+
+
+def open_regular_file(path: str | os.PathLike, buffering: int = -1) -> BinaryIO:
+    """Open ``path`` (symlinks followed) for reading, if it is a regular file.
+
+    A user's input or job file could be a FIFO (``open`` would wait forever for a
+    writer) or a device (``/dev/zero`` never ends: reading it fills memory). So the
+    path is stat'ed first, opened with ``O_NONBLOCK`` (a FIFO swapped in after the
+    stat cannot block the open) and checked again on the open descriptor, which is
+    what is then read. Raises ``NotRegularFileError`` (an ``OSError``) otherwise.
+    """
+    _require_regular(path, os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _CLOEXEC)
+    try:
+        _require_regular(path, os.fstat(fd).st_mode)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def atomic_write(
     path: str | os.PathLike, data: bytes, failpoint: str | None = None, durable: bool = True
 ) -> None:
@@ -79,20 +128,33 @@ def atomic_write(
     ``durable=False`` skips the fsyncs: still atomic against a process crash, but
     after a power cut the file may be old, empty or missing (for informative files).
     """
+    atomic_write_chunks(path, (data,), failpoint, durable)
+
+
+def atomic_write_chunks(
+    path: str | os.PathLike,
+    chunks: Iterable[bytes],
+    failpoint: str | None = None,
+    durable: bool = True,
+) -> None:
+    """``atomic_write`` of data that comes in pieces (a large export): never all in memory."""
     path = Path(path)
     try:
-        _atomic_write(path, data, failpoint, durable)
+        _atomic_write(path, chunks, failpoint, durable)
     except OSError as e:
         raise StorageError(f"{path}: cannot write: {e.strerror or e}") from None
 
 
-def _atomic_write(path: Path, data: bytes, failpoint: str | None, durable: bool) -> None:
+def _atomic_write(
+    path: Path, chunks: Iterable[bytes], failpoint: str | None, durable: bool
+) -> None:
     tmp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
     fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
         if durable:
             os.fsync(fd)
     except BaseException:

@@ -8,6 +8,7 @@ job that ``run`` started, even if the job file has changed since.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 import os
@@ -22,6 +23,7 @@ from typing import Any
 import orjson
 
 from .errors import JobSpecError
+from .fsutil import NotRegularFileError, open_regular_file
 
 __all__ = [
     "MapSpec",
@@ -113,9 +115,12 @@ def load_job_file(path: str | os.PathLike) -> JobSpec:
     """Read and validate a YAML or JSON job file."""
     path = Path(path)
     try:
-        text = path.read_bytes()
+        with open_regular_file(path) as handle:
+            text = handle.read()
     except FileNotFoundError:
         raise JobSpecError(f"{path}: no such job file") from None
+    except NotRegularFileError as e:
+        raise JobSpecError(f"{path}: the job file is {e.kind}, not a regular file") from None
     except OSError as e:
         raise JobSpecError(f"{path}: cannot read job file: {e.strerror}") from None
     data = _parse_document(path, text)
@@ -133,7 +138,9 @@ def _parse_document(path: Path, text: bytes) -> Any:
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(text)
+    except _AliasBomb as e:
+        raise JobSpecError(f"{path}:{e.line}: invalid YAML: {e}") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = f":{mark.line + 1}" if mark else ""
@@ -154,6 +161,64 @@ def _parse_document(path: Path, text: bytes) -> Any:
         raise JobSpecError(f"{path}: job file is not valid UTF-8") from None
 
 
+# A job file is a few dozen values, four levels deep; these limits are far past any real
+# one and keep a hostile document (an alias bomb, 10**9 values from 100 bytes of YAML, or
+# a cycle given through the API) from hanging validation.
+MAX_VALUES = 100_000  # values in the document, every YAML alias counted as a copy
+MAX_DEPTH = 64
+
+
+class _AliasBomb(Exception):
+    def __init__(self, message: str, line: int) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+def _load_yaml(text: bytes) -> Any:
+    """``yaml.safe_load``, but aliases are weighed before anything is built.
+
+    PyYAML composes a node graph in which an alias is the node it names, shared;
+    building Python values from it expands merge keys (``<<: [*a, *a]``) into
+    copies, and every later walk over the values meets each alias in full. So
+    the graph's expanded size is counted first (each shared node once, memoised),
+    and a document past ``MAX_VALUES`` is refused before it is built.
+    """
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: Any, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """The number of values ``node`` stands for with every alias expanded."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise _AliasBomb("an alias names a value that contains it", node.start_mark.line + 1)
+    open_nodes.add(key)
+    children = node.value if isinstance(node.value, list) else ()
+    total = 1
+    for child in children:
+        for part in child if isinstance(child, tuple) else (child,):  # mapping: (key, value)
+            total += _expanded_size(part, sizes, open_nodes)
+            if total > MAX_VALUES:
+                raise _AliasBomb(
+                    f"this value's aliases expand to more than {MAX_VALUES} values (an alias bomb?)",
+                    node.start_mark.line + 1,
+                )
+    open_nodes.discard(key)
+    sizes[key] = total
+    return total
+
+
 def spec_from_dict(
     data: Any, base_dir: str | os.PathLike, source: str = "<job>", default_name: str = "job"
 ) -> JobSpec:
@@ -162,11 +227,7 @@ def spec_from_dict(
     if not isinstance(data, dict):
         raise where.error("", "the job file must be a mapping of keys to values")
     where.unknown_keys("", data, _TOP_KEYS)
-    bad = _first_invalid_text(data)
-    if bad is not None:
-        raise where.error(
-            bad, "is not valid Unicode text (it holds an unpaired surrogate, such as \\ud800)"
-        )
+    _check_values(where, data)
     base = Path(base_dir).resolve()
     name = data.get("name", default_name)
     if not isinstance(name, str) or not name.strip():
@@ -180,7 +241,8 @@ def spec_from_dict(
         raise where.error("input", f"must not contain control characters, got {inp!r}")
     input_path = (base / inp).resolve()
     if input_path.suffix not in (".jsonl", ".json"):
-        raise where.error("input", f"must be a .jsonl or .json file, got {inp!r}")
+        link = "" if (base / inp).suffix == input_path.suffix else f" (a link to {input_path})"
+        raise where.error("input", f"must be a .jsonl or .json file, got {inp!r}{link}")
     json_path = data.get("json_path")
     if json_path is not None:
         if not isinstance(json_path, str) or not json_path:
@@ -308,33 +370,58 @@ class _Where:
         for key in data:
             if key not in allowed:
                 name = f"{prefix}{key if isinstance(key, str) and key else repr(key)}"
-                raise self.error(
-                    name, f"unknown key (expected one of: {', '.join(sorted(allowed))})"
-                )
+                raise self.error(name, f"unknown key{_did_you_mean(key, allowed)}")
 
 
-def _first_invalid_text(value: Any, at: str = "") -> str | None:
-    """The field (``map.command[1]``, say) of the first string in ``value`` that cannot be
-    encoded -- YAML's ``"\\ud800"`` is such a string -- or None. No file name, argument or
-    record may hold one: they would fail far from here, in a path, an exec or the journal."""
-    if isinstance(value, str):
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            return at or "(the document)"
-        return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            name = f"{at}.{key}" if at else str(key)
-            found = _first_invalid_text(key, name) or _first_invalid_text(item, name)
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for n, item in enumerate(value):
-            found = _first_invalid_text(item, f"{at}[{n}]")
-            if found is not None:
-                return found
-    return None
+def _did_you_mean(key: Any, allowed: set[str]) -> str:
+    """`` (did you mean 'workers'? expected one of: ...)``: the known key this one is the
+    start of, or else the nearest by difflib's ratio if any is near (a typo), then all."""
+    expected = f"expected one of: {', '.join(sorted(allowed))}"
+    if not isinstance(key, str):
+        return f" ({expected})"
+    typed = key.lower()
+    near = [k for k in sorted(allowed) if len(typed) >= 3 and k.startswith(typed)]
+    near = near or difflib.get_close_matches(typed, sorted(allowed), n=1, cutoff=0.6)
+    return f" (did you mean {near[0]!r}? {expected})" if near else f" ({expected})"
+
+
+def _check_values(where: _Where, data: Any) -> None:
+    """Refuse a document no job file needs before looking at its fields: more than
+    ``MAX_VALUES`` values, nesting deeper than ``MAX_DEPTH`` (a cycle, through the API),
+    or a string that cannot be encoded -- YAML's ``"\\ud800"`` is one -- which would fail
+    far from here, in a path, an exec or the journal. Iterative: a deep document must
+    not meet Python's recursion limit. Errors name the first such field in file order."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    count = 0
+    while stack:
+        value, at, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise where.error("", f"the job file holds more than {MAX_VALUES} values")
+        if isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise where.error(
+                    at or "(the document)",
+                    "is not valid Unicode text (it holds an unpaired surrogate, such as \\ud800)",
+                ) from None
+        elif isinstance(value, (dict, list)) and value:
+            if depth >= MAX_DEPTH:
+                top = at.split(".")[0].split("[")[0]
+                raise where.error(top, f"is nested too deeply (more than {MAX_DEPTH} levels)")
+            stack.extend(reversed(_children(value, at, depth + 1)))
+
+
+def _children(value: dict | list, at: str, depth: int) -> list[tuple[Any, str, int]]:
+    if isinstance(value, list):
+        return [(item, f"{at}[{n}]", depth) for n, item in enumerate(value)]
+    found = []
+    for key, item in value.items():
+        shown = key if isinstance(key, str) and key else repr(key)
+        name = f"{at}.{shown}" if at else shown
+        found += [(key, name, depth), (item, name, depth)]
+    return found
 
 
 def _is_int(value: Any) -> bool:

@@ -427,36 +427,81 @@ def create_job_dir(root: Path, job_id: str, build) -> JobStore:
 
     ``build(tmp_dir)`` does the slow, fallible work (reading the input, taking
     the lock); until the rename nothing exists under ``jobs/``, so a crash or a
-    refusal leaves no job behind, only a temp dir the next command sweeps.
+    refusal leaves no job behind, only a temp dir the next command sweeps. A
+    refusal also removes the directories this call created (the state dir,
+    ``tmp/``): a refused ``run`` leaves the disk as it found it, and ``jobs/``
+    is only made once there is a job to put in it.
     """
     store = JobStore(root, job_id)
     if store.dir.exists():
         raise JobExists(
             f"job {job_id!r} already exists; use 'mrpool resume {job_id}' to continue it"
         )
-    make_private_dir(root)  # a new state dir is the owner's alone, like jobs/ and tmp/
-    jobs = make_private_dir(root / "jobs")
-    tmp_root = make_private_dir(root / "tmp")
-    sweep_stale_build_dirs(tmp_root)
-    tmp = tmp_root / f"{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir(mode=0o700)
+    tmp_root = root / "tmp"
+    created = _missing_dirs(tmp_root)
     try:
-        build(tmp)
-        fsync_dir(tmp)
+        tmp = _new_build_dir(root, tmp_root)
         try:
-            os.rename(tmp, store.dir)
-        except OSError:
-            if store.dir.exists():
-                raise JobExists(
-                    f"job {job_id!r} already exists; use 'mrpool resume {job_id}' to continue it"
-                ) from None
+            build(tmp)
+            fsync_dir(tmp)
+            _publish(tmp, store, job_id)
+            fsync_dir(tmp_root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
-        fsync_dir(jobs)
-        fsync_dir(tmp_root)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty_dirs(created)
         raise
     return store
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_empty_dirs(paths: list[Path]) -> None:
+    """Remove these directories (deepest first) where still empty: another ``run`` that
+    started in the same new state dir meanwhile keeps them (rmdir refuses)."""
+    for path in paths:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+
+
+def _new_build_dir(root: Path, tmp_root: Path) -> Path:
+    """A fresh private dir under ``tmp/`` (retried: a refused ``run`` in the same new state
+    dir may remove ``tmp/`` between our mkdirs)."""
+    for attempt in range(3):
+        make_private_dir(root)  # a new state dir is the owner's alone, like jobs/ and tmp/
+        make_private_dir(tmp_root)
+        if attempt == 0:
+            sweep_stale_build_dirs(tmp_root)
+        tmp = tmp_root / f"{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir(mode=0o700)
+        except FileNotFoundError:
+            continue
+        return tmp
+    raise FileNotFoundError(f"{tmp_root} keeps disappearing")
+
+
+def _publish(tmp: Path, store: JobStore, job_id: str) -> None:
+    jobs = make_private_dir(store.dir.parent)
+    try:
+        os.rename(tmp, store.dir)
+    except OSError:
+        if store.dir.exists():
+            raise JobExists(
+                f"job {job_id!r} already exists; use 'mrpool resume {job_id}' to continue it"
+            ) from None
+        raise
+    fsync_dir(jobs)
 
 
 def write_job_file(

@@ -10,6 +10,11 @@ Every executed case appends its test's name to a counter file
 that really ran -- hypothesis may stop early when a strategy's space is
 exhausted -- independent of hypothesis' own statistics.
 
+The cases include YAML alias bombs (nested anchors and merge keys, up to 12**12 values,
+under every field: each must be refused within seconds) and job files or inputs that are
+not regular files (FIFOs, /dev/zero-like devices, sockets, directories, symlinks to them:
+each must be refused without blocking or reading).
+
 Each case must be refused with exit 2 and one line naming the file and the line
 or field, with no traceback and no job state (or, when the test's oracle knows
 the input is valid, accepted). Exit status: pytest's (0 = every case held).

@@ -2,7 +2,8 @@
 
 Hypothesis generates job files and input files that are malformed, have wrong
 types, missing fields, unknown keys, bad ids, huge lines, invalid UTF-8, bad
-``json_path`` expressions, bad callable paths or no items at all. Every such
+``json_path`` expressions, bad callable paths, no items at all, YAML alias bombs,
+or a job file or input that is not a regular file (FIFO, device, socket). Every such
 case must give exit 2 and exactly ONE line on stderr that names the file at
 fault and the line or field, never a traceback, nothing on stdout (where a
 created job's id would go), and no job state: nothing under the state dir's
@@ -31,9 +32,14 @@ import os
 import posixpath
 import re
 import shutil
+import signal
+import socket
+import stat
 import sys
 import tempfile
+import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -46,6 +52,7 @@ from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
 from mrpool import api, cli
+from mrpool.spec import MAX_VALUES
 
 # -- budget ----------------------------------------------------------------------------
 _TOTAL = int(os.environ.get("MRPOOL_FUZZ_EXAMPLES") or 1200)
@@ -58,6 +65,8 @@ _WEIGHTS = {  # share of the total per fuzz test (json_path cases cost ~0.1 s ea
     "json_doc": 6,
     "json_path": 1,
     "empty": 1,
+    "alias_bombs": 4,
+    "not_regular": 2,
 }
 
 
@@ -123,20 +132,30 @@ class Outcome:
         return self.code is None
 
 
+Content = bytes | Callable[[Path], None]  # a file's bytes, or what makes it (a FIFO, a link)
+
+
+def make_files(directory: Path, files: dict[str, Content]) -> None:
+    for filename, content in files.items():
+        if callable(content):
+            content(directory / filename)
+        else:
+            (directory / filename).write_bytes(content)
+
+
 class Harness:
     """Runs ``cli.main(["run", JOBFILE, "--state-dir", DIR])`` on files written per case."""
 
     def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
         self.capsys = capsys
 
-    def run(self, name: str, files: dict[str, bytes], job_name: str, *extra: str) -> Outcome:
+    def run(self, name: str, files: dict[str, Content], job_name: str, *extra: str) -> Outcome:
         _count(name)
         base = Path(tempfile.mkdtemp(prefix="mrfuzz_", dir=_SCRATCH))
         try:
             job_dir = base / "job"
             job_dir.mkdir()
-            for filename, data in files.items():
-                (job_dir / filename).write_bytes(data)
+            make_files(job_dir, files)
             job_file = job_dir / job_name
             state = base / "state"
             before_path = list(sys.path)
@@ -595,9 +614,12 @@ LINE_KINDS = st.one_of(
     st.sampled_from([70_000, 1_100_000]).map(
         lambda n: Line(b'{"id": 1, "v": "' + b"x" * n, "syntax")
     ),
-    st.sampled_from(["null", "true", "false", "1.5", "[1]", "{}", '{"a": [1]}', "-0.0"]).map(
-        lambda v: Line(f'{{"id": {v}, "v": 1}}'.encode(), "bad_id")
-    ),
+    st.sampled_from(
+        [
+            *["null", "true", "false", "1.5", "[1]", "{}", '{"a": [1]}', "-0.0"],
+            *['"a\\u0000b"', '"\\u0000"', "123456789012345678901234567890", "-9223372036854775809"],
+        ]
+    ).map(lambda v: Line(f'{{"id": {v}, "v": 1}}'.encode(), "bad_id")),
     st.sampled_from([b'{"v": 1}', b'{"ID": 1}', b'{"key": 1}']).map(lambda b: Line(b, "no_id")),
     st.sampled_from([b"5", b'"s"', b"[1, 2]", b"null", b"true"]).map(
         lambda b: Line(b, "not_object")
@@ -667,7 +689,7 @@ def test_a_bad_jsonl_line_is_refused_naming_its_line(
 
 JSON_ITEMS = st.one_of(
     st.integers(0, 9).map(lambda i: {"id": i, "v": 1}),
-    st.sampled_from([None, True, 1.5, [1], {"a": 1}]).map(lambda v: {"id": v}),
+    st.sampled_from([None, True, 1.5, [1], {"a": 1}, "a\x00b", 2**64]).map(lambda v: {"id": v}),
     st.just({"v": 2}),
     st.sampled_from([5, "s", [1], None]),
 )
@@ -704,7 +726,7 @@ def test_a_bad_json_document_input_is_refused_naming_the_item(
         else "no_id"
         if "id" not in i
         else "bad_id"
-        if isinstance(i["id"], bool) or not isinstance(i["id"], (int, str))
+        if isinstance(i["id"], bool) or not _usable_id(i["id"])
         else "good"
         for i in items
     ]
@@ -716,6 +738,14 @@ def test_a_bad_json_document_input_is_refused_naming_the_item(
         assert_refused(o, path, "holds no items")
     else:
         assert_accepted(o)
+
+
+def _usable_id(value: Any) -> bool:
+    """An id the contract accepts: a string without NUL, or an integer of 64 bits or fewer
+    (orjson reads a longer one as a float)."""
+    if isinstance(value, str):
+        return "\x00" not in value
+    return isinstance(value, int) and -(2**63) <= value < 2**64
 
 
 json_path_text = st.lists(
@@ -812,6 +842,149 @@ def test_an_input_without_items_is_refused(harness: Harness, content: bytes, kin
     assert_refused(o, path, "holds no items")
 
 
+# -- hostile documents and files ------------------------------------------------------------
+def flow_document(doc: dict[str, Any], target: str, text: str, at: str = "") -> str:
+    """``doc`` as one YAML flow mapping, the value at ``target`` ("map.command") written as
+    ``text`` (YAML that json.dumps cannot say: anchors and aliases)."""
+    parts = []
+    for key, value in doc.items():
+        path = f"{at}.{key}" if at else key
+        if path == target:
+            shown = text
+        elif isinstance(value, dict):
+            shown = flow_document(value, target, text, path)
+        else:
+            shown = json.dumps(value)
+        parts.append(f"{json.dumps(key)}: {shown}")
+    return "{" + ", ".join(parts) + "}"
+
+
+def alias_chain(levels: int, fanout: int, merge: bool) -> tuple[str, int]:
+    """``[&v0 ..., &v1 [*v0 x fanout], ...]``: YAML of a few hundred bytes standing for
+    about ``fanout ** levels`` values once its aliases are expanded (with ``merge``, mapping
+    merge keys ``<<: [*v0, ...]``, which PyYAML expands while building the mapping). Returns
+    the text and its count of values (keys included), every alias counted as a copy."""
+    nodes = ["&v0 {k: 1}" if merge else "&v0 [x]"]
+    size = 3 if merge else 2  # of the newest node: {k: 1} is a mapping, a key and a value
+    total = 1 + size  # the outer list and v0
+    for n in range(1, levels + 1):
+        refs = ", ".join([f"*v{n - 1}"] * fanout)
+        nodes.append(f"&v{n} {{<<: [{refs}]}}" if merge else f"&v{n} [{refs}]")
+        size = (3 if merge else 1) + fanout * size  # {<<: [...]}: mapping, key, list
+        total += size
+    return "[" + ", ".join(nodes) + "]", total
+
+
+ALIAS_TARGETS = ["name", "input", "workers", "map.command", "map.timeout", "dlq.max_items"]
+
+
+@_fuzz("alias_bombs")
+@given(
+    levels=st.integers(1, 12),
+    fanout=st.integers(2, 12),
+    merge=st.booleans(),
+    target=st.sampled_from(ALIAS_TARGETS),
+)
+def test_a_yaml_alias_bomb_is_refused_at_once(
+    harness: Harness, levels: int, fanout: int, merge: bool, target: str
+) -> None:
+    """Nested anchors and aliases (lists, or merge keys) under any field, standing for up to
+    12**12 values: refused within seconds, exit 2, one line naming the job file -- "alias
+    bomb" and the line when they expand past the limit, else the field, whose value is a
+    list or mapping where a scalar belongs. Nothing is created."""
+    text, expanded = alias_chain(levels, fanout, merge)
+    files = {"job.yaml": flow_document(BASE, target, text).encode(), "items.jsonl": ITEMS}
+    started = time.monotonic()
+    o = harness.run("alias_bombs", files, "job.yaml")
+    elapsed = time.monotonic() - started
+    line = assert_refused(o, o.job_file)
+    assert elapsed < 5, f"{elapsed:.1f} s to refuse {expanded} values: expanded, not weighed"
+    if expanded > MAX_VALUES:
+        assert f"{o.job_file}:1: invalid YAML: " in line and "alias bomb" in line, line
+    else:
+        assert f"{o.job_file}: {target}: " in line, line
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _zero_device(path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("making a device node needs root")
+    os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 5))  # what /dev/zero is
+
+
+def _socket(path: Path) -> None:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+
+
+def _link_to(target: str) -> Callable[[Path], None]:
+    return lambda path: path.symlink_to(target)
+
+
+NOT_REGULAR: dict[str, Callable[[Path], None]] = {
+    "fifo": _fifo,
+    "device": _zero_device,
+    "socket": _socket,
+    "directory": Path.mkdir,
+    "link-to-dev-zero": _link_to("/dev/zero"),
+    "link-to-dev-urandom": _link_to("/dev/urandom"),
+}
+
+
+class _Blocked(Exception):
+    pass
+
+
+def _blocked(_signum: int, _frame: object) -> None:
+    raise _Blocked("mrpool blocked on a file that is not a regular file")
+
+
+@_fuzz("not_regular")
+@given(
+    kind=st.sampled_from(sorted(NOT_REGULAR)),
+    via_link=st.booleans(),
+    victim=st.sampled_from(["input", "json input", "job file"]),
+)
+def test_a_file_that_is_not_a_regular_file_is_refused_without_reading_it(
+    harness: Harness, kind: str, via_link: bool, victim: str
+) -> None:
+    """The input or the job file is a FIFO (opening it would wait for a writer forever), a
+    character device such as /dev/zero or /dev/urandom (reading it would fill memory), a
+    socket or a directory, directly or through a symlink that keeps the file's suffix: exit 2
+    at once, one line naming the file (or the link's target), nothing created."""
+    name = {"input": "items.jsonl", "json input": "items.json", "job file": "job.yaml"}[victim]
+    doc = dict(BASE, input="items.json") if victim == "json input" else BASE
+    files: dict[str, Content] = {"job.yaml": dump(doc, "yaml"), "items.jsonl": ITEMS}
+    real = f"real{Path(name).suffix}"
+    if via_link and not kind.startswith("link"):
+        files.update({real: NOT_REGULAR[kind], name: _link_to(real)})
+    else:
+        files[name] = NOT_REGULAR[kind]
+    previous = signal.signal(signal.SIGALRM, _blocked)
+    signal.alarm(20)
+    try:
+        o = harness.run("not_regular", files, "job.yaml")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    job_dir = Path(o.job_file).parent
+    if victim == "job file":
+        named, reason = o.job_file, "not a regular file"
+    elif kind.startswith("link"):  # the link leads out of .jsonl / .json: the field is refused
+        named, reason = (
+            f"{o.job_file}: input: ",
+            r"must be a \.jsonl or \.json file.*a link to /dev/",
+        )
+    else:
+        named = str(job_dir / (real if via_link else name))
+        reason = f"{re.escape(named)}: input is .*, expected a regular"
+    line = assert_refused(o, named, pattern=reason)
+    assert line.startswith(f"mrpool: {named}"), line
+
+
 # -- known gaps -----------------------------------------------------------------------------
 def test_default_id_mode_falls_back_to_content_hash_even_after_a_bad_id(harness: Harness) -> None:
     """Without ``id_field``, ``{"id": null}`` then ``{"x": 1}``: not every item is an object with
@@ -822,7 +995,36 @@ def test_default_id_mode_falls_back_to_content_hash_even_after_a_bad_id(harness:
 
 # -- end to end: real processes ----------------------------------------------------------------
 BAD_JOB = ("job.yaml", "job.yaml")  # (the job file to run, the file the message must name)
-SUBPROCESS_CASES: dict[str, tuple[dict[str, bytes], tuple[str, str], str]] = {
+SUBPROCESS_CASES: dict[str, tuple[dict[str, Content], tuple[str, str], str]] = {
+    "job-alias-bomb": (  # nine levels of ten: 10**9 values
+        {"job.yaml": flow_document(BASE, "name", alias_chain(9, 10, False)[0]).encode()},
+        BAD_JOB,
+        "job.yaml:1: invalid YAML: this value's aliases expand",
+    ),
+    "job-json-deep-nesting": (
+        {"job.json": b'{"input": "items.jsonl", "name": ' + b"[" * 1000 + b"]" * 1000 + b"}"},
+        ("job.json", "job.json"),
+        "name: is nested too deeply",
+    ),
+    "job-fifo": ({"job.yaml": _fifo}, BAD_JOB, "the job file is a FIFO"),
+    "input-fifo": (
+        {"job.yaml": dump(BASE, "yaml"), "items.jsonl": _fifo},
+        ("job.yaml", "items.jsonl"),
+        "items.jsonl: input is a FIFO (named pipe), expected a regular",
+    ),
+    "input-nul-id": (
+        {"job.yaml": dump(BASE, "yaml"), "items.jsonl": b'{"id": 1}\n{"id": "a\\u0000"}\n'},
+        ("job.yaml", "items.jsonl"),
+        "items.jsonl:2: field 'id' holds a NUL character",
+    ),
+    "input-big-integer-id": (
+        {
+            "job.yaml": dump(BASE, "yaml"),
+            "items.jsonl": b'{"id": 123456789012345678901234567890}\n',
+        },
+        ("job.yaml", "items.jsonl"),
+        "items.jsonl:1: field 'id' is an integer out of range",
+    ),
     "yaml-syntax": ({"job.yaml": b"input: items.jsonl\nmap: [command\n"}, BAD_JOB, "job.yaml:3"),
     "job-invalid-utf8": ({"job.yaml": b"input: items.jsonl\nname: \xff\n"}, BAD_JOB, "job.yaml:2"),
     "job-deep-nesting": ({"job.yaml": b"a: " + b"[" * 700 + b"\n"}, BAD_JOB, "nested too deeply"),
@@ -882,10 +1084,8 @@ def test_bad_input_end_to_end_in_a_real_process(mrpool, tmp_path: Path, case: st
     files, (job_name, bad_file), where = SUBPROCESS_CASES[case]
     job_dir = tmp_path / "job"
     job_dir.mkdir()
-    (job_dir / "items.jsonl").write_bytes(ITEMS)
-    for filename, data in files.items():
-        (job_dir / filename).write_bytes(data)
-    r = mrpool.run("run", str(job_dir / job_name))
+    make_files(job_dir, {"items.jsonl": ITEMS, **files})
+    r = mrpool.run("run", str(job_dir / job_name), timeout=30)
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1 and r.stderr.endswith("\n"), repr(r.stderr)

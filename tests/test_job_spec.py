@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -479,3 +481,207 @@ def test_a_parsed_command_template_fills_exactly_as_the_rule_says(argv, item):
         assert raised.value.args == e.args
     else:
         assert argv_renderer(argv)(item) == expected
+
+
+# -- hostile job files and inputs (issue 23: alias bombs, deep nesting, bad ids) ------------
+def alias_bomb(levels: int = 9, fanout: int = 10, merge: bool = False) -> str:
+    """YAML of ~300 bytes that stands for ``fanout ** levels`` values once expanded."""
+    anchors = ["&v0 {k: 1}" if merge else "&v0 [lol]"]
+    for n in range(1, levels + 1):
+        refs = ", ".join([f"*v{n - 1}"] * fanout)
+        anchors.append(f"&v{n} {{<<: [{refs}]}}" if merge else f"&v{n} [{refs}]")
+    return f"name: [{', '.join(anchors)}]\ninput: items.jsonl\nmap: {{command: [echo]}}\n"
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["lists", "merge-keys"])
+def test_a_yaml_alias_bomb_is_refused_at_once(mrpool, tmp_path, merge):
+    """Nine levels of ten aliases (10**9 values; with merge keys PyYAML itself would expand
+    them while building mappings): refused in well under a second of work, one line naming
+    the file and line, exit 2, nothing created -- not an hour of expansion."""
+    job = write_yaml_job(tmp_path, alias_bomb(levels=9 if not merge else 7, merge=merge))
+    started = time.monotonic()
+    r = run(mrpool, job)
+    elapsed = time.monotonic() - started
+    assert_refused(mrpool, r, f"{job}:1: invalid YAML:", "alias bomb")
+    assert elapsed < 20, f"{elapsed:.1f} s: the aliases were expanded, not weighed"
+    assert not mrpool.state_dir.exists()
+
+
+def test_yaml_aliases_a_job_file_really_uses_are_accepted(tmp_path):
+    """An anchor shared by map and reduce, and a merge key for common settings, are fine."""
+    from mrpool.spec import load_job_file
+
+    shared = write_yaml_job(
+        tmp_path / "shared",
+        "input: items.jsonl\n"
+        "map: {command: &cmd [python3, work.py, '{item.id}'], timeout: 30}\n"
+        "reduce: {command: *cmd}\n",
+    )
+    spec = load_job_file(shared)
+    assert spec.reduce.command == spec.map.command == ["python3", "work.py", "{item.id}"]
+    merged = write_yaml_job(
+        tmp_path / "merged",
+        "input: items.jsonl\n"
+        "name: &n merged\n"
+        "map: {<<: {timeout: 30, retries: 2}, command: [echo, *n]}\n",
+    )
+    spec = load_job_file(merged)
+    assert (spec.name, spec.map.command, spec.map.timeout, spec.map.retries) == (
+        "merged",
+        ["echo", "merged"],
+        30.0,
+        2,
+    )
+
+
+def test_a_recursive_alias_or_a_cyclic_job_dict_is_refused(tmp_path):
+    """``&a [*a]`` (a list that holds itself) and, through the API, a dict that contains
+    itself: a one-line JobSpecError, never a RecursionError."""
+    from mrpool.errors import JobSpecError
+    from mrpool.spec import load_job_file, spec_from_dict
+
+    job = write_yaml_job(tmp_path, "input: items.jsonl\nname: &a [*a]\nmap: {command: [echo]}\n")
+    with pytest.raises(JobSpecError, match=r"job\.yaml:2: invalid YAML: an alias names a value"):
+        load_job_file(job)
+    cyclic: dict = {"input": "items.jsonl", "map": {"command": ["echo"]}}
+    cyclic["map"]["timeout"] = cyclic
+    with pytest.raises(JobSpecError, match=r"<job>: map: is nested too deeply"):
+        spec_from_dict(cyclic, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("depth", [70, 900, 100_000])
+def test_deep_nesting_is_refused_on_one_line(tmp_path, depth):
+    """Nesting past 64 levels through the API, or in a JSON job file below orjson's own limit
+    (1024): one line naming the field, not a RecursionError; past orjson's limit, the line."""
+    from mrpool.errors import JobSpecError
+    from mrpool.spec import load_job_file, spec_from_dict
+
+    deep: list = []
+    for _ in range(depth):
+        deep = [deep]
+    with pytest.raises(JobSpecError, match=r"<job>: name: is nested too deeply \(more than 64"):
+        spec_from_dict({"name": deep, "input": "x.jsonl", "map": {}}, base_dir=tmp_path)
+    job = tmp_path / "job.json"
+    job.write_text('{"input": "items.jsonl", "name": ' + "[" * depth + "]" * depth + "}")
+    needle = "name: is nested too deeply" if depth < 1024 else "job.json:1: invalid JSON"
+    with pytest.raises(JobSpecError, match=re.escape(needle)):
+        load_job_file(job)
+
+
+@pytest.mark.parametrize(
+    "line, needle",
+    [
+        ('{"id": "a\\u0000b"}', "field 'id' holds a NUL character"),
+        ('{"id": 123456789012345678901234567890}', "field 'id' is an integer out of range"),
+        ('{"id": -9223372036854775809}', "field 'id' is an integer out of range"),
+    ],
+    ids=["nul", "past-2**64", "below-minus-2**63"],
+)
+@pytest.mark.parametrize("id_field", [None, "id"], ids=["default-id", "id_field"])
+def test_an_id_no_command_could_be_given_is_refused_naming_its_line(
+    mrpool, tmp_path, line, needle, id_field
+):
+    """An id holding NUL (no environment variable can carry it: every attempt would fail
+    with "embedded null byte") or an integer past 64 bits (read as a float, digits lost):
+    refused at ingest, naming the line, whether the fast path or the item-by-item one reads
+    it (2000 clean lines come first)."""
+    items = "".join(json.dumps({"id": n}) + "\n" for n in range(2000)) + line + "\n"
+    extra = f"id_field: {id_field}\n" if id_field else ""
+    job = write_yaml_job(tmp_path, f"input: items.jsonl\n{extra}map: {{command: [echo]}}\n", items)
+    assert_refused(mrpool, run(mrpool, job), "items.jsonl:2001: ", needle)
+
+
+def test_64_bit_integer_ids_at_the_limits_are_accepted(mrpool, tmp_path):
+    """The largest ids orjson reads exactly, -2**63 and 2**64-1, are ordinary integer ids."""
+    items = f'{{"id": {-(2**63)}}}\n{{"id": {2**64 - 1}}}\n'
+    job = write_yaml_job(tmp_path, "input: items.jsonl\nmap: {command: [echo, ok]}\n", items)
+    r = run(mrpool, job)
+    assert r.returncode == 0, r.stderr
+    assert [row["id"] for row in mrpool.results("j")] == [-(2**63), 2**64 - 1]
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-state-dir", "empty-state-dir"])
+@pytest.mark.parametrize("problem", ["bad-line", "missing-input", "fifo-input", "bad-field"])
+def test_a_refused_run_leaves_the_state_dir_as_it_found_it(mrpool, tmp_path, existing, problem):
+    """A run refused for its job file or input creates nothing at all: a state dir that did
+    not exist still does not, an empty one stays empty (no ``jobs/``, no ``tmp/``)."""
+    text = "input: items.jsonl\nmap: {command: [echo]}\n"
+    items: str | None = '{"id": 1}\n{"id": 2,\n'
+    if problem == "bad-field":
+        text += "workers: 0\n"
+    elif problem != "bad-line":
+        items = None
+    job = write_yaml_job(tmp_path / "job", text, items)
+    if problem == "fifo-input":
+        os.mkfifo(tmp_path / "job" / "items.jsonl")
+    if existing:
+        mrpool.state_dir.mkdir(mode=0o700)
+    r = run(mrpool, job)
+    assert_refused(mrpool, r)
+    if existing:
+        assert os.listdir(mrpool.state_dir) == []
+    else:
+        assert not mrpool.state_dir.exists(), os.listdir(mrpool.state_dir)
+
+
+# -- a newcomer's command line and typos (issue 24 item 6) ------------------------------------
+@pytest.mark.parametrize(
+    "args, abbreviation",
+    [
+        (("run", "JOB", "--worker", "3"), "--worker"),
+        (("run", "JOB", "--job", "x"), "--job"),
+        (("resume", "j", "--max-add", "2"), "--max-add"),
+        (("dlq", "list", "j", "--js"), "--js"),
+        (("status", "--js"), "--js"),
+        (("status", "--state", "DIR"), "--state"),
+    ],
+    ids=["run-worker", "run-job", "resume-max-add", "dlq-list-js", "status-js", "state-dir"],
+)
+def test_abbreviated_options_are_refused_not_guessed(mrpool, tmp_path, args, abbreviation):
+    """``--worker 3`` is not ``--workers 3``: an abbreviation is an unknown option (exit 2,
+    one line naming it), on the top parser and every subcommand's, so no option silently
+    changes meaning when a longer one is added; nothing runs and no job is created."""
+    job = write_job(tmp_path, [{"id": 1}], GOOD_MAP)
+    fill = {"JOB": str(job), "DIR": str(mrpool.state_dir)}
+    r = mrpool.run(*[fill.get(a, a) for a in args])
+    line = assert_refused(mrpool, r)
+    assert abbreviation in line and "--help" in line, line
+    assert not mrpool.state_dir.exists()
+
+
+@pytest.mark.parametrize("flag", ["-V", "--version"])
+def test_the_version_is_printed(mrpool, flag):
+    """``mrpool -V`` / ``--version``: the package version on stdout, exit 0."""
+    from mrpool import __version__
+
+    r = mrpool.run(flag)
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"mrpool {__version__}\n", "")
+
+
+@pytest.mark.parametrize(
+    "text, field, suggestion",
+    [
+        ("input: items.jsonl\nworker: 3\nmap: {command: [echo]}\n", "worker", "workers"),
+        ("input: items.jsonl\nmap: {command: [echo], timout: 3}\n", "map.timout", "timeout"),
+        ("input: items.jsonl\nmap: {command: [echo], Retries: 1}\n", "map.Retries", "retries"),
+        ("input: items.jsonl\nidfield: id\nmap: {command: [echo]}\n", "idfield", "id_field"),
+        ("input: items.jsonl\nmap: {command: [echo]}\ndlq: {max: 3}\n", "dlq.max", "max_items"),
+    ],
+    ids=["worker", "timout", "Retries", "idfield", "dlq-max"],
+)
+def test_an_unknown_job_file_key_suggests_the_nearest_known_one(
+    mrpool, tmp_path, text, field, suggestion
+):
+    """A misspelt key is refused naming it, with the nearest key of its section as a
+    did-you-mean, and the keys it could be; nothing is created."""
+    job = write_yaml_job(tmp_path, text)
+    line = assert_refused(
+        mrpool, run(mrpool, job), f"{job}: {field}: unknown key (did you mean {suggestion!r}?"
+    )
+    assert "expected one of: " in line, line
+
+
+def test_an_unknown_key_far_from_every_known_one_gets_no_guess(mrpool, tmp_path):
+    job = write_yaml_job(tmp_path, "input: items.jsonl\nzzz: 1\nmap: {command: [echo]}\n")
+    line = assert_refused(mrpool, run(mrpool, job), f"{job}: zzz: unknown key (expected one of: ")
+    assert "did you mean" not in line

@@ -483,3 +483,89 @@ def test_a_callable_module_that_exits_on_import_is_refused_not_obeyed(
     r = mrpool.run("run", str(job))
     assert r.returncode == 2, r.stderr
     assert "map.callable" in one_line(r.stderr) and "SystemExit" in r.stderr
+
+
+# -- what a human reads: ids and names cannot forge lines (issue 23 item 8) ---------------
+FORGING_ID = "evil\nok        1         000000000000  forged row\x1b[2J\x1b[31m"
+
+
+def test_control_characters_in_ids_and_names_cannot_forge_table_lines(
+    mrpool, tmp_path: Path
+) -> None:
+    """An item id (and a job name) holding a newline, a fake table row and ANSI escapes (clear
+    screen, red): the human outputs -- ``status``, the all-jobs table, ``dlq list``, ``dlq
+    stats`` and the run's summary -- show it escaped, one line per row, no raw control
+    character; ``dlq list --json`` and ``dlq export`` still give the id exactly."""
+    job = write_job(
+        tmp_path / "job",
+        [{"id": FORGING_ID}, {"id": "plain"}],
+        {"command": ["false"]},
+        name="forger",
+        workers=1,
+        extra={"name": "two\nlines\x1b[31m"},
+    )
+    r = mrpool.run("run", str(job), "--job-id", "forge")
+    assert r.returncode == 1, r.stderr
+    outputs = {
+        "run": r.stderr,
+        "status": mrpool.run("status", "forge").stdout,
+        "status-all": mrpool.run("status").stdout,
+        "dlq-list": mrpool.run("dlq", "list", "forge").stdout,
+        "dlq-stats": mrpool.run("dlq", "stats", "forge").stdout,
+    }
+    for name, text in outputs.items():
+        assert "\x1b" not in text and "\r" not in text, (name, text)
+    listed = outputs["dlq-list"].splitlines()
+    assert len(listed) == 3, listed  # the header and two rows: no forged third row
+    assert listed[1].startswith("evil\\nok        1"), listed
+    assert "two\\nlines\\x1b[31m" in outputs["status"], outputs["status"]
+    assert len(outputs["status-all"].splitlines()) == 2, outputs["status-all"]
+    assert {e["id"] for e in mrpool.dlq("forge")} == {FORGING_ID, "plain"}
+    exported = mrpool.run("dlq", "export", "forge").stdout.splitlines()
+    assert {json.loads(line)["id"] for line in exported} == {FORGING_ID, "plain"}
+
+
+def test_dlq_export_to_a_file_is_private_and_replaced_whole_even_under_umask_000(
+    mrpool, tmp_path: Path
+) -> None:
+    """``dlq export -o FILE`` under ``umask 000`` writes FILE 0600 (it holds item data) with
+    exactly what stdout would get; an existing 0644 file is replaced whole (by rename: a
+    reader never sees half an export) and becomes 0600; a link to a file writes the file;
+    a device, a FIFO or a directory at FILE is refused (exit 2, one line) and left alone."""
+    run_dlq_job(mrpool, tmp_path)
+    expected = mrpool.run("dlq", "export", "j").stdout
+
+    def export(out: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [PY, "-m", "mrpool", "dlq", "export", "j", "-o", str(out)],
+            env=mrpool.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            umask=0,
+            cwd=str(REPO),
+        )
+
+    out = tmp_path / "exports" / "dlq.jsonl"
+    out.parent.mkdir()
+    for previous in (None, "an older export, longer than the new one\n" * 50):
+        if previous is not None:
+            out.write_text(previous)
+            out.chmod(0o644)
+        r = export(out)
+        assert r.returncode == 0, r.stderr
+        assert stat.S_IMODE(out.stat().st_mode) == 0o600
+        assert out.read_text() == expected
+    assert sorted(os.listdir(out.parent)) == ["dlq.jsonl"]  # no temp file left
+    link = tmp_path / "exports" / "link.jsonl"
+    link.symlink_to(out)
+    out.write_text("old\n")
+    assert export(link).returncode == 0
+    assert link.is_symlink() and out.read_text() == expected
+    fifo = tmp_path / "exports" / "fifo"
+    os.mkfifo(fifo)
+    for target in (Path("/dev/null"), fifo, tmp_path / "exports"):
+        r = export(target)
+        assert r.returncode == 2, (target, r.stderr)
+        assert f"{target}: not a regular file" in one_line(r.stderr)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and stat.S_ISCHR(os.stat("/dev/null").st_mode)
