@@ -246,3 +246,56 @@ def test_failpoints_cost_nothing_when_off():
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "MRPOOL_FAILPOINTS": "no.such=kill"},
     )
     assert bad.returncode != 0 and "unknown failpoint" in bad.stderr
+
+
+SLOW_MAPPER = """
+import time
+
+def work(item):
+    time.sleep(2.0 if item["id"] == 0 else 0.02)
+    return item["id"]
+"""
+
+
+def slow_job(tmp_path, retries=0):
+    """12 healthy items; item 0 is slow, so it is in flight at the early journal writes."""
+    return write_job(
+        tmp_path / "slow",
+        [{"id": i} for i in range(12)],
+        {"callable": "slowmap:work", "retries": retries},
+        workers=2,
+        files={"slowmap.py": SLOW_MAPPER},
+    )
+
+
+def test_two_storage_error_exits_park_nothing(mrpool, tmp_path):
+    """Doing what a storage error says (free space, then resume) twice parks no healthy
+    item as a crash loop: a session stopped by an exception is not a crash of its items."""
+    job = slow_job(tmp_path)
+    full_disk = mrpool.env(MRPOOL_FAILPOINTS="journal.after_write=enospc@5")
+    r = mrpool.run("run", str(job), "--job-id", "se", env=full_disk)
+    assert r.returncode == 1 and "No space left" in r.stderr, r.stderr
+    assert "then 'mrpool resume se'" in r.stderr and "Traceback" not in r.stderr
+    r = mrpool.run("resume", "se", env=full_disk)
+    assert r.returncode == 1 and "No space left" in r.stderr, r.stderr
+    r = mrpool.run("resume", "se")
+    assert r.returncode == 0, r.stderr
+    assert mrpool.dlq("se") == []
+    assert sorted(row["id"] for row in mrpool.results("se")) == list(range(12))
+    closes = [rec for rec in journal_records(mrpool.job_dir("se")) if rec["k"] == "close"]
+    assert [c["reason"].split(":")[0] for c in closes] == ["aborted", "aborted", "finished"]
+
+
+def test_crash_loop_message_counts_crashes(mrpool, tmp_path):
+    """An item in flight at two crashes in a row is parked, and the message says two."""
+    job = slow_job(tmp_path)
+    crash = mrpool.env(MRPOOL_FAILPOINTS="supervisor.after_outcome=kill@1")
+    r = mrpool.run("run", str(job), "--job-id", "cl", env=crash)  # item 0 is running
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    r = mrpool.run("resume", "cl", env=crash)  # item 0 runs first again
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    r = mrpool.run("resume", "cl")
+    assert r.returncode == 1, r.stderr
+    [entry] = mrpool.dlq("cl")
+    assert (entry["id"], entry["kind"]) == (0, "crash_loop"), entry
+    assert "in flight at 2 crashes in a row" in entry["error"], entry
