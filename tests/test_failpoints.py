@@ -299,3 +299,20 @@ def test_crash_loop_message_counts_crashes(mrpool, tmp_path):
     [entry] = mrpool.dlq("cl")
     assert (entry["id"], entry["kind"]) == (0, "crash_loop"), entry
     assert "in flight at 2 crashes in a row" in entry["error"], entry
+
+
+def test_one_crash_then_a_storage_error_parks_no_innocent_item(mrpool, tmp_path):
+    """Issue 21 item 2's shape: an item that never fails, in flight at one real crash, must
+    end succeeded. A storage error in the next session used to count as a second crash (no
+    close record, so the streak rose again) and the item was parked as crash_loop."""
+    job = slow_job(tmp_path)
+    crash = mrpool.env(MRPOOL_FAILPOINTS="supervisor.after_outcome=kill@1")
+    r = mrpool.run("run", str(job), "--job-id", "oc", env=crash)  # item 0 is running
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    full_disk = mrpool.env(MRPOOL_FAILPOINTS="journal.after_write=enospc@3")
+    r = mrpool.run("resume", "oc", env=full_disk)  # item 0 runs first again
+    assert r.returncode == 1 and "No space left" in r.stderr, r.stderr
+    r = mrpool.run("resume", "oc")
+    assert r.returncode == 0, r.stderr
+    assert mrpool.dlq("oc") == []
+    assert sorted(row["id"] for row in mrpool.results("oc")) == list(range(12))
