@@ -13,8 +13,9 @@ A *cell* is ``PHASE/TARGET/MAP/rRETRIES``:
 One *trial* of a cell: a job of ``--items`` items, most *innocent* (they never fail)
 and a few *bad* ones (they fail until the trial's ``fixed`` file exists, so the DLQ
 has something in it). The phase's command gets work to do (``resume``: after a run
-stopped by SIGTERM -- a clean stop, not a crash; ``dlq retry``/``dlq purge``: after a
-run that parked the bad items), is SIGKILLed at a seeded random instant, and the job
+stopped by SIGTERM -- a clean stop -- or, in half the trials, by a SIGKILL of its group,
+so that the resume's kill is a second crash in a row; ``dlq retry``/``dlq purge``: after
+a run that parked the bad items), is SIGKILLed at a seeded random instant, and the job
 is then finished: ``resume`` until it exits 0/1 with nothing pending or failed (at
 most ``MAX_RESUMES``), then ``fixed`` is created and ``dlq retry`` runs the DLQ (the
 purge cells ``dlq purge --yes`` the bad items instead). Every map execution appends
@@ -32,8 +33,8 @@ Problem kinds (each trial's problems name the kind first):
 * ``unjournaled``     a command ran an attempt number the journal never started;
 * ``innocent_parked`` after the resumes an innocent item is not succeeded, for a
   reason the kill does not explain (the message says where it went: DLQ kind,
-  error); one kill can explain a ``worker_died`` of the item a killed worker held
-  (retries 0) -- never a ``crash_loop``, which needs two crashes in a row;
+  error); a worker kill can explain a ``worker_died`` of the item it held (retries
+  0), and a ``crash_loop`` needs at least ``crash_limit`` crashes in the trial;
 * ``status``          ``status --json`` disagrees with ``results``/``dlq list --json``,
   or the final state is not ``completed``;
 * ``exit``            a command exited with a code it should not have;
@@ -92,6 +93,7 @@ from crash_stress import (  # noqa: E402
 )
 
 from mrpool import api  # noqa: E402
+from mrpool.crashes import crash_limit  # noqa: E402
 from mrpool.errors import MrpoolError  # noqa: E402
 from mrpool.journal import read_records, started_attempts  # noqa: E402
 
@@ -200,6 +202,7 @@ class Trial:
         self.innocent = [it["id"] for it in self.items if it["kind"] == "ok"]
         self.bad = [it["id"] for it in self.items if it["kind"] == "bad"]
         self.worker_kills = 0
+        self.crashes = 0  # kills of a supervisor (alone or with its group) that landed
         self.watchers: list[threading.Thread] = []
         self._write_job()
 
@@ -343,6 +346,7 @@ class Trial:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
                 self.result.kill = "group"
+                self.crashes += 1
             except ProcessLookupError:
                 pass
         elif self.target == "supervisor":
@@ -351,6 +355,7 @@ class Trial:
             def watch() -> None:
                 killed, outlived = kill_supervisor_alone(proc)
                 self.result.kill = "supervisor" if killed else ""
+                self.crashes += killed
                 if outlived:
                     self.problem("orphans", f"outlived the supervisor by 2 s: {outlived}")
 
@@ -358,13 +363,19 @@ class Trial:
             self.watchers[-1].start()
             _wait_until(lambda: proc.poll() is not None, 30)
         else:
-            try:
-                children = [p for p in psutil.Process(proc.pid).children() if _running(p)]
-            except psutil.Error:
-                children = []
-            if children:
+
+            def children() -> list[psutil.Process]:
                 try:
-                    self.rng.choice(children).kill()
+                    return [p for p in psutil.Process(proc.pid).children() if _running(p)]
+                except psutil.Error:
+                    return []
+
+            # a worker kill needs a worker: wait a little for one (dlq retry forks late)
+            _wait_until(lambda: proc.poll() is not None or children(), 2.0)
+            found = children()
+            if found:
+                try:
+                    self.rng.choice(found).kill()
                     self.result.kill = "worker"
                     self.worker_kills += 1
                 except psutil.Error:
@@ -404,10 +415,18 @@ class Trial:
         if self.phase == "resume":
             proc = self.start(*run_args)
             want = self.rng.randint(2, len(self.items) // 2)
+            crash = self.rng.random() < 0.5  # else a clean stop: no crash, no streak
             _wait_until(lambda: proc.poll() is not None or self.outcomes() >= want, 60)
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)  # a clean stop: no crash, no streak
+                if crash:  # as a user's would be: then the resume's is a 2nd crash in a row
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    self.crashes += 1
+                else:
+                    proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=60)
+            if code == -signal.SIGKILL:
+                proc.stderr.close()
+                return
             err = proc.stderr.read()
             proc.stderr.close()
             if code not in (0, 1, 130) or "Traceback" in err:
@@ -469,9 +488,12 @@ class Trial:
             if item_id in recorded:
                 continue
             entry = parked.get(item_id)
-            if entry is not None and entry.get("kind") == "worker_died" and explained > 0:
+            kind = entry and entry.get("kind")
+            if kind == "worker_died" and explained > 0:
                 explained -= 1  # the item the killed worker held, no retry left
                 continue
+            if kind == "crash_loop" and self.crashes >= crash_limit(self.retries):
+                continue  # in flight at every crash: the poison rule (mrpool/crashes.py)
             where = (
                 f"in the DLQ as {entry.get('kind')}: {entry.get('error')}"
                 if entry
