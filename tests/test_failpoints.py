@@ -316,3 +316,71 @@ def test_one_crash_then_a_storage_error_parks_no_innocent_item(mrpool, tmp_path)
     assert r.returncode == 0, r.stderr
     assert mrpool.dlq("oc") == []
     assert sorted(row["id"] for row in mrpool.results("oc")) == list(range(12))
+
+
+def test_abort_marker_settles_the_last_session_as_no_crash(mrpool, tmp_path):
+    """The abort marker (what ``Session._abort`` leaves when the journal refuses even the
+    close record) makes the next session settle the open attempts as an abort: item 0, in
+    flight at two ends in a row, is run, not parked; the marker is then removed. A stale
+    marker (an ``open`` record after it) changes nothing."""
+    from mrpool.crashes import mark_aborted
+
+    job = slow_job(tmp_path)
+    crash = mrpool.env(MRPOOL_FAILPOINTS="supervisor.after_outcome=kill@1")
+    for args in (("run", str(job), "--job-id", "am"), ("resume", "am")):
+        r = mrpool.run(*args, env=crash)  # item 0 is running each time
+        assert r.returncode == -signal.SIGKILL, r.stderr
+    job_dir = mrpool.job_dir("am")
+    assert mark_aborted(job_dir, 0)  # stale: open records follow offset 0
+    assert mark_aborted(job_dir, (job_dir / "journal.log").stat().st_size)
+    r = mrpool.run("resume", "am")
+    assert r.returncode == 0, r.stderr
+    assert mrpool.dlq("am") == []
+    assert sorted(row["id"] for row in mrpool.results("am")) == list(range(12))
+    opens = [rec for rec in journal_records(job_dir) if rec["k"] == "open"]
+    assert [o.get("after") for o in opens] == [None, None, "abort"]
+    assert not [p for p in job_dir.iterdir() if p.name.startswith("session-aborted-at-")]
+
+
+BIG_MAPPER = """
+import time
+
+def work(item):
+    time.sleep(2.0 if item["id"] == 0 else 0.01)
+    return "r" * 1000
+"""
+
+
+def test_real_efbig_twice_parks_nothing(mrpool, tmp_path):
+    """A real disk error (EFBIG from RLIMIT_FSIZE) stops two sessions in a row while item 0
+    runs; each records that it aborted (a close record, or the marker when even that does
+    not fit), so the third session runs item 0 instead of parking it as a crash loop."""
+    job = write_job(
+        tmp_path / "big",
+        [{"id": i} for i in range(40)],
+        {"callable": "bigmap:work"},
+        workers=2,
+        files={"bigmap.py": BIG_MAPPER},
+    )
+    journal = mrpool.job_dir("fd") / "journal.log"
+
+    def limited(limit, *args):
+        return subprocess.run(
+            [PY, "-m", "mrpool", *args],
+            env=mrpool.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=str(REPO),
+            preexec_fn=_limit_file_size(limit),
+        )
+
+    r = limited(8000, "run", str(job), "--job-id", "fd")  # item 0 is still running
+    assert r.returncode == 1 and "File too large" in r.stderr, r.stderr
+    r = limited(journal.stat().st_size + 8000, "resume", "fd")  # item 0 runs first again
+    assert r.returncode == 1 and "File too large" in r.stderr, r.stderr
+    r = mrpool.run("resume", "fd")
+    assert r.returncode == 0, r.stderr
+    assert mrpool.dlq("fd") == []
+    assert len(mrpool.results("fd")) == 40
+    assert not [p for p in mrpool.job_dir("fd").iterdir() if p.name.startswith("session-")]
