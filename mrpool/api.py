@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from .crashes import crash_limit
 from .dlq import DeadLetterQueue
 from .errors import MrpoolError, StorageError, UsageError
 from .executor import LocalExecutor
@@ -446,7 +447,7 @@ def _reduce(
 
 
 def _crash_limit(store: JobStore) -> int:
-    return max(2, 1 + store.info().spec.map.retries)
+    return crash_limit(store.info().spec.map.retries)
 
 
 def _indices_in_dlq(store: JobStore, state, item_ids: list[str]) -> list[int]:

@@ -13,7 +13,9 @@ Each item is planned once, with priority pending > failed > dlq; the overlaps
 are counted as ``duplicates``. An open item that has now been in flight at
 ``crash_limit`` crashes in a row is not run again but *parked* in the DLQ as a
 suspected poison item (SQS's max-receive-count), so a map that takes the whole
-host down cannot loop for ever.
+host down cannot loop for ever -- unless the last session did not crash but
+aborted (a storage error): then nothing is poison. The crash rules (when an
+attempt is charged, a streak rises, an item is parked) are in crashes.py.
 
 Planning reads only the compact state arrays (C-speed ``bytes.translate``); the
 items themselves are streamed from ``items.jsonl`` as they are dispatched.
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from itertools import compress
 from pathlib import Path
 
+from .crashes import aborted_before
 from .items import ITEMS_FILE
 from .store import DLQ, FAILED, PENDING, JobState
 
@@ -54,6 +57,8 @@ class ResumePlan:
     duplicates: int
     poison: list[int] = field(default_factory=list)
     crash_cut: list[int] | None = None  # items running when the last session crashed
+    crashes: dict[int, int] = field(default_factory=dict)  # poison item -> crashes in a row
+    after_abort: bool = False  # the last session aborted (crashes.py rule 5): no crash to settle
 
     @property
     def total(self) -> int:
@@ -111,14 +116,16 @@ def plan_session(
         table[DLQ] = FROM_DLQ
     selection = bytearray(bytes(state.status).translate(bytes(table)))
     duplicates = 0
-    poison: list[int] = []
+    crashes: dict[int, int] = {}
     cut = None if crash_cut is None else set(crash_cut)
+    after_abort = state.open_count > 0 and aborted_before(job_dir)
     for index in state.open_indices():
         settled = state.status[index]
         if settled in (FAILED, DLQ):
             duplicates += 1  # in flight *and* failed/parked: planned once, as pending
-        if (cut is None or index in cut) and state.streak[index] + 1 >= options.crash_limit:
-            poison.append(index)
+        in_a_row = state.streak[index] + 1  # counting the crash this session settles
+        if not after_abort and (cut is None or index in cut) and in_a_row >= options.crash_limit:
+            crashes[index] = in_a_row
             selection[index] = NONE
         elif settled in (PENDING, FAILED, DLQ) and (options.include_pending or selection[index]):
             selection[index] = FROM_PENDING
@@ -127,13 +134,15 @@ def plan_session(
         for index, source in enumerate(selection):
             if source and index not in keep:
                 selection[index] = NONE
-        poison = [i for i in poison if i in keep]
+        crashes = {i: n for i, n in crashes.items() if i in keep}
     counts = {name: selection.count(code) for code, name in SOURCE_NAMES.items()}
     return ResumePlan(
         job_dir=job_dir,
         selection=selection,
         counts=counts,
         duplicates=duplicates,
-        poison=sorted(poison),
+        poison=sorted(crashes),
         crash_cut=crash_cut,
+        crashes=crashes,
+        after_abort=after_abort,
     )

@@ -107,7 +107,7 @@ class JobState:
     operations instead of a dict insert and a pop for every item (~40 % of the
     supervisor's time with 100k no-op items). ``streak`` counts how many
     sessions in a row ended (by crash) with the item in flight -- the
-    poison-item detector.
+    poison-item detector (the rules: crashes.py).
     """
 
     def __init__(self, total: int) -> None:
@@ -153,8 +153,11 @@ class JobState:
             if record.get("a", 0) > self.attempts[index]:
                 self.attempts[index] = record["a"]
             self.set_status(index, DLQ if record["next"] == "dlq" else FAILED)
-        elif kind == "open":  # a new session began while attempts were open: the last one crashed
-            self._settle_open(record.get("cut"), crashed=True)
+        elif kind == "open":  # a new session began while attempts were open: the last one
+            if record.get("after") == "abort":  # ended by exception, not a crash (crashes.py)
+                self._settle_open(None, crashed=False)
+            else:  # crashed
+                self._settle_open(record.get("cut"), crashed=True)
             self.executor = None
         elif kind == "executor":  # which executor this session runs on (absent: local)
             self.executor = {k: v for k, v in record.items() if k not in ("k", "t")}

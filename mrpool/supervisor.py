@@ -21,6 +21,9 @@ Actors:
 * ``_interrupt`` is the stop path for SIGINT/SIGTERM (or ``SessionOptions.stop``
   set, for a session on another thread than the main one): kill in-flight
   attempts, close the session, keep everything for ``resume``.
+* ``_abort`` is the stop path for an exception (a storage error, a bug): the same,
+  recorded so that the next session does not take it for a crash. What each way of
+  ending costs an item (attempts, crash streaks, poison) is in crashes.py.
 
 Every record goes through ``Session._record``, which appends it to the journal
 and applies it to the in-memory state, so memory and disk cannot drift (``ok``
@@ -42,6 +45,7 @@ from typing import Any
 import orjson
 
 from . import failpoints
+from .crashes import clear_abort_marks, mark_aborted
 from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, DlqFullError
 from .executor import Batch, Executor, Failure, Outcomes, Successes
 from .journal import JournalWriter
@@ -131,10 +135,14 @@ class Session:
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
                 "cut": self.plan.crash_cut,
+                **({"after": "abort"} if self.plan.after_abort else {}),
             }
         )
         self._record({"k": "plan", **self.plan.summary()})
         self._park_poison()
+        if self.plan.after_abort:  # the marker has done its work once this open is durable
+            self.journal.sync(force=True)
+            clear_abort_marks(self.store.dir)
         previous = self._install_signal_handlers()
         try:
             self.executor.start()
@@ -152,9 +160,8 @@ class Session:
                 self._maybe_checkpoint()
             if self.stop_signal is not None or self.stop_error is not None:
                 self._interrupt()
-        except BaseException:
-            self.executor.cancel()  # a storage error or a bug: stop every attempt now
-            self.executor.shutdown(keep_slots=True)  # the next session reads who was running
+        except BaseException as cause:
+            self._abort(cause)
             raise
         else:
             self.executor.shutdown()
@@ -163,8 +170,12 @@ class Session:
                 signal.signal(s, handler)
             self.progress.close()
         self._flush_events()
-        self._record({"k": "close", "reason": self._close_reason(), "cut": self._cut})
-        self.journal.sync(force=True)
+        try:
+            self._record({"k": "close", "reason": self._close_reason(), "cut": self._cut})
+            self.journal.sync(force=True)
+        except Exception:  # the end is not on disk: still, no crash (crashes.py, rule 5)
+            mark_aborted(self.store.dir, self.journal.offset)
+            raise
         self.state.offset = self.journal.offset
         self.store.write_checkpoint(self.state)
 
@@ -358,7 +369,7 @@ class Session:
 
     def _park_poison(self) -> None:
         for index in self.plan.poison:
-            streak = self.state.streak[index] + 1
+            streak = self.plan.crashes[index]  # the planner's count, this crash included
             self._record(
                 {
                     "k": "f",
@@ -380,6 +391,24 @@ class Session:
         """
         self._cut.extend(self.executor.started())
         self.in_flight -= len(self.executor.cancel())
+
+    def _abort(self, cause: BaseException) -> None:
+        """The end of a session stopped by an exception (a storage error, a bug): not a
+        crash of its items (crashes.py, rule 5). Stop every attempt now; then record the
+        end -- a ``close`` record without a cut, so every open attempt stays charged (an
+        outcome lost with a failed write may have run) and no streak rises -- or, if the
+        journal takes no more writes, leave the abort marker. Never masks ``cause``."""
+        for step in (self.executor.cancel, self.executor.shutdown):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - stop the rest all the same; cause is the error
+                pass
+        reason = f"aborted: {type(cause).__name__}: {cause}"
+        try:
+            self._record({"k": "close", "reason": reason, "cut": None})
+            self.journal.write()
+        except Exception:  # noqa: BLE001 - the journal is past writing: say it another way
+            mark_aborted(self.store.dir, self.journal.offset)
 
     # -- bookkeeping -------------------------------------------------------
     def _record(self, record: dict[str, Any]) -> None:

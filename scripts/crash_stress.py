@@ -133,28 +133,11 @@ class Trial:
         self.side = workdir / "side.log"
 
     # -- processes ---------------------------------------------------------
-    def _argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "mrpool", *args]
-
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            self._argv(*args),
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=str(REPO),
-        )
+        return mrpool_cli(self.env, *args, timeout=timeout)
 
     def start(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen(
-            self._argv(*args),
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            cwd=str(REPO),
-        )
+        return mrpool_start(self.env, *args)
 
     def session_args(self) -> tuple[str, ...]:
         """``run`` until the job exists (a run killed before that left nothing), then ``resume``."""
@@ -223,30 +206,10 @@ class Trial:
         """SIGKILL the supervisor alone; its workers must be gone within 2 s."""
         if proc.poll() is not None:
             return
-        try:
-            children = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.Error:
-            children = []
-        try:
-            os.kill(proc.pid, signal.SIGKILL)
-            self.result.kills["supervisor"] += 1
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=60)
-        deadline = time.monotonic() + 2.0  # the contract's bound (zombies count as gone)
-        alive = children
-        while alive and time.monotonic() < deadline:
-            time.sleep(0.01)
-            alive = [p for p in alive if _running(p)]
-        if alive:
-            self.result.problems.append(
-                f"workers outlived their supervisor by 2 s: {[p.pid for p in alive]}"
-            )
-            for p in alive:
-                try:
-                    p.kill()
-                except psutil.Error:
-                    pass
+        killed, outlived = kill_supervisor_alone(proc)
+        self.result.kills["supervisor"] += killed
+        if outlived:
+            self.result.problems.append(f"workers outlived their supervisor by 2 s: {outlived}")
 
     def kill_session(self, proc: subprocess.Popen, journal_before: int) -> None:
         """Wait a random instant, then kill (group or supervisor, by the trial's kind)."""
@@ -380,6 +343,60 @@ class Trial:
             self.result.problems.append(
                 f"final status (state, total, succeeded, dlq, failed, pending, lock) = {got}"
             )
+
+
+def mrpool_cli(
+    env: dict[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """``python -m mrpool ARGS`` to its end, output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "mrpool", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(REPO),
+    )
+
+
+def mrpool_start(env: dict[str, str], *args: str, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """``python -m mrpool ARGS`` started in its own process group (to kill it whole)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "mrpool", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=stderr is subprocess.PIPE,
+        start_new_session=True,
+        cwd=str(REPO),
+    )
+
+
+def kill_supervisor_alone(proc: subprocess.Popen, bound: float = 2.0) -> tuple[bool, list[int]]:
+    """SIGKILL ``proc`` alone (not its group); then its descendants must end within
+    ``bound`` seconds (the contract's 2 s; zombies count as gone). Returns whether the
+    kill landed and the pids that outlived the bound (killed here, so nothing leaks)."""
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        killed = True
+    except ProcessLookupError:
+        killed = False
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + bound
+    alive = children
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+        alive = [p for p in alive if _running(p)]
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    return killed, [p.pid for p in alive]
 
 
 def _running(proc: psutil.Process) -> bool:

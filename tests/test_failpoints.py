@@ -292,3 +292,141 @@ def test_disabled_failpoints_cost_one_flag_check():
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "MRPOOL_FAILPOINTS": "no.such=kill"},
     )
     assert bad.returncode != 0 and "unknown failpoint" in bad.stderr
+
+
+SLOW_MAPPER = """
+import time
+
+def work(item):
+    time.sleep(2.0 if item["id"] == 0 else 0.02)
+    return item["id"]
+"""
+
+
+def slow_job(tmp_path, retries=0):
+    """12 healthy items; item 0 is slow, so it is in flight at the early journal writes."""
+    return write_job(
+        tmp_path / "slow",
+        [{"id": i} for i in range(12)],
+        {"callable": "slowmap:work", "retries": retries},
+        workers=2,
+        files={"slowmap.py": SLOW_MAPPER},
+    )
+
+
+def test_two_storage_error_exits_park_nothing(mrpool, tmp_path):
+    """Doing what a storage error says (free space, then resume) twice parks no healthy
+    item as a crash loop: a session stopped by an exception is not a crash of its items."""
+    job = slow_job(tmp_path)
+    full_disk = mrpool.env(MRPOOL_FAILPOINTS="journal.after_write=enospc@5")
+    r = mrpool.run("run", str(job), "--job-id", "se", env=full_disk)
+    assert r.returncode == 1 and "No space left" in r.stderr, r.stderr
+    assert "then 'mrpool resume se'" in r.stderr and "Traceback" not in r.stderr
+    r = mrpool.run("resume", "se", env=full_disk)
+    assert r.returncode == 1 and "No space left" in r.stderr, r.stderr
+    r = mrpool.run("resume", "se")
+    assert r.returncode == 0, r.stderr
+    assert mrpool.dlq("se") == []
+    assert sorted(row["id"] for row in mrpool.results("se")) == list(range(12))
+    closes = [rec for rec in journal_records(mrpool.job_dir("se")) if rec["k"] == "close"]
+    assert [c["reason"].split(":")[0] for c in closes] == ["aborted", "aborted", "finished"]
+
+
+def test_crash_loop_message_counts_crashes(mrpool, tmp_path):
+    """An item in flight at two crashes in a row is parked, and the message says two."""
+    job = slow_job(tmp_path)
+    crash = mrpool.env(MRPOOL_FAILPOINTS="supervisor.after_outcome=kill@1")
+    r = mrpool.run("run", str(job), "--job-id", "cl", env=crash)  # item 0 is running
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    r = mrpool.run("resume", "cl", env=crash)  # item 0 runs first again
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    r = mrpool.run("resume", "cl")
+    assert r.returncode == 1, r.stderr
+    [entry] = mrpool.dlq("cl")
+    assert (entry["id"], entry["kind"]) == (0, "crash_loop"), entry
+    assert "in flight at 2 crashes in a row" in entry["error"], entry
+
+
+def test_one_crash_then_a_storage_error_parks_no_innocent_item(mrpool, tmp_path):
+    """Issue 21 item 2's shape: an item that never fails, in flight at one real crash, must
+    end succeeded. A storage error in the next session used to count as a second crash (no
+    close record, so the streak rose again) and the item was parked as crash_loop."""
+    job = slow_job(tmp_path)
+    crash = mrpool.env(MRPOOL_FAILPOINTS="supervisor.after_outcome=kill@1")
+    r = mrpool.run("run", str(job), "--job-id", "oc", env=crash)  # item 0 is running
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    full_disk = mrpool.env(MRPOOL_FAILPOINTS="journal.after_write=enospc@3")
+    r = mrpool.run("resume", "oc", env=full_disk)  # item 0 runs first again
+    assert r.returncode == 1 and "No space left" in r.stderr, r.stderr
+    r = mrpool.run("resume", "oc")
+    assert r.returncode == 0, r.stderr
+    assert mrpool.dlq("oc") == []
+    assert sorted(row["id"] for row in mrpool.results("oc")) == list(range(12))
+
+
+def test_abort_marker_settles_the_last_session_as_no_crash(mrpool, tmp_path):
+    """The abort marker (what ``Session._abort`` leaves when the journal refuses even the
+    close record) makes the next session settle the open attempts as an abort: item 0, in
+    flight at two ends in a row, is run, not parked; the marker is then removed. A stale
+    marker (an ``open`` record after it) changes nothing."""
+    from mrpool.crashes import mark_aborted
+
+    job = slow_job(tmp_path)
+    crash = mrpool.env(MRPOOL_FAILPOINTS="supervisor.after_outcome=kill@1")
+    for args in (("run", str(job), "--job-id", "am"), ("resume", "am")):
+        r = mrpool.run(*args, env=crash)  # item 0 is running each time
+        assert r.returncode == -signal.SIGKILL, r.stderr
+    job_dir = mrpool.job_dir("am")
+    assert mark_aborted(job_dir, 0)  # stale: open records follow offset 0
+    assert mark_aborted(job_dir, (job_dir / "journal.log").stat().st_size)
+    r = mrpool.run("resume", "am")
+    assert r.returncode == 0, r.stderr
+    assert mrpool.dlq("am") == []
+    assert sorted(row["id"] for row in mrpool.results("am")) == list(range(12))
+    opens = [rec for rec in journal_records(job_dir) if rec["k"] == "open"]
+    assert [o.get("after") for o in opens] == [None, None, "abort"]
+    assert not [p for p in job_dir.iterdir() if p.name.startswith("session-aborted-at-")]
+
+
+BIG_MAPPER = """
+import time
+
+def work(item):
+    time.sleep(2.0 if item["id"] == 0 else 0.01)
+    return "r" * 1000
+"""
+
+
+def test_real_efbig_twice_parks_nothing(mrpool, tmp_path):
+    """A real disk error (EFBIG from RLIMIT_FSIZE) stops two sessions in a row while item 0
+    runs; each records that it aborted (a close record, or the marker when even that does
+    not fit), so the third session runs item 0 instead of parking it as a crash loop."""
+    job = write_job(
+        tmp_path / "big",
+        [{"id": i} for i in range(40)],
+        {"callable": "bigmap:work"},
+        workers=2,
+        files={"bigmap.py": BIG_MAPPER},
+    )
+    journal = mrpool.job_dir("fd") / "journal.log"
+
+    def limited(limit, *args):
+        return subprocess.run(
+            [PY, "-m", "mrpool", *args],
+            env=mrpool.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=str(REPO),
+            preexec_fn=_limit_file_size(limit),
+        )
+
+    r = limited(8000, "run", str(job), "--job-id", "fd")  # item 0 is still running
+    assert r.returncode == 1 and "File too large" in r.stderr, r.stderr
+    r = limited(journal.stat().st_size + 8000, "resume", "fd")  # item 0 runs first again
+    assert r.returncode == 1 and "File too large" in r.stderr, r.stderr
+    r = mrpool.run("resume", "fd")
+    assert r.returncode == 0, r.stderr
+    assert mrpool.dlq("fd") == []
+    assert len(mrpool.results("fd")) == 40
+    assert not [p for p in mrpool.job_dir("fd").iterdir() if p.name.startswith("session-")]
