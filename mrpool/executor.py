@@ -151,6 +151,7 @@ class _Worker:
     per_item: float = 0.0  # EWMA of an item's duration; 0 = unknown
     item_bytes: int = 0  # mean size of an item in the last batch sent; 0 = none yet
     kill_reason: str | None = None
+    killed: bool = False  # SIGKILLed by us (once: see LocalExecutor._kill)
     sock: Any = None  # the pipe's socket, for writes that never wait (see LocalExecutor._send)
     outgoing: deque[memoryview] = field(default_factory=deque)  # framed, not yet taken by the pipe
     poll_events: int = select.POLLIN
@@ -228,10 +229,16 @@ def _started_prefix(rest: Batch, index: int, attempt: int) -> int:
 class LocalExecutor:
     """N forked worker processes on this machine."""
 
-    def __init__(self, config: WorkerConfig, workers: int, slots_path: Path | None = None) -> None:
+    def __init__(
+        self, config: WorkerConfig, workers: int, slots_path: Path | None = None, items: int = 0
+    ) -> None:
+        """``slots_path``: where the session's slot file goes, with a begun-table entry
+        for each of the job's ``items`` (see slots.py); it is created by ``start``."""
         self.config = config
         self.n = workers
-        self.slots = SlotTable(workers, slots_path)
+        self._slots_path = slots_path
+        self._items = items
+        self.slots: SlotTable | None = None
         self.workers: list[_Worker | None] = [None] * workers
         self.events: list[dict[str, Any]] = []
         self._ctx = multiprocessing.get_context("fork")
@@ -242,6 +249,8 @@ class LocalExecutor:
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
+        """Create this session's slot file (a new one: see slots.py), fork the workers."""
+        self.slots = SlotTable(self.n, self._slots_path, self._items)
         for slot in range(self.n):
             self._spawn(slot)
 
@@ -255,6 +264,7 @@ class LocalExecutor:
             daemon=True,
         )
         process.start()
+        self.slots.register(slot, process.pid)  # on record before it is sent anything
         child_end.close()
         worker = self.workers[slot] = _Worker(slot, process, parent_end, process.pid)
         worker.sock = socket.socket(fileno=os.dup(parent_end.fileno()))
@@ -295,10 +305,20 @@ class LocalExecutor:
                 self._kill(w)
                 w.process.join(1.0)
             self._forget(w)
-        self.slots.close(remove=not keep_slots)
+        if self.slots is not None:
+            self.slots.close(remove=not keep_slots)
 
     def started(self) -> list[int]:
-        """Items a worker has started whose outcome has not been delivered yet."""
+        """Items a worker has started whose outcome has not been delivered yet.
+
+        For the clean stop, which cancels everything next: the workers are killed
+        first, so that none can begin another attempt after its slot was read."""
+        for w in self.workers:
+            if w is not None:
+                self._kill(w)
+        for w in self.workers:
+            if w is not None:
+                w.process.join(2.0)
         found: list[int] = []
         for w in self.workers:
             if w is None or not w.held:
@@ -321,6 +341,9 @@ class LocalExecutor:
         return lost
 
     def _kill(self, w: _Worker) -> None:
+        if w.killed:
+            return  # its slot's child pid may belong to someone else by now
+        w.killed = True
         child = self.slots.read(w.slot).child
         try:
             os.kill(w.pid, signal.SIGKILL)

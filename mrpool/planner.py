@@ -10,10 +10,11 @@ Sources, from the replayed ``JobState``:
 * **dlq** -- parked after exhausting its attempts.
 
 Each item is planned once, with priority pending > failed > dlq; the overlaps
-are counted as ``duplicates``. An open item that has now been in flight at
+are counted as ``duplicates``. An open item that a worker was running at
 ``crash_limit`` crashes in a row is not run again but *parked* in the DLQ as a
 suspected poison item (SQS's max-receive-count), so a map that takes the whole
-host down cannot loop for ever.
+host down cannot loop for ever. Only crash evidence (``slots.crash_evidence``)
+names the items that were running: without it no item is suspected.
 
 Planning reads only the compact state arrays (C-speed ``bytes.translate``); the
 items themselves are streamed from ``items.jsonl`` as they are dispatched.
@@ -27,6 +28,7 @@ from itertools import compress
 from pathlib import Path
 
 from .items import ITEMS_FILE
+from .slots import UNKNOWN, CrashEvidence
 from .store import DLQ, FAILED, PENDING, JobState
 
 __all__ = ["PlanOptions", "ResumePlan", "plan_session", "SOURCE_NAMES"]
@@ -53,7 +55,7 @@ class ResumePlan:
     counts: dict[str, int]
     duplicates: int
     poison: list[int] = field(default_factory=list)
-    crash_cut: list[int] | None = None  # items running when the last session crashed
+    evidence: CrashEvidence = UNKNOWN  # what the crashed last session had begun / was running
 
     @property
     def total(self) -> int:
@@ -95,12 +97,12 @@ class ResumePlan:
 
 
 def plan_session(
-    job_dir: Path, state: JobState, options: PlanOptions, crash_cut: list[int] | None = None
+    job_dir: Path, state: JobState, options: PlanOptions, evidence: CrashEvidence = UNKNOWN
 ) -> ResumePlan:
     """Plan from ``state`` as replayed *before* this session's ``open`` record.
 
-    ``crash_cut``: the open items a worker was running when the last session
-    crashed (see slots.py); only those can be poison. None: unknown, all open.
+    ``evidence``: what the crashed last session was doing (see slots.py); only
+    the open items it was running can be poison.
     """
     table = bytearray(256)
     if options.include_pending:
@@ -112,12 +114,12 @@ def plan_session(
     selection = bytearray(bytes(state.status).translate(bytes(table)))
     duplicates = 0
     poison: list[int] = []
-    cut = None if crash_cut is None else set(crash_cut)
+    cut = set(evidence.running)
     for index in state.open_indices():
         settled = state.status[index]
         if settled in (FAILED, DLQ):
             duplicates += 1  # in flight *and* failed/parked: planned once, as pending
-        if (cut is None or index in cut) and state.streak[index] + 1 >= options.crash_limit:
+        if index in cut and state.streak[index] + 1 >= options.crash_limit:
             poison.append(index)
             selection[index] = NONE
         elif settled in (PENDING, FAILED, DLQ) and (options.include_pending or selection[index]):
@@ -135,5 +137,5 @@ def plan_session(
         counts=counts,
         duplicates=duplicates,
         poison=sorted(poison),
-        crash_cut=crash_cut,
+        evidence=evidence,
     )

@@ -124,11 +124,14 @@ class Session:
                 "k": "open",
                 "cmd": self.options.command,
                 "pid": os.getpid(),
-                "cut": self.plan.crash_cut,
+                **self.plan.evidence.record_fields(),
             }
         )
         self._record({"k": "plan", **self.plan.summary()})
         self._park_poison()
+        # The open record settles the crashed session's attempts from its slot file:
+        # on disk before the executor replaces that file with this session's.
+        self.journal.write()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.executor.start()
