@@ -186,13 +186,15 @@ class SlotTable:
         Plain stores into typed views of the mapping: the item's begun-table entry
         first (an attempt is on record before it can start), then the slot, ``state``
         last on begin (a reader that sees RUNNING sees the item's fields) and alone
-        on end (the slot keeps naming the item as the last one started)."""
+        on end (the slot keeps naming the item as the last one started). A table of
+        no items (an executor not told the job's size) keeps no begun entries."""
         base = _HEADER_SIZE + slot * _SLOT_SIZE
         if sys.byteorder != "little":  # the file is little endian: pack explicitly
-            mem, began_at = self._mem, self._began_at
+            mem, began_at, keep = self._mem, self._began_at, len(self._began) > 0
 
             def begin_packed(index: int, attempt: int, started: float) -> None:
-                _U32.pack_into(mem, began_at + 4 * index, attempt)
+                if keep:
+                    _U32.pack_into(mem, began_at + 4 * index, attempt)
                 _BEGUN.pack_into(mem, base + 12, attempt, index, started)
                 _I32.pack_into(mem, base, RUNNING)
 
@@ -213,10 +215,16 @@ class SlotTable:
             f64[started_at] = started
             i32[state] = RUNNING
 
+        def begin_untabled(index: int, attempt: int, started: float) -> None:
+            i64[index_at] = index
+            i32[attempt_at] = attempt
+            f64[started_at] = started
+            i32[state] = RUNNING
+
         def end() -> None:
             i32[state] = IDLE
 
-        return begin, end
+        return (begin if len(began) else begin_untabled), end
 
     def set_child(self, slot: int, child: int) -> None:
         """The pid of the map command the running attempt started (0: none), and when

@@ -89,6 +89,22 @@ def test_an_attempt_begun_earlier_in_the_session_is_not_this_attempt(tmp_path):
     assert not (tmp_path / SLOTS_FILE).exists()
 
 
+@pytest.mark.parametrize("byteorder", ["little", "big"], ids=["typed-views", "packed"])
+def test_a_table_without_items_keeps_slots_and_no_begun_entries(tmp_path, monkeypatch, byteorder):
+    """An executor not told the job's size still runs any index; its evidence is unknown."""
+    table = SlotTable(1, tmp_path / SLOTS_FILE)
+    try:
+        monkeypatch.setattr(sys, "byteorder", byteorder)
+        begin, end = table.writer(0)
+        monkeypatch.undo()
+        begin(599, 1, 2.0)
+        assert (table.read(0).index, table.read(0).state) == (599, RUNNING)
+        evidence = crash_evidence(tmp_path, open_state(600, [(599, 1)]), end_stragglers=False)
+        assert evidence.began is None  # a table for another item count: nothing known
+    finally:
+        table.close()
+
+
 def test_each_table_is_a_new_file_and_old_mappings_stay_apart(tmp_path):
     """A straggler of the old session maps the old inode: it can never see the new slots."""
     path = tmp_path / SLOTS_FILE
