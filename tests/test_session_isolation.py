@@ -180,6 +180,7 @@ def test_a_crashed_session_never_touches_the_next(mrpool, tmp_path, kind, target
 
 
 @pytest.mark.stress
+@pytest.mark.timeout(1800)  # 50 rounds of a few seconds each
 @pytest.mark.parametrize(
     "kind, target",
     [
