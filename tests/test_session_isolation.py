@@ -42,6 +42,7 @@ from mrpool.store import JobState
 ITEMS = 12
 
 LOG_COMMAND = (
+    "while [ ! -e go ]; do sleep 0.01; done; "  # items flow once the resume is waiting
     'printf \'{"id":"%s","a":%s,"pid":%s}\\n\' "$MRPOOL_ITEM_ID" "$MRPOOL_ATTEMPT" "$$"'
     " >> side.log; sleep 0.05"
 )
@@ -53,6 +54,8 @@ import os, time
 HERE = os.path.dirname(os.path.abspath(__file__))  # callables run in the caller's directory
 
 def work(item):
+    while not os.path.exists(os.path.join(HERE, "go")):  # items flow once the resume waits
+        time.sleep(0.01)
     line = '{"id":"%s","pid":%d}\\n' % (item["id"], os.getpid())
     fd = os.open(os.path.join(HERE, "side.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
@@ -95,12 +98,10 @@ def crash_round(mrpool, tmp_path: Path, n: int, kind: str, target: str, rng) -> 
     # the id is printed: the job exists, and the run holds its lock
     assert run.stdout.readline().decode().strip() == job_id
     waiter = mrpool.start("resume", job_id, "--wait", "30")
-    started = time.monotonic()
-    lines_before_kill = rng.randint(1, ITEMS - 2)
-    wait_for(
-        lambda: len(side_log(src)) >= lines_before_kill and time.monotonic() - started > 0.4,
-        what="attempts running and the resume waiting",
-    )
+    time.sleep(0.5)  # its start-up: then it polls the lock; the items wait for it
+    (src / "go").touch()
+    lines_before_kill = rng.randint(1, ITEMS - 4)
+    wait_for(lambda: len(side_log(src)) >= lines_before_kill, what="attempts running")
     assert run.poll() is None and waiter.poll() is None, "killed too late: nothing proven"
     old = old_session(run.pid)
     if target == "group":
