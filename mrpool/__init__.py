@@ -9,7 +9,7 @@ The folder is the architecture, one module per concept:
     dlq.py         the dead letter queue: parked items, history, signatures
     lock.py        one process per job: fasteners lock + holder record + psutil
     planner.py     what a session runs: pending > failed > DLQ, deduplicated
-    slots.py       per-worker shared-memory slots (item, since, heartbeat)
+    slots.py       per-worker shared slots (item, since, heartbeat), begun attempts, crash evidence
     worker.py      a worker process: runs command / callable attempts
     executor.py    the executor boundary; LocalExecutor = forked workers
     containment.py every process a session starts (cgroup or token) and its guardian

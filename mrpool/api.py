@@ -39,7 +39,7 @@ from .journal import JournalWriter, read_records, started_attempts
 from .lock import JobLock, clear_stale, live_holder, unlock
 from .planner import PlanOptions, ResumePlan, plan_session
 from .reduce import read_reduce_output, run_reduce
-from .slots import SLOTS_FILE, running_at_crash
+from .slots import SLOTS_FILE, crash_evidence, discard
 from .spec import (
     ExecutorSpec,
     JobSpec,
@@ -240,7 +240,8 @@ def plan_resume(
     state = store.load_state(store.info().total)
     options = PlanOptions(include_dlq=not no_dlq, crash_limit=_crash_limit(store))
     _close_remote_crash(state, None)
-    return plan_session(store.dir, state, options, _running_at_crash(store, state))
+    evidence = crash_evidence(store.dir, state, end_stragglers=False)  # no lock: touch nothing
+    return plan_session(store.dir, state, options, evidence)
 
 
 def run_held_session(
@@ -280,7 +281,7 @@ def _run_session(
     journal = JournalWriter(store.journal_path, state.offset)
     try:
         _close_remote_crash(state, journal)
-        plan = plan_session(store.dir, state, plan_options, _running_at_crash(store, state))
+        plan = plan_session(store.dir, state, plan_options, crash_evidence(store.dir, state))
         if on_plan:
             on_plan(plan)
         reduce_due = spec.reduce is not None and (
@@ -292,11 +293,12 @@ def _run_session(
             and not (reduce_due and state.finished_state() == "completed")
         ):
             journal.close()
-            (store.dir / SLOTS_FILE).unlink(missing_ok=True)
+            if not state.open_count:  # else a later session still needs the crash evidence
+                discard(store.dir)
             return _nothing_left(store.job_id, state, plan)
         if reset_failed:
             _reset_attempts(journal, state, plan)
-        runner = _new_executor(store, spec, workers or spec.workers, choice)
+        runner = _new_executor(store, spec, workers or spec.workers, choice, info.total)
         session = Session(
             store,
             state,
@@ -326,6 +328,7 @@ def _run_session(
         DeadLetterQueue(store, state).save_snapshot()
     except StorageError as e:
         _close_quietly(journal)
+        _discard_evidence_unless_needed(store, info.total)
         raise StorageError(
             f"{e}; everything recorded before it is safe: free space, then 'mrpool resume {store.job_id}'"
         ) from None
@@ -356,7 +359,7 @@ def _executor_choice(spec: JobSpec, option: str | None) -> ExecutorSpec:
     return choice
 
 
-def _new_executor(store: JobStore, spec: JobSpec, workers: int, choice: ExecutorSpec):
+def _new_executor(store: JobStore, spec: JobSpec, workers: int, choice: ExecutorSpec, items: int):
     config = WorkerConfig(
         store.job_id, spec.base_dir, spec.map.command, spec.map.callable, spec.map.timeout
     )
@@ -364,7 +367,7 @@ def _new_executor(store: JobStore, spec: JobSpec, workers: int, choice: Executor
         from .dask_executor import DaskExecutor
 
         return DaskExecutor(config, workers, choice.address)
-    return LocalExecutor(config, workers, slots_path=store.dir / SLOTS_FILE)
+    return LocalExecutor(config, workers, slots_path=store.dir / SLOTS_FILE, items=items)
 
 
 def _close_remote_crash(state, journal: JournalWriter | None) -> None:
@@ -399,20 +402,16 @@ def _close_quietly(journal: JournalWriter) -> None:
         journal.abandon()
 
 
-def _running_at_crash(store: JobStore, state) -> list[int] | None:
-    """Open items that a worker of the crashed session was running (None: unknown)."""
-    if not state.open_count:
-        return []
-    found = running_at_crash(store.dir / SLOTS_FILE)
-    if found is None:
-        return None
-    return sorted(
-        {
-            index
-            for index, attempt in found
-            if 0 <= index < state.total and state.opened[index] and state.attempts[index] == attempt
-        }
-    )
+def _discard_evidence_unless_needed(store: JobStore, total: int) -> None:
+    """After a storage error (a full disk): the slot file stays only if the journal on
+    disk still has an open attempt, which the next session settles from it. (What is
+    in memory may be ahead of the disk: the failed write's records are lost.)"""
+    try:
+        still_open = store.load_state(total).open_count
+    except (MrpoolError, OSError):
+        return  # unreadable now: keep the evidence, the next session decides
+    if not still_open:
+        discard(store.dir)
 
 
 def _nothing_left(job_id: str, state, plan: ResumePlan) -> SessionReport:

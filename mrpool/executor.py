@@ -158,6 +158,7 @@ class _Worker:
     per_item: float = 0.0  # EWMA of an item's duration; 0 = unknown
     item_bytes: int = 0  # mean size of an item in the last batch sent; 0 = none yet
     kill_reason: str | None = None
+    killed: bool = False  # SIGKILLed by us (once: see LocalExecutor._kill)
     sock: Any = None  # the pipe's socket, for writes that never wait (see LocalExecutor._send)
     outgoing: deque[memoryview] = field(default_factory=deque)  # framed, not yet taken by the pipe
     poll_events: int = select.POLLIN
@@ -251,10 +252,16 @@ _FORKING = threading.Lock()
 class LocalExecutor:
     """N forked worker processes on this machine."""
 
-    def __init__(self, config: WorkerConfig, workers: int, slots_path: Path | None = None) -> None:
+    def __init__(
+        self, config: WorkerConfig, workers: int, slots_path: Path | None = None, items: int = 0
+    ) -> None:
+        """``slots_path``: where the session's slot file goes, with a begun-table entry
+        for each of the job's ``items`` (see slots.py); it is created by ``start``."""
         self.config = config
         self.n = workers
-        self.slots = SlotTable(workers, slots_path)
+        self._slots_path = slots_path
+        self._items = items
+        self.slots: SlotTable | None = None
         self.workers: list[_Worker | None] = [None] * workers
         self.events: list[dict[str, Any]] = []
         self._ctx = multiprocessing.get_context("fork")
@@ -267,7 +274,10 @@ class LocalExecutor:
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
+        """End what a crashed session of this job left (containment), create this
+        session's slot file (a new one: see slots.py), fork the workers."""
         self.containment.start()
+        self.slots = SlotTable(self.n, self._slots_path, self._items)
         for slot in range(self.n):
             self._spawn(slot)
 
@@ -284,6 +294,7 @@ class LocalExecutor:
         with _FORKING:  # one fork at a time: a sibling session's pipe ends must not leak in
             process.start()
             self.containment.attach(process.pid)
+            self.slots.register(slot, process.pid)  # on record before it is sent anything
             child_end.close()
         worker = self.workers[slot] = _Worker(slot, process, parent_end, process.pid, unit)
         worker.death_fd = _death_fd(process)
@@ -339,12 +350,22 @@ class LocalExecutor:
                     self._kill(w)
                     self._reaped(w, 5.0)
                 self._forget(w)
-            self.slots.close(remove=not keep_slots)
+            if self.slots is not None:
+                self.slots.close(remove=not keep_slots)
         finally:
             self.containment.close()  # whatever is left of the session ends here
 
     def started(self) -> list[int]:
-        """Items a worker has started whose outcome has not been delivered yet."""
+        """Items a worker has started whose outcome has not been delivered yet.
+
+        For the clean stop, which cancels everything next: the workers are killed
+        first, so that none can begin another attempt after its slot was read."""
+        for w in self.workers:
+            if w is not None:
+                self._kill(w)
+        for w in self.workers:
+            if w is not None:
+                w.process.join(2.0)
         found: list[int] = []
         for w in self.workers:
             if w is None or not w.held:
@@ -367,7 +388,11 @@ class LocalExecutor:
         return lost
 
     def _kill(self, w: _Worker) -> None:
-        """SIGKILL ``w`` and everything its incarnation started (it is not reaped yet)."""
+        """SIGKILL ``w`` and everything its incarnation started (it is not reaped yet).
+        Once only: after that its pid and its slot's child pid may be someone else's."""
+        if w.killed:
+            return
+        w.killed = True
         if w.process.exitcode is None and w.unit is not None:
             self.containment.end_unit(w.unit, w.pid)
 

@@ -10,12 +10,13 @@ Sources, from the replayed ``JobState``:
 * **dlq** -- parked after exhausting its attempts.
 
 Each item is planned once, with priority pending > failed > dlq; the overlaps
-are counted as ``duplicates``. An open item that has now been in flight at
+are counted as ``duplicates``. An open item that a worker was running at
 ``crash_limit`` crashes in a row is not run again but *parked* in the DLQ as a
 suspected poison item (SQS's max-receive-count), so a map that takes the whole
-host down cannot loop for ever -- unless the last session did not crash but
-aborted (a storage error): then nothing is poison. The crash rules (when an
-attempt is charged, a streak rises, an item is parked) are in crashes.py.
+host down cannot loop for ever. Only crash evidence (``slots.crash_evidence``)
+names the items that were running: without it no item is suspected; nor after
+an abort (a storage error). The crash rules (when an attempt is charged, a
+streak rises, an item is parked) are in crashes.py.
 
 Planning reads only the compact state arrays (C-speed ``bytes.translate``); the
 items themselves are streamed from ``items.jsonl`` as they are dispatched.
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from .crashes import aborted_before
 from .items import ITEMS_FILE
+from .slots import UNKNOWN, CrashEvidence
 from .store import DLQ, FAILED, PENDING, JobState
 
 __all__ = ["PlanOptions", "ResumePlan", "plan_session", "SOURCE_NAMES"]
@@ -56,9 +58,9 @@ class ResumePlan:
     counts: dict[str, int]
     duplicates: int
     poison: list[int] = field(default_factory=list)
-    crash_cut: list[int] | None = None  # items running when the last session crashed
     crashes: dict[int, int] = field(default_factory=dict)  # poison item -> crashes in a row
     after_abort: bool = False  # the last session aborted (crashes.py rule 5): no crash to settle
+    evidence: CrashEvidence = UNKNOWN  # what the crashed last session had begun / was running
 
     @property
     def total(self) -> int:
@@ -100,12 +102,12 @@ class ResumePlan:
 
 
 def plan_session(
-    job_dir: Path, state: JobState, options: PlanOptions, crash_cut: list[int] | None = None
+    job_dir: Path, state: JobState, options: PlanOptions, evidence: CrashEvidence = UNKNOWN
 ) -> ResumePlan:
     """Plan from ``state`` as replayed *before* this session's ``open`` record.
 
-    ``crash_cut``: the open items a worker was running when the last session
-    crashed (see slots.py); only those can be poison. None: unknown, all open.
+    ``evidence``: what the crashed last session was doing (see slots.py); only
+    the open items it was running can be poison.
     """
     table = bytearray(256)
     if options.include_pending:
@@ -117,14 +119,14 @@ def plan_session(
     selection = bytearray(bytes(state.status).translate(bytes(table)))
     duplicates = 0
     crashes: dict[int, int] = {}
-    cut = None if crash_cut is None else set(crash_cut)
+    cut = set(evidence.running)
     after_abort = state.open_count > 0 and aborted_before(job_dir)
     for index in state.open_indices():
         settled = state.status[index]
         if settled in (FAILED, DLQ):
             duplicates += 1  # in flight *and* failed/parked: planned once, as pending
         in_a_row = state.streak[index] + 1  # counting the crash this session settles
-        if not after_abort and (cut is None or index in cut) and in_a_row >= options.crash_limit:
+        if not after_abort and index in cut and in_a_row >= options.crash_limit:
             crashes[index] = in_a_row
             selection[index] = NONE
         elif settled in (PENDING, FAILED, DLQ) and (options.include_pending or selection[index]):
@@ -142,7 +144,7 @@ def plan_session(
         counts=counts,
         duplicates=duplicates,
         poison=sorted(crashes),
-        crash_cut=crash_cut,
         crashes=crashes,
         after_abort=after_abort,
+        evidence=evidence,
     )

@@ -62,6 +62,7 @@ __all__ = [
 PENDING, SUCCEEDED, FAILED, DLQ, PURGED = range(5)
 JOB_FILE = "job.json"
 CHECKPOINT_FILE = "checkpoint.json"
+_NO_BEGAN = object()  # an ``open`` record written before crash evidence named begun attempts
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
 
@@ -157,7 +158,7 @@ class JobState:
             if record.get("after") == "abort":  # ended by exception, not a crash (crashes.py)
                 self._settle_open(None, crashed=False)
             else:  # crashed
-                self._settle_open(record.get("cut"), crashed=True)
+                self._settle_open(record.get("cut"), True, record.get("began", _NO_BEGAN))
             self.executor = None
         elif kind == "executor":  # which executor this session runs on (absent: local)
             self.executor = {k: v for k, v in record.items() if k not in ("k", "t")}
@@ -222,19 +223,31 @@ class JobState:
                 if attempt > attempts[index]:
                     attempts[index] = attempt
 
-    def _settle_open(self, cut: list[int] | None, crashed: bool) -> None:
+    def _settle_open(
+        self, cut: list[int] | None, crashed: bool, began: list[int] | None | object = _NO_BEGAN
+    ) -> None:
         """Close the open attempts of an ended session.
 
-        ``cut`` lists the items a worker was actually running when it ended (from
-        the worker slots): their attempt counts, and after a crash it extends their
-        crash streak. Other open items were only queued behind them and never
-        started, so their attempt number is given back. ``cut`` None (unknown, or
-        a journal from before slots were kept): every open attempt counts.
+        A session's ``open`` record settles those of a crashed predecessor, from its
+        crash evidence (``slots.crash_evidence``): ``began`` lists the open items
+        whose attempt a worker had begun -- it counts -- (None: unknown, every open
+        attempt counts), and ``cut`` those it was running at the crash, which also
+        extend their crash streak. Any other open item was only queued behind them:
+        its attempt number is given back, and it gets no streak.
+
+        A ``close`` record (a clean stop), and an ``open`` record from before
+        ``began`` was kept, has ``cut`` alone: the items whose attempt counts (None:
+        all of them), each also getting a streak when the session crashed.
         """
-        running = None if cut is None else set(cut)
+        if began is _NO_BEGAN:
+            counted = None if cut is None else set(cut)
+            streaked = counted
+        else:
+            streaked = set(cut or ())
+            counted = None if began is None else streaked.union(began)  # type: ignore[arg-type]
         for index in self.open_indices():
-            if running is None or index in running:
-                if crashed and self.streak[index] < 255:
+            if counted is None or index in counted:
+                if crashed and (streaked is None or index in streaked) and self.streak[index] < 255:
                     self.streak[index] += 1
             elif self.attempts[index] > 0:
                 self.attempts[index] -= 1  # the open attempt is the highest: give it back

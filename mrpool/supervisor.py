@@ -134,12 +134,15 @@ class Session:
                 "cmd": self.options.command,
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
-                "cut": self.plan.crash_cut,
+                **self.plan.evidence.record_fields(),
                 **({"after": "abort"} if self.plan.after_abort else {}),
             }
         )
         self._record({"k": "plan", **self.plan.summary()})
         self._park_poison()
+        # The open record settles the crashed session's attempts from its slot file:
+        # on disk before the executor replaces that file with this session's.
+        self.journal.write()
         if self.plan.after_abort:  # the marker has done its work once this open is durable
             self.journal.sync(force=True)
             clear_abort_marks(self.store.dir)

@@ -6,7 +6,9 @@ as right as this replay, so it is checked against a model written the plain way
 -- one dict and four lists, one item at a time -- on random record sequences
 that a live writer could produce: starts as runs or pairs (never a lower attempt
 than the item's highest), successes in consecutive and scattered batches,
-failures, and sessions ending cleanly or by crash. After every record the two
+failures, and sessions ending cleanly or by crash (settled from crash evidence
+naming begun and running attempts, or from the older records that named only
+those whose attempt counts). After every record the two
 must agree, and a checkpoint taken at the end must load back to the same state.
 """
 
@@ -19,6 +21,7 @@ from mrpool.journal import decode_line
 from mrpool.store import DLQ, FAILED, PENDING, PURGED, SUCCEEDED, JobState
 
 TOTAL = 24
+OLD = object()  # an ``open`` record without ``began`` (written before it existed)
 
 
 class Model:
@@ -45,10 +48,15 @@ class Model:
         self.attempts[index] = max(self.attempts[index], attempt)
         self.status[index] = DLQ if parked else FAILED
 
-    def end_session(self, cut: list[int] | None, crashed: bool) -> None:
+    def end_session(self, cut: list[int] | None, crashed: bool, began=OLD) -> None:
+        if began is OLD:  # cut: the items whose attempt counts (None: all); streaked too
+            counted = streaked = cut
+        else:  # began: counts (None: all); cut: running at the crash, streaked
+            counted = None if began is None else began + (cut or [])
+            streaked = cut or []
         for index, attempt in self.open.items():
-            if cut is None or index in cut:
-                if crashed:
+            if counted is None or index in counted:
+                if crashed and (streaked is None or index in streaked):
                     self.streak[index] = min(255, self.streak[index] + 1)
             elif self.attempts[index] == attempt:
                 self.attempts[index] = attempt - 1
@@ -97,8 +105,12 @@ def record(draw, model: Model) -> dict:
     if kind == "purge":
         return {"k": "purge", "b": draw(st.lists(st.integers(0, TOTAL - 1), max_size=5))}
     open_items = sorted(model.open)
-    cut = draw(st.none() | st.lists(st.sampled_from(open_items), unique=True)) if open_items else []
-    return {"k": draw(st.sampled_from(["open", "close"])), "cut": cut}
+    some_open = st.lists(st.sampled_from(open_items), unique=True) if open_items else st.just([])
+    cut = draw(st.none() | some_open)
+    rec = {"k": draw(st.sampled_from(["open", "close"])), "cut": cut}
+    if rec["k"] == "open" and draw(st.booleans()):  # crash evidence: begun and running
+        rec["began"], rec["cut"] = draw(st.none() | some_open), draw(some_open)
+    return rec
 
 
 def model_apply(model: Model, rec: dict) -> None:
@@ -115,7 +127,7 @@ def model_apply(model: Model, rec: dict) -> None:
     elif kind == "f":
         model.failed(rec["i"], rec["a"], rec["next"] == "dlq")
     elif kind in ("open", "close"):
-        model.end_session(rec["cut"], crashed=kind == "open")
+        model.end_session(rec["cut"], kind == "open", rec.get("began", OLD))
     elif kind == "purge":
         model.purge(rec["b"])
 
