@@ -282,16 +282,18 @@ def test_without_evidence_every_open_attempt_is_charged_and_none_streaked(mrpool
 
 # -- a full disk -------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "nth, left_open",
+    "nth, item0_lost",
     [(4, True), (5, False)],  # 4: item 0's outcome is lost; 5: the next batch's start is
     ids=["outcome-lost", "start-lost"],
 )
-def test_slots_file_outlives_a_full_disk_only_when_the_next_session_needs_it(
-    mrpool, tmp_path, nth, left_open
+def test_a_full_disk_exit_leaves_no_slots_file_and_reuses_no_attempt(
+    mrpool, tmp_path, nth, item0_lost
 ):
     """Writes: 1 the job header, 2 the session's open record, 3 item 0's start, 4 its
-    outcome, 5 the next batch's start. The exit leaves the slot file exactly when the
-    journal on disk still has an open attempt; resume settles it and finishes."""
+    outcome, 5 the next batch's start. A storage error aborts the session: its close
+    record charges every open attempt (crashes.py, rule 5), so no crash evidence is
+    needed and no slot file is left; resume finishes, and an attempt whose outcome was
+    lost is not run again under its number."""
     src = tmp_path / "full"
     items = [{"id": k, "role": "plain"} for k in range(6)]
     job = write_job(
@@ -301,11 +303,19 @@ def test_slots_file_outlives_a_full_disk_only_when_the_next_session_needs_it(
     r = mrpool.run("run", str(job), "--job-id", "full", env=failing)
     assert r.returncode == 1 and "No space left" in r.stderr, r.stderr
     job_dir = mrpool.job_dir("full")
-    assert (mrpool.status("full")["in_flight"] > 0) is left_open
-    assert (job_dir / "slots.bin").exists() is left_open
+    assert mrpool.status("full")["in_flight"] == 0  # the abort closed the session
+    assert not (job_dir / "slots.bin").exists()
     r = mrpool.run("resume", "full")
     assert r.returncode == 0, r.stderr
-    opened = [rec for rec in journal_records(job_dir) if rec["k"] == "open"][-1]
-    assert opened["began"] == ([0] if left_open else [])  # item 0 ran: its attempt counts
+    records = journal_records(job_dir)
+    last_open = max(k for k, rec in enumerate(records) if rec["k"] == "open")
+    rerun = [
+        attempt
+        for rec in records[last_open:]
+        if rec["k"] == "s"
+        for index, attempt in started_attempts(rec)
+        if index == 0
+    ]
+    assert rerun == ([2] if item0_lost else [])  # item 0's lost attempt 1 counts
     assert [row["id"] for row in mrpool.results("full")] == list(range(6))
     assert not (job_dir / "slots.bin").exists()
