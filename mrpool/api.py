@@ -93,7 +93,9 @@ def run_job(
 
     def build(tmp: Path) -> None:
         report = ingest(spec, tmp)
-        write_job_file(tmp, job_id, spec, report.total, report.duplicates, report.id_mode)
+        write_job_file(
+            tmp, job_id, spec, report.total, report.duplicates, report.id_mode, report.items_table
+        )
         header = {
             "k": "job",
             "v": 1,

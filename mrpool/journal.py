@@ -20,12 +20,18 @@ per-item encoding; ``started_attempts`` reads both.
 
 Reading
 -------
-Records are checked in order. A line that is incomplete or fails its checksum
-is a *torn tail* when no valid record follows it: it is what a crash during an
-append leaves, and it is dropped (the writer truncates it away before appending
-again). A bad line *followed by* a valid record cannot come from a crash: it is
-corruption, and reading stops with an error naming the file and byte offset --
-data is never skipped silently.
+Records are checked in order. A last line that is incomplete (no LF) or fails
+its checksum is a *torn tail* when no valid record follows it and the file does
+not end with LF: it is what a crash during an append leaves, and it is dropped
+(the writer truncates it away before appending again). A bad line *followed by*
+a valid record, or a whole bad last line, cannot come from a crash: it is
+corruption, and reading stops with an error naming the file and byte offset
+and pointing at ``mrpool fsck`` -- data is never skipped silently.
+
+The checkpoint also records the CRC-32 of the journal bytes it covers, with the
+journal's size and mtime at that moment (store.py): a reader starting from the
+checkpoint re-checks the prefix it skips whenever the file has changed since,
+so damage there is found by ``status`` too, not only by ``results``.
 
 Writing (group commit)
 ----------------------
@@ -50,13 +56,14 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from . import failpoints
-from .errors import CorruptStateError, StorageError
+from .errors import CorruptStateError, StorageError, fsck_hint
 from .fsutil import fsync_dir, open_private
 
 __all__ = [
@@ -64,6 +71,8 @@ __all__ = [
     "encode_record",
     "decode_line",
     "read_records",
+    "scan_journal",
+    "crc_of_bytes",
     "started_attempts",
     "JournalWriter",
 ]
@@ -137,6 +146,7 @@ def read_records(
         handle.seek(start)
         offset = start
         bad_at: int | None = None
+        last = b""
         for line in handle:
             end = offset + len(line)
             payload = _checked_payload(line)
@@ -150,13 +160,84 @@ def read_records(
                 if bad_at is None:
                     bad_at = offset
             elif bad_at is not None:
-                raise CorruptStateError(
-                    f"{path}: corrupt record at byte {bad_at} (checksum or format mismatch) "
-                    f"followed by valid records; refusing to skip data"
-                )
+                raise _corrupt(path, bad_at, "followed by valid records")
             elif record is not _SKIPPED:
                 yield offset, end, record
             offset = end
+            last = line
+        if bad_at is not None and last.endswith(b"\n"):
+            # A crash cuts the last line short; a whole last line that fails is damage.
+            raise _corrupt(path, bad_at, "a whole line, not a torn tail")
+
+
+def _corrupt(path: Path, at: int, why: str) -> CorruptStateError:
+    return CorruptStateError(
+        f"{path}: corrupt record at byte {at} (checksum or format mismatch, {why}); "
+        f"refusing to skip data: {fsck_hint(path.parent)}"
+    )
+
+
+def crc_of_bytes(path: Path, start: int, stop: int, crc: int = 0) -> int:
+    """``zlib.crc32`` of the file's bytes ``start`` to ``stop``, continuing ``crc``."""
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(start)
+        left = stop - start
+        while left > 0:
+            block = handle.read(min(left, 1 << 20))
+            if not block:
+                raise CorruptStateError(f"{path}: ends before byte {stop}")
+            crc = zlib.crc32(block, crc)
+            left -= len(block)
+    return crc
+
+
+@dataclass
+class JournalScan:
+    """Every line of a journal, judged (for ``mrpool fsck``)."""
+
+    size: int = 0
+    good_end: int = 0  # end of the valid records before the first damage
+    damaged: list[tuple[int, int]] = field(default_factory=list)  # lines that fail, [start, end)
+    torn_tail: tuple[int, int] | None = None  # an unfinished last line: a crash artefact
+    after: list[tuple[int, int, dict[str, Any]]] = field(default_factory=list)
+    # valid records after the first damage (lost to a salvage that cuts there)
+
+
+def scan_journal(path: Path) -> JournalScan:
+    """Check every record of the journal; never raises for damage, describes it."""
+    scan = JournalScan()
+    try:
+        handle = open(path, "rb", buffering=1 << 20)
+    except FileNotFoundError:
+        return scan
+    with handle:
+        offset = 0
+        for line in handle:
+            end = offset + len(line)
+            payload = _checked_payload(line)
+            record = None if payload is None else _decoded(payload)
+            if record is None:
+                if scan.damaged and scan.damaged[-1][1] == offset:
+                    scan.damaged[-1] = (scan.damaged[-1][0], end)  # one damaged run
+                else:
+                    scan.damaged.append((offset, end))
+            elif scan.damaged:
+                scan.after.append((offset, end, record))
+            else:
+                scan.good_end = end
+            offset = end
+        scan.size = offset
+    if scan.damaged and scan.damaged[-1][1] == scan.size and not scan.after:
+        start, end = scan.damaged[-1]
+        if not _ends_whole(path, end):
+            scan.torn_tail = scan.damaged.pop()
+    return scan
+
+
+def _ends_whole(path: Path, size: int) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(size - 1)
+        return handle.read(1) == b"\n"
 
 
 class JournalWriter:
@@ -173,6 +254,7 @@ class JournalWriter:
         try:
             size = os.fstat(self._fd).st_size
             if size > valid_end:  # a torn tail from a crash: cut it before appending
+                _drop_snapshots_past(path.parent, valid_end)
                 os.ftruncate(self._fd, valid_end)
                 os.fsync(self._fd)
             self.offset = valid_end
@@ -263,6 +345,21 @@ class JournalWriter:
             os.lseek(self._fd, self.offset, os.SEEK_SET)
         except OSError:
             pass  # the reader treats the fragment as a torn tail
+
+
+def _drop_snapshots_past(job_dir: Path, valid_end: int) -> None:
+    """Before a torn tail is cut away, remove the DLQ snapshot (``dlq.json``, derived) if it
+    covers bytes of that tail: once new records are appended its offset would point into
+    the middle of one (or, worse, at a boundary of different records)."""
+    path = job_dir / "dlq.json"
+    try:
+        record = decode_line(path.read_bytes())
+    except FileNotFoundError:
+        return
+    offset = record.get("journal_offset") if record else None
+    if not isinstance(offset, int) or offset > valid_end:
+        path.unlink(missing_ok=True)
+        fsync_dir(job_dir)
 
 
 def _fsync(fd: int, path: Path) -> None:

@@ -124,15 +124,15 @@ def test_last_record_torn_at_every_byte_offset_keeps_every_earlier_record(
                 assert [rec for _, _, rec in read_records(path)] == earlier, (n, cut)
 
                 # Phase 2: the replayed state is theirs. A checkpoint is written only after the
-                # journal is fsynced up to its offset, so with a torn tail it can only be one
-                # pointing past the end (a shorter journal): ignored, the state the same.
+                # journal is fsynced up to its offset, so one pointing past the end of a
+                # shorter journal proves acknowledged records were lost: refused, loudly.
+                if torn is not padded:
+                    overwrite(store.dir / "checkpoint.json", checkpoint)
+                    with pytest.raises(CorruptStateError, match="acknowledged records lost"):
+                        store.load_state(total)
                 (store.dir / "checkpoint.json").unlink(missing_ok=True)
                 state = store.load_state(total)
                 assert same_state(state, expected) and state.offset == start, (n, cut)
-                if torn is not padded:
-                    overwrite(store.dir / "checkpoint.json", checkpoint)
-                    state = store.load_state(total)
-                    assert same_state(state, expected) and state.offset == start, (n, cut)
 
                 # Phase 3: the writer cuts the torn bytes away before it appends.
                 writer = JournalWriter(path, state.offset)
