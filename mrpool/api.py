@@ -20,13 +20,14 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from .dlq import DeadLetterQueue
-from .errors import MrpoolError, StorageError, UsageError
+from .errors import CorruptStateError, MrpoolError, StorageError, UsageError
 from .executor import LocalExecutor
 from .gc_policy import fewer_collections
 from .items import indices_of, ingest, iter_item_lines, read_ids
@@ -376,30 +377,30 @@ def iter_results(
 ) -> Iterator[dict[str, Any]]:
     """``{"id", "result"}`` for every success, in input order, each id once."""
     for raw_id, result in _results_by_raw_id(job_id, state_dir):
-        yield {"id": orjson.loads(raw_id), "result": result}
+        yield {"id": orjson.loads(raw_id), "result": orjson.loads(result)}
 
 
 def iter_result_lines(
     job_id: str, *, state_dir: str | os.PathLike | None = None
 ) -> Iterator[bytes]:
     """``iter_results`` as JSONL bytes, ``{"id":...,"result":...}`` LF per success (what
-    ``mrpool results`` prints), made without a dict per row or decoding the ids."""
-    dumps = orjson.dumps
+    ``mrpool results`` prints), made from the stored bytes: neither the ids nor the
+    results are decoded, so memory does not grow with a result beyond about its size."""
     for raw_id, result in _results_by_raw_id(job_id, state_dir):
-        yield b'{"id":%s,"result":%s}\n' % (raw_id, dumps(result))
+        yield b'{"id":%b,"result":%b}\n' % (raw_id, result)
 
 
-def _results_by_raw_id(job_id: str, state_dir) -> Iterator[tuple[bytes, Any]]:
-    """``(id as stored: compact JSON, result)`` per success, in input order."""
+def _results_by_raw_id(job_id: str, state_dir) -> Iterator[tuple[bytes, bytes | memoryview]]:
+    """``(id as stored: compact JSON, result as stored JSON)`` per success, in input order."""
     store = JobStore.open(state_root(state_dir), job_id)
     total = store.info().total
-    lines = iter_item_lines(store.dir)
+    lines = iter_item_lines(store.dir)  # checksum-verified, and exactly `total` lines
     position = 0
-    for index, result in store.iter_results(total):
-        for _ in range(index - position):
-            next(lines)
+    for index, result in store.iter_result_json(total):
+        line = next(islice(lines, index - position, None), None)
+        if line is None:  # (the verified reader raises first; never a StopIteration)
+            raise CorruptStateError(f"{store.dir / 'items.jsonl'}: fewer lines than items")
         position = index + 1
-        line = next(lines)
         yield line[: line.index(b"\t")], result
 
 

@@ -404,6 +404,12 @@ def _write_lines(lines, *, live: bool = False) -> None:
     block: list[bytes] = []
     size = 0
     for line in lines:
+        if len(line) >= 1 << 16:  # a big row goes out as it is: no copy into a block
+            out.write(b"".join(block))
+            block.clear()
+            size = 0
+            out.write(line)
+            continue
         block.append(line)
         size += len(line)
         if size >= 1 << 16:

@@ -52,6 +52,7 @@ The checkpoint and DLQ snapshot files are single records in the same codec.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 import zlib
@@ -71,6 +72,8 @@ __all__ = [
     "encode_record",
     "decode_line",
     "read_records",
+    "read_payloads",
+    "result_spans",
     "scan_journal",
     "crc_of_bytes",
     "started_attempts",
@@ -88,14 +91,15 @@ def encode_record(record: dict[str, Any]) -> bytes:
 
 def decode_line(line: bytes) -> dict[str, Any] | None:
     """The record on ``line``, or None when it is torn or fails its checksum."""
-    payload = _checked_payload(line)
+    payload = checked_payload(line)
     return None if payload is None else _decoded(payload)
 
 
-def _checked_payload(line: bytes) -> bytes | None:
-    if len(line) < 11 or line[-1:] != b"\n" or line[8:9] != b" ":
+def checked_payload(line: bytes) -> memoryview | None:
+    """The payload of ``line`` (a view, not a copy) if its checksum holds, else None."""
+    if len(line) < 11 or line[-1] != 0x0A or line[8] != 0x20:
         return None
-    payload = line[9:-1]
+    payload = memoryview(line)[9:-1]
     try:
         return payload if int(line[:8], 16) == zlib.crc32(payload) else None
     except ValueError:
@@ -121,11 +125,86 @@ def started_attempts(record: dict[str, Any]) -> Iterator[tuple[int, int]]:
 
 _SKIPPED: dict[str, Any] = {}
 
+_OK_HEAD = b'{"k":"ok","b":['
+_ENTRY_HEAD = re.compile(rb"\[(\d+),(-?\d+),[-+.eE0-9]+,")
+_SCALAR = re.compile(rb"[^,\]}]+")
+_STRUCTURE = re.compile(rb'["\[\]{}]')
 
-def _other_kind(payload: bytes, own_prefix: bytes) -> bool:
-    """Whether ``payload`` certainly holds a record of another kind than the one whose
+
+def result_spans(line: bytes) -> list[tuple[int, int, int]]:
+    """``(index, start, end)`` of each result in the ``ok`` record on a checked journal
+    ``line``: where its JSON is, found without decoding it (a 1 GB result is copied,
+    not rebuilt as Python objects and encoded again). The line passed its checksum,
+    so it is orjson's compact output; any other layout falls back to decoding it
+    (start -1: decode the record to read the results)."""
+    try:
+        return _scan_ok(line)
+    except (ValueError, IndexError, AttributeError):
+        record = orjson.loads(memoryview(line)[9:-1])
+        return [(entry[0], -1, -1) for entry in record["b"]]
+
+
+def _scan_ok(payload: bytes) -> list[tuple[int, int, int]]:
+    if not payload.startswith(_OK_HEAD, 9):
+        raise ValueError("not the layout the supervisor writes")
+    spans, at = [], 9 + len(_OK_HEAD)
+    while payload[at] == 0x5B:  # "["
+        head = _ENTRY_HEAD.match(payload, at)
+        start = head.end()
+        end = _value_end(payload, start)
+        if payload[end] != 0x5D:  # "]"
+            raise ValueError("an entry with more than four fields")
+        spans.append((int(head.group(1)), start, end))
+        at = end + 2 if payload[end + 1] == 0x2C else end + 1  # past "]," or "]"
+    if payload[at] != 0x5D:
+        raise ValueError("unexpected bytes after the entries")
+    return spans
+
+
+def _value_end(data: bytes, at: int) -> int:
+    """The end of the JSON value starting at ``at`` (compact JSON, already validated)."""
+    first = data[at]
+    if first == 0x22:
+        return _string_end(data, at)
+    if first not in (0x5B, 0x7B):
+        return _SCALAR.match(data, at).end()
+    depth = 0
+    while True:
+        mark = _STRUCTURE.search(data, at)
+        at = mark.start()
+        char = data[at]
+        if char == 0x22:
+            at = _string_end(data, at)
+            continue
+        depth += 1 if char in (0x5B, 0x7B) else -1
+        at += 1
+        if depth == 0:
+            return at
+
+
+def _string_end(data: bytes, at: int) -> int:
+    """The end of the JSON string whose opening quote is at ``at``, at C speed: the
+    first quote after it when that one is not escaped (most strings), else 1 MiB
+    windows in which the escapes are blanked out (two ``replace`` calls) first."""
+    first = data.index(b'"', at + 1)
+    if data[first - 1] != 0x5C:  # "\\"
+        return first + 1
+    pos = at + 1  # always at a character boundary, never inside an escape
+    while True:
+        window = data[pos : pos + (1 << 20)]
+        if not window:
+            raise ValueError("unterminated string")
+        cleaned = window.replace(b"\\\\", b"..").replace(b'\\"', b"..")
+        end = cleaned.find(b'"')
+        if end >= 0:
+            return pos + end + 1
+        pos += len(window) - (1 if cleaned.endswith(b"\\") else 0)  # an escape cut in two
+
+
+def _other_kind(line: bytes, own_prefix: bytes) -> bool:
+    """Whether the record on ``line`` certainly is of another kind than the one whose
     payloads start with ``own_prefix``: records are written with ``k`` first."""
-    return payload.startswith(b'{"k":"') and not payload.startswith(own_prefix)
+    return line.startswith(b'{"k":"', 9) and not line.startswith(own_prefix, 9)
 
 
 def read_records(
@@ -137,6 +216,17 @@ def read_records(
     decoded: a reader of results need not decode every dispatch record).
     Raises ``CorruptStateError`` for a damaged record that has valid ones after it.
     """
+    return _read(path, start, kind, decode=True)
+
+
+def read_payloads(
+    path: Path, start: int = 0, kind: str | None = None
+) -> Iterator[tuple[int, int, bytes]]:
+    """``read_records`` without decoding: ``(offset, end, payload)``, each checksummed."""
+    return _read(path, start, kind, decode=False)
+
+
+def _read(path: Path, start: int, kind: str | None, decode: bool) -> Iterator[tuple[int, int, Any]]:
     only = b'{"k":"%s"' % kind.encode() if kind is not None else None  # its payloads' start
     try:
         handle = open(path, "rb", buffering=1 << 20)
@@ -149,13 +239,15 @@ def read_records(
         last = b""
         for line in handle:
             end = offset + len(line)
-            payload = _checked_payload(line)
+            payload = checked_payload(line)
             if payload is None:
                 record = None
-            elif only is not None and _other_kind(payload, only):
+            elif only is not None and _other_kind(line, only):
                 record = _SKIPPED  # valid, and of no interest to this reader
-            else:
+            elif decode or not line.startswith(b"{", 9):
                 record = _decoded(payload)
+            else:
+                record = line
             if record is None:
                 if bad_at is None:
                     bad_at = offset
@@ -214,7 +306,7 @@ def scan_journal(path: Path) -> JournalScan:
         offset = 0
         for line in handle:
             end = offset + len(line)
-            payload = _checked_payload(line)
+            payload = checked_payload(line)
             record = None if payload is None else _decoded(payload)
             if record is None:
                 if scan.damaged and scan.damaged[-1][1] == offset:
