@@ -453,6 +453,7 @@ _EVENT_NAMES = {
     "reduce": "reduce_finished",
     "reset": "attempts_reset",
     "purge": "dlq_purged",
+    "salvage": "journal_salvaged",
 }
 
 
