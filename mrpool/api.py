@@ -323,6 +323,8 @@ def _reduce(
     journal.append(record)
     state.apply(record)
     journal.sync(force=True)
+    state.offset = journal.offset  # the checkpoint proves the reduce record was there
+    store.write_checkpoint(state)
     return outcome
 
 
@@ -394,6 +396,7 @@ def _results_by_raw_id(job_id: str, state_dir) -> Iterator[tuple[bytes, bytes | 
     """``(id as stored: compact JSON, result as stored JSON)`` per success, in input order."""
     store = JobStore.open(state_root(state_dir), job_id)
     total = store.info().total
+    store.load_state(total)  # refuses a journal that lost records or a damaged prefix
     lines = iter_item_lines(store.dir)  # checksum-verified, and exactly `total` lines
     position = 0
     for index, result in store.iter_result_json(total):
@@ -437,6 +440,8 @@ def purge_dlq(
             dlq = DeadLetterQueue(store, state)
             count = dlq.purge(indices if indices is not None else dlq.indices(), journal)
             journal.sync(force=True)
+            state.offset = journal.offset  # the checkpoint proves the purge was recorded
+            store.write_checkpoint(state)
             dlq.save_snapshot()
         finally:
             journal.close()
@@ -462,6 +467,7 @@ def iter_events(
 ) -> Iterator[dict[str, Any]]:
     """The job's event log, one dict per event; ``follow`` tails it while a holder lives."""
     store = JobStore.open(state_root(state_dir), job_id)
+    store.load_state(store.info().total)  # refuses a journal that lost records
     ids = read_ids(store.dir)
     offset = 0
     while True:

@@ -41,7 +41,7 @@ from .fsutil import TEMP_MARK, fsync_dir, open_private, sweep_temp_files
 from .items import ITEMS_FILE
 from .journal import JOURNAL_FILE, JournalScan, decode_line, encode_record, scan_journal
 from .lock import HOLDER_FILE, LOCK_FILE, JobLock, live_holder
-from .reduce import REDUCE_FILE
+from .reduce import REDUCE_FILE, read_reduce_output
 from .store import (
     CHECKPOINT_FILE,
     SUCCEEDED,
@@ -206,12 +206,8 @@ def _check_derived(store: JobStore, report: FsckReport) -> None:
                         "from the journal")
             )  # fmt: skip
     try:
-        output = orjson.loads((store.dir / REDUCE_FILE).read_bytes())
-        if not isinstance(output, dict) or not isinstance(output.get("ok"), bool):
-            raise ValueError("not a reduce output")
-    except FileNotFoundError:
-        pass
-    except ValueError:
+        read_reduce_output(store.dir)
+    except CorruptStateError:
         report.findings.append(
             Finding(REDUCE_FILE, "", "unreadable: the reduce output is lost; a salvage lets "
                     "resume run the reduce step again")
