@@ -399,6 +399,7 @@ def test_every_sampled_flip_and_cut_is_named_or_harmless(pristine, tmp_path):
 
 
 @pytest.mark.stress
+@pytest.mark.timeout(4 * 3600)
 def test_every_flip_and_cut_is_named_or_harmless(pristine, tmp_path):
     expected = truth(pristine)
     for case in damage_cases(pristine, sample=None):
