@@ -80,11 +80,12 @@ class ChunkedCrcWriter:
 
 
 def verified_item_blocks(
-    path: Path, table: dict[str, Any] | None, lines: int, hint: str
+    path: Path, table: dict[str, Any] | None, lines: int | None, hint: str
 ) -> Iterator[list[bytes]]:
     """The lines of ``items.jsonl`` (LF kept) in blocks, each block's bytes verified
     against ``table`` before it is yielded; ``table`` None (a job from mrpool <= 0.1):
-    unverified, but the shape (whole lines, their count) is still checked.
+    unverified, but the shape (whole lines, their count unless ``lines`` is None) is
+    still checked.
     Raises ``CorruptStateError`` naming the file, the bytes and the line."""
     chunk = table["chunk"] if table else ITEMS_CHUNK
     crcs = table["crc"] if table else None
@@ -112,14 +113,14 @@ def verified_item_blocks(
                         f"{path}: a line near line {seen + 1} has no TAB (damaged); {hint}"
                     )
                 seen += len(found)
-                if seen > lines:
+                if lines is not None and seen > lines:
                     break
                 yield found
     if table is not None and (at != table["size"] or number != len(crcs)):
         raise CorruptStateError(
             f"{path}: {at} bytes, but {table['size']} were written (cut or grown); {hint}"
         )
-    if carry or seen != lines:
+    if carry or (lines is not None and seen != lines):
         raise CorruptStateError(
             f"{path}: holds {seen}{' whole' if carry else ''} lines, expected {lines}; {hint}"
         )

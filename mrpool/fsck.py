@@ -319,8 +319,12 @@ def _salvage(store: JobStore, report: FsckReport, info: JobInfo | None, journal)
         if kept.open_count:  # attempts the lost part closed: they count, none crashed
             extra.append({"k": "close", "reason": "fsck --salvage", "cut": None})
         report.repaired.append(
-            f"cut {JOURNAL_FILE} to its first {journal.cut} bytes (its last good record); "
-            "what the rest held is recorded in a salvage record"
+            (
+                f"cut {JOURNAL_FILE} to its first {journal.cut} bytes (its last good record)"
+                if journal.cut
+                else f"rebuilt {JOURNAL_FILE}'s first record from job.json (none survived)"
+            )
+            + "; what the rest held is recorded in a salvage record"
         )
     if extra:
         _rewrite_journal(store, info, journal.cut, extra)

@@ -528,8 +528,11 @@ def iter_item_lines(job_dir: Path) -> Iterator[bytes]:
 def iter_item_blocks(job_dir: Path) -> Iterator[list[bytes]]:
     """The lines of ``items.jsonl`` about 1 MiB at a time, each block checked against
     the checksums in ``job.json`` before it is handed out (see checksums.py)."""
-    from .store import read_job_file
+    from .store import JOB_FILE, read_job_file
 
+    if not (job_dir / JOB_FILE).exists():  # a job being built (commands refuse a job without it)
+        yield from verified_item_blocks(job_dir / ITEMS_FILE, None, None, "")
+        return
     info = read_job_file(job_dir)
     yield from verified_item_blocks(
         job_dir / ITEMS_FILE, info.items_table, info.total, fsck_hint(job_dir)
