@@ -22,6 +22,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import orjson
 
 from .crashes import crash_limit
 from .dlq import DeadLetterQueue
-from .errors import MrpoolError, StorageError, UsageError
+from .errors import CorruptStateError, MrpoolError, StorageError, UsageError
 from .executor import LocalExecutor
 from .fsutil import atomic_write_chunks
 from .gc_policy import fewer_collections
@@ -112,7 +113,9 @@ def run_job(
 
     def build(tmp: Path) -> None:
         report = ingest(spec, tmp)
-        write_job_file(tmp, job_id, spec, report.total, report.duplicates, report.id_mode)
+        write_job_file(
+            tmp, job_id, spec, report.total, report.duplicates, report.id_mode, report.items_table
+        )
         header = {
             "k": "job",
             "v": 1,
@@ -442,6 +445,8 @@ def _reduce(
     journal.append(record)
     state.apply(record)
     journal.sync(force=True)
+    state.offset = journal.offset  # the checkpoint proves the reduce record was there
+    store.write_checkpoint(state)
     return outcome
 
 
@@ -498,30 +503,31 @@ def iter_results(
 ) -> Iterator[dict[str, Any]]:
     """``{"id", "result"}`` for every success, in input order, each id once."""
     for raw_id, result in _results_by_raw_id(job_id, state_dir):
-        yield {"id": orjson.loads(raw_id), "result": result}
+        yield {"id": orjson.loads(raw_id), "result": orjson.loads(result)}
 
 
 def iter_result_lines(
     job_id: str, *, state_dir: str | os.PathLike | None = None
 ) -> Iterator[bytes]:
     """``iter_results`` as JSONL bytes, ``{"id":...,"result":...}`` LF per success (what
-    ``mrpool results`` prints), made without a dict per row or decoding the ids."""
-    dumps = orjson.dumps
+    ``mrpool results`` prints), made from the stored bytes: neither the ids nor the
+    results are decoded, so memory does not grow with a result beyond about its size."""
     for raw_id, result in _results_by_raw_id(job_id, state_dir):
-        yield b'{"id":%s,"result":%s}\n' % (raw_id, dumps(result))
+        yield b'{"id":%b,"result":%b}\n' % (raw_id, result)
 
 
-def _results_by_raw_id(job_id: str, state_dir) -> Iterator[tuple[bytes, Any]]:
-    """``(id as stored: compact JSON, result)`` per success, in input order."""
+def _results_by_raw_id(job_id: str, state_dir) -> Iterator[tuple[bytes, bytes | memoryview]]:
+    """``(id as stored: compact JSON, result as stored JSON)`` per success, in input order."""
     store = JobStore.open(state_root(state_dir), job_id)
     total = store.info().total
-    lines = iter_item_lines(store.dir)
+    store.load_state(total)  # refuses a journal that lost records or a damaged prefix
+    lines = iter_item_lines(store.dir)  # checksum-verified, and exactly `total` lines
     position = 0
-    for index, result in store.iter_results(total):
-        for _ in range(index - position):
-            next(lines)
+    for index, result in store.iter_result_json(total):
+        line = next(islice(lines, index - position, None), None)
+        if line is None:  # (the verified reader raises first; never a StopIteration)
+            raise CorruptStateError(f"{store.dir / 'items.jsonl'}: fewer lines than items")
         position = index + 1
-        line = next(lines)
         yield line[: line.index(b"\t")], result
 
 
@@ -598,6 +604,8 @@ def purge_dlq(
             dlq = DeadLetterQueue(store, state)
             count = dlq.purge(indices if indices is not None else dlq.indices(), journal)
             journal.sync(force=True)
+            state.offset = journal.offset  # the checkpoint proves the purge was recorded
+            store.write_checkpoint(state)
             dlq.save_snapshot()
         finally:
             journal.close()
@@ -614,6 +622,7 @@ _EVENT_NAMES = {
     "reduce": "reduce_finished",
     "reset": "attempts_reset",
     "purge": "dlq_purged",
+    "salvage": "journal_salvaged",
 }
 
 
@@ -622,6 +631,7 @@ def iter_events(
 ) -> Iterator[dict[str, Any]]:
     """The job's event log, one dict per event; ``follow`` tails it while a holder lives."""
     store = JobStore.open(state_root(state_dir), job_id)
+    store.load_state(store.info().total)  # refuses a journal that lost records
     ids = read_ids(store.dir)
     command = store.info().spec.map.command is not None
     offset = 0

@@ -7,12 +7,15 @@ with ``error.exit_code``. Nothing else in the code base decides exit codes.
 
 from __future__ import annotations
 
+import os
+
 __all__ = [
     "EXIT_OK",
     "EXIT_FAILURES",
     "EXIT_USAGE",
     "EXIT_LOCKED",
     "EXIT_NO_JOB",
+    "EXIT_DAMAGED",
     "EXIT_INTERRUPTED",
     "MrpoolError",
     "UsageError",
@@ -25,6 +28,7 @@ __all__ = [
     "StorageError",
     "DlqFullError",
     "ExecutorError",
+    "fsck_hint",
 ]
 
 EXIT_OK = 0
@@ -32,6 +36,7 @@ EXIT_FAILURES = 1
 EXIT_USAGE = 2
 EXIT_LOCKED = 3
 EXIT_NO_JOB = 4
+EXIT_DAMAGED = 5  # a state file is damaged (see mrpool fsck); no contract code meant that
 EXIT_INTERRUPTED = 130
 
 
@@ -70,7 +75,17 @@ class NoSuchJob(MrpoolError):
 
 
 class CorruptStateError(MrpoolError):
-    """A state file is damaged beyond a torn tail: names the file and offset."""
+    """A state file is damaged beyond a torn tail: names the file and offset.
+
+    Exit 5, not 1: 1 means "the run finished with items in the DLQ", a normal
+    outcome a script may accept; damage never is, and must not look like it."""
+
+    exit_code = EXIT_DAMAGED
+
+
+def fsck_hint(job_dir) -> str:
+    """What a user can do about a damaged file of the job in ``job_dir``."""
+    return f"run 'mrpool fsck {os.path.basename(job_dir)}' to see what is affected and salvage the rest"
 
 
 class StorageError(MrpoolError):

@@ -30,7 +30,8 @@ from typing import Any
 
 import orjson
 
-from .errors import InputError, JobSpecError, StorageError
+from .checksums import ChunkedCrcWriter, verified_item_blocks
+from .errors import InputError, JobSpecError, StorageError, fsck_hint
 from .fsutil import NotRegularFileError, open_private, open_regular_file
 from .spec import JobSpec, printable
 
@@ -52,6 +53,7 @@ class IngestReport:
     total: int
     duplicates: int
     id_mode: str  # "field:<name>" or "content-hash"
+    items_table: dict[str, Any] | None = None  # items.jsonl's checksums (checksums.py)
 
 
 class _NeedContentHash(Exception):
@@ -91,7 +93,8 @@ def _ingest_with_identity(spec: JobSpec, dest_dir: Path) -> IngestReport:
 
 def _ingest(spec: JobSpec, dest_dir: Path, id_field: str | None, strict: bool) -> IngestReport:
     with open(dest_dir / ITEMS_FILE, "wb", buffering=1 << 20, opener=_private) as out:
-        run = _IngestRun(spec, out, id_field, strict)
+        summed = ChunkedCrcWriter(out)
+        run = _IngestRun(spec, summed, id_field, strict)
         helpers = _start_helpers(spec, dest_dir, id_field) if id_field else []
         try:
             for chunk in _read_input(spec, stop=helpers[0].start if helpers else None):
@@ -112,7 +115,12 @@ def _ingest(spec: JobSpec, dest_dir: Path, id_field: str | None, strict: bool) -
     if run.total == 0:
         raise InputError(f"{spec.input}: the input holds no items")
     mode = f"field:{id_field}" if id_field else "content-hash"
-    return IngestReport(total=run.total, duplicates=run.duplicates, id_mode=mode)
+    return IngestReport(
+        total=run.total,
+        duplicates=run.duplicates,
+        id_mode=mode,
+        items_table=summed.table(run.total),
+    )
 
 
 class _IngestRun:
@@ -540,8 +548,22 @@ def split_line(line: bytes) -> tuple[Any, bytes]:
 
 def iter_item_lines(job_dir: Path) -> Iterator[bytes]:
     """Stream the lines of a job's ``items.jsonl``; the n-th line is index n."""
-    with open(job_dir / ITEMS_FILE, "rb", buffering=1 << 20) as handle:
-        yield from handle
+    for block in iter_item_blocks(job_dir):
+        yield from block
+
+
+def iter_item_blocks(job_dir: Path) -> Iterator[list[bytes]]:
+    """The lines of ``items.jsonl`` about 1 MiB at a time, each block checked against
+    the checksums in ``job.json`` before it is handed out (see checksums.py)."""
+    from .store import JOB_FILE, read_job_file
+
+    if not (job_dir / JOB_FILE).exists():  # a job being built (commands refuse a job without it)
+        yield from verified_item_blocks(job_dir / ITEMS_FILE, None, None, "")
+        return
+    info = read_job_file(job_dir)
+    yield from verified_item_blocks(
+        job_dir / ITEMS_FILE, info.items_table, info.total, fsck_hint(job_dir)
+    )
 
 
 def indices_of(job_dir: Path, item_ids: Iterable[str]) -> dict[str, int]:

@@ -21,12 +21,18 @@ per-item encoding; ``started_attempts`` reads both.
 
 Reading
 -------
-Records are checked in order. A line that is incomplete or fails its checksum
-is a *torn tail* when no valid record follows it: it is what a crash during an
-append leaves, and it is dropped (the writer truncates it away before appending
-again). A bad line *followed by* a valid record cannot come from a crash: it is
-corruption, and reading stops with an error naming the file and byte offset --
-data is never skipped silently.
+Records are checked in order. A last line that is incomplete (no LF) or fails
+its checksum is a *torn tail* when no valid record follows it and the file does
+not end with LF: it is what a crash during an append leaves, and it is dropped
+(the writer truncates it away before appending again). A bad line *followed by*
+a valid record, or a whole bad last line, cannot come from a crash: it is
+corruption, and reading stops with an error naming the file and byte offset
+and pointing at ``mrpool fsck`` -- data is never skipped silently.
+
+The checkpoint also records the CRC-32 of the journal bytes it covers, with the
+journal's size and mtime at that moment (store.py): a reader starting from the
+checkpoint re-checks the prefix it skips whenever the file has changed since,
+so damage there is found by ``status`` too, not only by ``results``.
 
 Writing (group commit)
 ----------------------
@@ -47,17 +53,19 @@ The checkpoint and DLQ snapshot files are single records in the same codec.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from . import failpoints
-from .errors import CorruptStateError, StorageError
+from .errors import CorruptStateError, StorageError, fsck_hint
 from .fsutil import fsync_dir, open_private
 
 __all__ = [
@@ -65,6 +73,10 @@ __all__ = [
     "encode_record",
     "decode_line",
     "read_records",
+    "read_payloads",
+    "result_spans",
+    "scan_journal",
+    "crc_of_bytes",
     "started_attempts",
     "JournalWriter",
 ]
@@ -80,14 +92,15 @@ def encode_record(record: dict[str, Any]) -> bytes:
 
 def decode_line(line: bytes) -> dict[str, Any] | None:
     """The record on ``line``, or None when it is torn or fails its checksum."""
-    payload = _checked_payload(line)
+    payload = checked_payload(line)
     return None if payload is None else _decoded(payload)
 
 
-def _checked_payload(line: bytes) -> bytes | None:
-    if len(line) < 11 or line[-1:] != b"\n" or line[8:9] != b" ":
+def checked_payload(line: bytes) -> memoryview | None:
+    """The payload of ``line`` (a view, not a copy) if its checksum holds, else None."""
+    if len(line) < 11 or line[-1] != 0x0A or line[8] != 0x20:
         return None
-    payload = line[9:-1]
+    payload = memoryview(line)[9:-1]
     try:
         return payload if int(line[:8], 16) == zlib.crc32(payload) else None
     except ValueError:
@@ -113,11 +126,86 @@ def started_attempts(record: dict[str, Any]) -> Iterator[tuple[int, int]]:
 
 _SKIPPED: dict[str, Any] = {}
 
+_OK_HEAD = b'{"k":"ok","b":['
+_ENTRY_HEAD = re.compile(rb"\[(\d+),(-?\d+),[-+.eE0-9]+,")
+_SCALAR = re.compile(rb"[^,\]}]+")
+_STRUCTURE = re.compile(rb'["\[\]{}]')
 
-def _other_kind(payload: bytes, own_prefix: bytes) -> bool:
-    """Whether ``payload`` certainly holds a record of another kind than the one whose
+
+def result_spans(line: bytes) -> list[tuple[int, int, int]]:
+    """``(index, start, end)`` of each result in the ``ok`` record on a checked journal
+    ``line``: where its JSON is, found without decoding it (a 1 GB result is copied,
+    not rebuilt as Python objects and encoded again). The line passed its checksum,
+    so it is orjson's compact output; any other layout falls back to decoding it
+    (start -1: decode the record to read the results)."""
+    try:
+        return _scan_ok(line)
+    except (ValueError, IndexError, AttributeError):
+        record = orjson.loads(memoryview(line)[9:-1])
+        return [(entry[0], -1, -1) for entry in record["b"]]
+
+
+def _scan_ok(payload: bytes) -> list[tuple[int, int, int]]:
+    if not payload.startswith(_OK_HEAD, 9):
+        raise ValueError("not the layout the supervisor writes")
+    spans, at = [], 9 + len(_OK_HEAD)
+    while payload[at] == 0x5B:  # "["
+        head = _ENTRY_HEAD.match(payload, at)
+        start = head.end()
+        end = _value_end(payload, start)
+        if payload[end] != 0x5D:  # "]"
+            raise ValueError("an entry with more than four fields")
+        spans.append((int(head.group(1)), start, end))
+        at = end + 2 if payload[end + 1] == 0x2C else end + 1  # past "]," or "]"
+    if payload[at] != 0x5D:
+        raise ValueError("unexpected bytes after the entries")
+    return spans
+
+
+def _value_end(data: bytes, at: int) -> int:
+    """The end of the JSON value starting at ``at`` (compact JSON, already validated)."""
+    first = data[at]
+    if first == 0x22:
+        return _string_end(data, at)
+    if first not in (0x5B, 0x7B):
+        return _SCALAR.match(data, at).end()
+    depth = 0
+    while True:
+        mark = _STRUCTURE.search(data, at)
+        at = mark.start()
+        char = data[at]
+        if char == 0x22:
+            at = _string_end(data, at)
+            continue
+        depth += 1 if char in (0x5B, 0x7B) else -1
+        at += 1
+        if depth == 0:
+            return at
+
+
+def _string_end(data: bytes, at: int) -> int:
+    """The end of the JSON string whose opening quote is at ``at``, at C speed: the
+    first quote after it when that one is not escaped (most strings), else 1 MiB
+    windows in which the escapes are blanked out (two ``replace`` calls) first."""
+    first = data.index(b'"', at + 1)
+    if data[first - 1] != 0x5C:  # "\\"
+        return first + 1
+    pos = at + 1  # always at a character boundary, never inside an escape
+    while True:
+        window = data[pos : pos + (1 << 20)]
+        if not window:
+            raise ValueError("unterminated string")
+        cleaned = window.replace(b"\\\\", b"..").replace(b'\\"', b"..")
+        end = cleaned.find(b'"')
+        if end >= 0:
+            return pos + end + 1
+        pos += len(window) - (1 if cleaned.endswith(b"\\") else 0)  # an escape cut in two
+
+
+def _other_kind(line: bytes, own_prefix: bytes) -> bool:
+    """Whether the record on ``line`` certainly is of another kind than the one whose
     payloads start with ``own_prefix``: records are written with ``k`` first."""
-    return payload.startswith(b'{"k":"') and not payload.startswith(own_prefix)
+    return line.startswith(b'{"k":"', 9) and not line.startswith(own_prefix, 9)
 
 
 def read_records(
@@ -129,6 +217,17 @@ def read_records(
     decoded: a reader of results need not decode every dispatch record).
     Raises ``CorruptStateError`` for a damaged record that has valid ones after it.
     """
+    return _read(path, start, kind, decode=True)
+
+
+def read_payloads(
+    path: Path, start: int = 0, kind: str | None = None
+) -> Iterator[tuple[int, int, bytes]]:
+    """``read_records`` without decoding: ``(offset, end, payload)``, each checksummed."""
+    return _read(path, start, kind, decode=False)
+
+
+def _read(path: Path, start: int, kind: str | None, decode: bool) -> Iterator[tuple[int, int, Any]]:
     only = b'{"k":"%s"' % kind.encode() if kind is not None else None  # its payloads' start
     try:
         handle = open(path, "rb", buffering=1 << 20)
@@ -138,26 +237,100 @@ def read_records(
         handle.seek(start)
         offset = start
         bad_at: int | None = None
+        last = b""
         for line in handle:
             end = offset + len(line)
-            payload = _checked_payload(line)
+            payload = checked_payload(line)
             if payload is None:
                 record = None
-            elif only is not None and _other_kind(payload, only):
+            elif only is not None and _other_kind(line, only):
                 record = _SKIPPED  # valid, and of no interest to this reader
-            else:
+            elif decode or not line.startswith(b"{", 9):
                 record = _decoded(payload)
+            else:
+                record = line
             if record is None:
                 if bad_at is None:
                     bad_at = offset
             elif bad_at is not None:
-                raise CorruptStateError(
-                    f"{path}: corrupt record at byte {bad_at} (checksum or format mismatch) "
-                    f"followed by valid records; refusing to skip data"
-                )
+                raise _corrupt(path, bad_at, "followed by valid records")
             elif record is not _SKIPPED:
                 yield offset, end, record
             offset = end
+            last = line
+        if bad_at is not None and last.endswith(b"\n"):
+            # A crash cuts the last line short; a whole last line that fails is damage.
+            raise _corrupt(path, bad_at, "a whole line, not a torn tail")
+
+
+def _corrupt(path: Path, at: int, why: str) -> CorruptStateError:
+    return CorruptStateError(
+        f"{path}: corrupt record at byte {at} (checksum or format mismatch, {why}); "
+        f"refusing to skip data: {fsck_hint(path.parent)}"
+    )
+
+
+def crc_of_bytes(path: Path, start: int, stop: int, crc: int = 0) -> int:
+    """``zlib.crc32`` of the file's bytes ``start`` to ``stop``, continuing ``crc``."""
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(start)
+        left = stop - start
+        while left > 0:
+            block = handle.read(min(left, 1 << 20))
+            if not block:
+                raise CorruptStateError(f"{path}: ends before byte {stop}")
+            crc = zlib.crc32(block, crc)
+            left -= len(block)
+    return crc
+
+
+@dataclass
+class JournalScan:
+    """Every line of a journal, judged (for ``mrpool fsck``)."""
+
+    size: int = 0
+    good_end: int = 0  # end of the valid records before the first damage
+    damaged: list[tuple[int, int]] = field(default_factory=list)  # lines that fail, [start, end)
+    torn_tail: tuple[int, int] | None = None  # an unfinished last line: a crash artefact
+    after: list[tuple[int, int, dict[str, Any]]] = field(default_factory=list)
+    # valid records after the first damage (lost to a salvage that cuts there)
+
+
+def scan_journal(path: Path) -> JournalScan:
+    """Check every record of the journal; never raises for damage, describes it."""
+    scan = JournalScan()
+    try:
+        handle = open(path, "rb", buffering=1 << 20)
+    except FileNotFoundError:
+        return scan
+    with handle:
+        offset = 0
+        for line in handle:
+            end = offset + len(line)
+            payload = checked_payload(line)
+            record = None if payload is None else _decoded(payload)
+            if record is None:
+                if scan.damaged and scan.damaged[-1][1] == offset:
+                    scan.damaged[-1] = (scan.damaged[-1][0], end)  # one damaged run
+                else:
+                    scan.damaged.append((offset, end))
+            elif scan.damaged:
+                scan.after.append((offset, end, record))
+            else:
+                scan.good_end = end
+            offset = end
+        scan.size = offset
+    if scan.damaged and scan.damaged[-1][1] == scan.size and not scan.after:
+        start, end = scan.damaged[-1]
+        if not _ends_whole(path, end):
+            scan.torn_tail = scan.damaged.pop()
+    return scan
+
+
+def _ends_whole(path: Path, size: int) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(size - 1)
+        return handle.read(1) == b"\n"
 
 
 class JournalWriter:
@@ -174,6 +347,7 @@ class JournalWriter:
         try:
             size = os.fstat(self._fd).st_size
             if size > valid_end:  # a torn tail from a crash: cut it before appending
+                _drop_snapshots_past(path.parent, valid_end)
                 os.ftruncate(self._fd, valid_end)
                 os.fsync(self._fd)
             self.offset = valid_end
@@ -264,6 +438,21 @@ class JournalWriter:
             os.lseek(self._fd, self.offset, os.SEEK_SET)
         except OSError:
             pass  # the reader treats the fragment as a torn tail
+
+
+def _drop_snapshots_past(job_dir: Path, valid_end: int) -> None:
+    """Before a torn tail is cut away, remove the DLQ snapshot (``dlq.json``, derived) if it
+    covers bytes of that tail: once new records are appended its offset would point into
+    the middle of one (or, worse, at a boundary of different records)."""
+    path = job_dir / "dlq.json"
+    try:
+        record = decode_line(path.read_bytes())
+    except FileNotFoundError:
+        return
+    offset = record.get("journal_offset") if record else None
+    if not isinstance(offset, int) or offset > valid_end:
+        path.unlink(missing_ok=True)
+        fsync_dir(job_dir)
 
 
 def _fsync(fd: int, path: Path) -> None:

@@ -30,7 +30,7 @@ from itertools import compress
 from pathlib import Path
 
 from .crashes import aborted_before
-from .items import ITEMS_FILE
+from .items import iter_item_blocks
 from .slots import UNKNOWN, CrashEvidence
 from .store import DLQ, FAILED, PENDING, JobState
 
@@ -77,16 +77,15 @@ class ResumePlan:
         about 1 MiB at a time (what the supervisor dispatches from: no per-item frames)."""
         selection = self.selection
         start = 0
-        with open(self.job_dir / ITEMS_FILE, "rb", buffering=1 << 20) as handle:
-            while lines := handle.readlines(1 << 20):
-                stop = start + len(lines)
-                picked = selection[start:stop]
-                skipped = picked.count(NONE)
-                if skipped == 0:
-                    yield list(range(start, stop)), lines
-                elif skipped < len(lines):
-                    yield list(compress(range(start, stop), picked)), list(compress(lines, picked))
-                start = stop
+        for lines in iter_item_blocks(self.job_dir):  # each block checksum-verified
+            stop = start + len(lines)
+            picked = selection[start:stop]
+            skipped = picked.count(NONE)
+            if skipped == 0:
+                yield list(range(start, stop)), lines
+            elif skipped < len(lines):
+                yield list(compress(range(start, stop), picked)), list(compress(lines, picked))
+            start = stop
 
     def source(self, index: int) -> str:
         """Where a planned item comes from: "pending", "failed" or "dlq"."""

@@ -14,11 +14,14 @@ import multiprocessing
 import subprocess
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from . import gc_policy
+from .checksums import job_checksum
+from .errors import CorruptStateError, fsck_hint
 from .fsutil import atomic_write
 from .spec import JobSpec, import_callable
 
@@ -36,15 +39,31 @@ def run_reduce(spec: JobSpec, results: list[Any], job_dir) -> dict[str, Any]:
         outcome = _reduce_command(spec, results)
     outcome["v"] = 1
     outcome["t"] = time.time()
+    outcome["checksum"] = job_checksum(outcome)  # of the other fields, as job.json's
     atomic_write(job_dir / REDUCE_FILE, orjson.dumps(outcome))
     return outcome
 
 
 def read_reduce_output(job_dir) -> dict[str, Any] | None:
+    """The stored outcome, verified (``CorruptStateError`` naming the file if damaged)."""
+    path = Path(job_dir) / REDUCE_FILE
     try:
-        return orjson.loads((job_dir / REDUCE_FILE).read_bytes())
+        outcome = orjson.loads(path.read_bytes())
+        if not isinstance(outcome, dict) or not isinstance(outcome.get("ok"), bool):
+            raise ValueError("not a reduce outcome")
+        if "checksum" in outcome and outcome["checksum"] != job_checksum(outcome):
+            raise ValueError("checksum mismatch")
+        if "checksum" not in outcome and not set(outcome) <= _LEGACY_KEYS:
+            raise ValueError("no checksum, and not the fields of an older mrpool's reduce.json")
     except FileNotFoundError:
         return None
+    except ValueError as e:
+        why = "invalid JSON" if isinstance(e, orjson.JSONDecodeError) else str(e)
+        raise CorruptStateError(f"{path}: damaged ({why}); {fsck_hint(path.parent)}") from None
+    return outcome
+
+
+_LEGACY_KEYS = {"v", "ok", "output", "error", "tail", "t"}  # reduce.json of mrpool <= 0.1
 
 
 def _child(spec: JobSpec, results: list[Any], conn) -> None:

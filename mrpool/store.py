@@ -41,9 +41,21 @@ from typing import Any
 
 import orjson
 
-from .errors import CorruptStateError, JobExists, NoSuchJob, UsageError
+from .checksums import job_checksum
+from .errors import CorruptStateError, JobExists, NoSuchJob, UsageError, fsck_hint
 from .fsutil import atomic_write, fsync_dir, make_private_dir, sweep_temp_files
-from .journal import FORMAT_VERSION, JOURNAL_FILE, decode_line, encode_record, read_records
+from .journal import (
+    FORMAT_VERSION,
+    JOURNAL_FILE,
+    checked_payload,
+    crc_of_bytes,
+    decode_line,
+    encode_record,
+    read_payloads,
+    read_records,
+    result_spans,
+    scan_journal,
+)
 from .spec import JobSpec, spec_from_stored
 
 __all__ = [
@@ -122,6 +134,10 @@ class JobState:
         self.reduce: dict[str, Any] | None = None
         self.executor: dict[str, Any] | None = None  # the last session's, None: local
         self.offset = 0  # journal bytes applied
+        # CRC-32 of the journal's bytes 0 to crc_offset (None: not known yet), which the
+        # checkpoint records so that readers can re-check the prefix they skip
+        self.crc_offset, self.crc = 0, 0
+        self.journal_stat: list[int] | None = None  # the journal's [size, mtime_ns] then
 
     # -- transitions -----------------------------------------------------
     def set_status(self, index: int, new: int) -> None:
@@ -297,6 +313,8 @@ class JobState:
                 "open": list(self.open_attempts().items()),
                 "reduce": self.reduce,
                 **({"executor": self.executor} if self.executor else {}),
+                "journal_crc": self.crc if self.crc_offset == self.offset else None,
+                "journal_stat": self.journal_stat,
             }
         )
 
@@ -319,6 +337,9 @@ class JobState:
         state.reduce = record.get("reduce")
         state.executor = record.get("executor")
         state.offset = record["journal_offset"]
+        crc = record.get("journal_crc")  # absent in checkpoints of mrpool <= 0.1
+        state.crc_offset, state.crc = (state.offset, crc) if isinstance(crc, int) else (0, None)
+        state.journal_stat = record.get("journal_stat")
         return state
 
 
@@ -333,6 +354,72 @@ class JobInfo:
     duplicates_in_input: int
     id_mode: str
     spec: JobSpec
+    items_table: dict[str, Any] | None = None  # items.jsonl's checksums; None before 0.2
+
+
+_LEGACY_JOB_KEYS = {
+    "v", "job_id", "name", "created_at", "total", "duplicates_in_input", "id_mode", "spec"
+}  # fmt: skip
+
+
+def read_job_file(job_dir: Path) -> JobInfo:
+    """``job.json``, verified: its checksum (when it has one) and every field's type.
+    Any damage is one ``CorruptStateError`` naming the file, never a KeyError."""
+    path = job_dir / JOB_FILE
+    try:
+        raw = orjson.loads(path.read_bytes())
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        if "checksum" in raw:
+            if raw["checksum"] != job_checksum(raw):
+                raise ValueError("checksum mismatch")
+        elif set(raw) != _LEGACY_JOB_KEYS or raw["v"] != 1:
+            raise ValueError("no checksum, and not the fields of an older mrpool's job.json")
+        info = _job_info(raw)
+        if info.job_id != job_dir.name:
+            raise ValueError(f"it names job {info.job_id!r}")
+    except FileNotFoundError:
+        raise NoSuchJob(f"no such job: {job_dir.name} (no {path})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        why = "invalid JSON" if isinstance(e, orjson.JSONDecodeError) else str(e)
+        raise CorruptStateError(
+            f"{path}: damaged ({why or type(e).__name__}); {fsck_hint(job_dir)}"
+        ) from None
+    except OSError as e:
+        raise CorruptStateError(f"{path}: cannot read: {e.strerror}") from None
+    return info
+
+
+def _job_info(raw: dict[str, Any]) -> JobInfo:
+    def typed(key: str, *kinds: type) -> Any:
+        value = raw[key]
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ValueError(f"field {key!r} has the wrong type")
+        return value
+
+    total, duplicates = typed("total", int), typed("duplicates_in_input", int)
+    if total < 0 or duplicates < 0:
+        raise ValueError("a negative count")
+    table = raw.get("items")
+    if table is not None and not (
+        isinstance(table, dict)
+        and isinstance(table.get("crc"), list)
+        and isinstance(table.get("size"), int)
+        and table.get("lines") == total
+        and isinstance(table.get("chunk"), int)
+        and table["chunk"] > 0
+    ):
+        raise ValueError("field 'items' is not a checksum table of the items")
+    return JobInfo(
+        job_id=typed("job_id", str),
+        name=typed("name", str),
+        created_at=typed("created_at", int, float),
+        total=total,
+        duplicates_in_input=duplicates,
+        id_mode=typed("id_mode", str),
+        spec=spec_from_stored(typed("spec", dict)),
+        items_table=table,
+    )
 
 
 class JobStore:
@@ -354,21 +441,17 @@ class JobStore:
         return store
 
     def info(self) -> JobInfo:
-        raw = orjson.loads((self.dir / JOB_FILE).read_bytes())
-        return JobInfo(
-            job_id=raw["job_id"],
-            name=raw["name"],
-            created_at=raw["created_at"],
-            total=raw["total"],
-            duplicates_in_input=raw["duplicates_in_input"],
-            id_mode=raw["id_mode"],
-            spec=spec_from_stored(raw["spec"]),
-        )
+        return read_job_file(self.dir)
 
     # -- state -----------------------------------------------------------
     def load_state(self, total: int) -> JobState:
-        """Checkpoint (if sound) plus every journal record after it."""
+        """Checkpoint (if sound) plus every journal record after it.
+
+        Refuses (``CorruptStateError``) when the journal lost data the checkpoint
+        proves it held, or the prefix the checkpoint covers no longer matches."""
         state = self._load_checkpoint(total)
+        if state.offset:
+            self._check_prefix(state)
         for _, end, record in read_records(self.journal_path, state.offset):
             state.apply(record)
             state.offset = end
@@ -387,51 +470,125 @@ class JobStore:
             state = JobState.from_checkpoint(record)
             if state.total != total:
                 raise ValueError("item count differs from job.json")
-            if state.offset > self.journal_path.stat().st_size:
-                raise ValueError("points past the end of the journal")
+            size = self.journal_path.stat().st_size if self.journal_path.exists() else 0
         except (ValueError, KeyError, TypeError, zlib.error, OSError) as e:
             print(
                 f"mrpool: {path}: damaged checkpoint ({e}); rebuilding state from the journal",
                 file=sys.stderr,
             )
             return JobState(total)
+        if state.offset > size:
+            raise self._lost_records(state, size)
         return state
+
+    def _check_prefix(self, state: JobState) -> None:
+        """Re-check the journal bytes the checkpoint covers, unless the file is as it was
+        when the checkpoint was written (a finished job: ``status`` stays cheap)."""
+        if state.crc is None:
+            return  # a checkpoint of mrpool <= 0.1: nothing to compare with
+        st = self.journal_path.stat()
+        if state.journal_stat == [st.st_size, st.st_mtime_ns]:
+            return
+        if crc_of_bytes(self.journal_path, 0, state.offset) == state.crc:
+            return
+        scan = scan_journal(self.journal_path)
+        bad = [start for start, _ in scan.damaged if start < state.offset]
+        where = f"at byte {bad[0]}" if bad else f"before byte {state.offset}"
+        raise CorruptStateError(
+            f"{self.journal_path}: damaged {where} (it no longer matches the checksum "
+            f"{CHECKPOINT_FILE} recorded of it); refusing to skip data: {fsck_hint(self.dir)}"
+        )
+
+    def _lost_records(self, checkpoint: JobState, size: int) -> CorruptStateError:
+        """The journal is shorter than the checkpoint proves it was: acknowledged records
+        are gone. Say how many outcomes, and what survives."""
+        survived = JobState(checkpoint.total)
+        try:
+            for _, end, record in read_records(self.journal_path):
+                survived.apply(record)
+                survived.offset = end
+        except CorruptStateError:
+            pass  # the message below is about the loss; fsck lists every damage
+        lost = lost_outcomes(checkpoint, survived)
+        return CorruptStateError(
+            f"{self.journal_path}: acknowledged records lost: the journal ends at byte {size} "
+            f"but {CHECKPOINT_FILE} proves it held {checkpoint.offset} bytes; "
+            f"{lost['succeeded']} recorded successes and {lost['dlq']} DLQ items are no longer "
+            f"in it ({survived.counts[SUCCEEDED]} successes survive); {fsck_hint(self.dir)}"
+        )
 
     def write_checkpoint(self, state: JobState) -> None:
         """Persist ``state`` atomically; the journal must be fsynced up to ``state.offset``."""
+        self._extend_crc(state)
+        st = self.journal_path.stat()
+        state.journal_stat = [st.st_size, st.st_mtime_ns]
         atomic_write(self.dir / CHECKPOINT_FILE, state.to_checkpoint(), failpoint="checkpoint")
+
+    def _extend_crc(self, state: JobState) -> None:
+        """Bring ``state.crc`` up to ``state.offset``: the bytes since the last checkpoint
+        were replayed or written by this process (checked), and are still in the page cache."""
+        if state.crc is None:  # a checkpoint of mrpool <= 0.1: check the prefix once
+            state.crc = verified_crc(self.journal_path, state.offset)
+        elif state.offset > state.crc_offset:
+            state.crc = crc_of_bytes(self.journal_path, state.crc_offset, state.offset, state.crc)
+        elif state.offset < state.crc_offset:
+            state.crc = crc_of_bytes(self.journal_path, 0, state.offset)
+        state.crc_offset = state.offset
 
     # -- results ---------------------------------------------------------
     def iter_results(self, total: int) -> Iterator[tuple[int, Any]]:
-        """``(index, result)`` of every success, in input order, each index once.
+        """``(index, result)`` of every success, in input order, each index once."""
+        for index, raw in self.iter_result_json(total):
+            yield index, orjson.loads(raw)
 
-        Two passes, so memory stays 8 bytes an item however large the results: the
-        first finds the record holding each item's (first) success, decoding only
-        ``ok`` records; the second decodes those again in input order, keeping the
-        last few (outcomes are journaled in nearly input order)."""
+    def iter_result_json(self, total: int) -> Iterator[tuple[int, bytes | memoryview]]:
+        """``(index, result as stored JSON)`` of every success, in input order, each once.
+
+        Two passes, so memory stays 8 bytes an item plus about one record however
+        large the results: the first finds the record holding each item's (first)
+        success from its raw payload (journal.result_spans: nothing is decoded),
+        the second reads those records again in input order and hands out each
+        result's bytes as they are in the journal, keeping the last few small
+        records (outcomes are journaled in nearly input order)."""
         where = array("q", [-1]) * total
-        for offset, _, record in read_records(self.journal_path, kind="ok"):
-            for entry in record["b"]:
-                if where[entry[0]] < 0:
-                    where[entry[0]] = offset
-        cache: dict[int, dict[int, Any]] = {}
-        with open(self.journal_path, "rb") as handle:
+        length = array("q", [0]) * total  # of the record: read whole, in one allocation
+        for offset, end, line in read_payloads(self.journal_path, kind="ok"):
+            for index, _start, _end in result_spans(line):
+                if 0 <= index < total and where[index] < 0:
+                    where[index], length[index] = offset, end - offset
+            del line  # before the next (possibly huge) line is read
+        cache: dict[int, dict[int, bytes | memoryview]] = {}
+        cached_bytes = 0
+        with open(self.journal_path, "rb", buffering=0) as handle:
             for index in range(total):
                 offset = where[index]
                 if offset < 0:
                     continue
                 results = cache.get(offset)
                 if results is None:
-                    if len(cache) > 64:
+                    if cached_bytes > 1 << 24 or len(cache) > 64:
                         cache.clear()
+                        cached_bytes = 0
                     handle.seek(offset)
-                    record = decode_line(handle.readline())
-                    if record is None:
-                        raise CorruptStateError(
-                            f"{self.journal_path}: record at byte {offset} changed while reading"
-                        )
-                    results = cache[offset] = {e[0]: e[3] for e in record["b"]}
-                yield index, results[index]
+                    results = self._results_at(handle.read(length[index]), offset)
+                    cache[offset] = results
+                    cached_bytes += sum(len(r) for r in results.values())
+                yield index, results.pop(index)
+
+    def _results_at(self, line: bytes, offset: int) -> dict[int, bytes | memoryview]:
+        """``{index: result JSON}`` of the ``ok`` record ``line`` (read at ``offset``)."""
+        if checked_payload(line) is None:
+            raise CorruptStateError(
+                f"{self.journal_path}: record at byte {offset} changed while reading"
+            )
+        spans = result_spans(line)
+        record = orjson.loads(memoryview(line)[9:-1]) if spans and spans[0][1] < 0 else None
+        view = memoryview(line)
+        results: dict[int, bytes | memoryview] = {}
+        for n, (index, start, end) in enumerate(spans):
+            if index not in results:  # (a record never repeats an item; the first counts)
+                results[index] = orjson.dumps(record["b"][n][3]) if record else view[start:end]
+        return results
 
     # -- housekeeping ----------------------------------------------------
     def sweep(self) -> None:
@@ -521,7 +678,13 @@ def _publish(tmp: Path, store: JobStore, job_id: str) -> None:
 
 
 def write_job_file(
-    tmp: Path, job_id: str, spec: JobSpec, total: int, duplicates: int, id_mode: str
+    tmp: Path,
+    job_id: str,
+    spec: JobSpec,
+    total: int,
+    duplicates: int,
+    id_mode: str,
+    items_table: dict[str, Any] | None = None,
 ) -> None:
     info = {
         "v": FORMAT_VERSION,
@@ -533,6 +696,9 @@ def write_job_file(
         "id_mode": id_mode,
         "spec": spec.to_dict(),
     }
+    if items_table is not None:
+        info["items"] = items_table
+    info["checksum"] = job_checksum(info)
     atomic_write(tmp / JOB_FILE, orjson.dumps(info, option=orjson.OPT_INDENT_2))
 
 
@@ -548,3 +714,21 @@ def sweep_stale_build_dirs(tmp_root: Path) -> None:
         pid = name.split("-", 1)[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(tmp_root / name, ignore_errors=True)
+
+
+def lost_outcomes(before: JobState, after: JobState) -> dict[str, Any]:
+    """The settled outcomes ``before`` holds that ``after`` does not (by item)."""
+    lost: dict[str, Any] = {"succeeded": 0, "dlq": 0, "indices": []}
+    for index in range(min(before.total, after.total)):
+        was = before.status[index]
+        if was in (SUCCEEDED, DLQ) and after.status[index] != was:
+            lost["succeeded" if was == SUCCEEDED else "dlq"] += 1
+            lost["indices"].append(index)
+    return lost
+
+
+def verified_crc(path: Path, stop: int) -> int:
+    """CRC-32 of the journal's bytes up to ``stop``, every record in them checked."""
+    for _ in read_records(path, kind="\0"):  # checks every record's checksum, decodes none
+        pass
+    return crc_of_bytes(path, 0, stop)

@@ -2,6 +2,7 @@
 """Bad-input fuzzing, long run: tests/test_fuzz_input.py with many more examples.
 
     python scripts/fuzz_inputs.py [--examples 5000] [--seed N] [-- extra pytest args]
+    python scripts/fuzz_inputs.py --damage     # every byte flip and cut of real state dirs
 
 ``--examples`` is the total number of generated cases over the in-process fuzz
 tests (``MRPOOL_FUZZ_EXAMPLES``, split by weight; the default suite runs 1200).
@@ -18,6 +19,11 @@ each must be refused without blocking or reading).
 Each case must be refused with exit 2 and one line naming the file and the line
 or field, with no traceback and no job state (or, when the test's oracle knows
 the input is valid, accepted). Exit status: pytest's (0 = every case held).
+
+``--damage`` runs the exhaustive damage fuzzer instead (tests/test_damage.py,
+``test_every_flip_and_cut_is_named_or_harmless``): every single-byte flip and
+every truncation point of every file of two small real jobs, each followed by
+every read command and ``fsck``.
 """
 
 from __future__ import annotations
@@ -38,8 +44,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=5000, help="total generated cases")
     parser.add_argument("--seed", help="hypothesis seed (default: random)")
+    parser.add_argument(
+        "--damage", action="store_true", help="every flip and cut of state files instead"
+    )
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args()
+    if args.damage:
+        return _damage(args.pytest_args)
 
     with tempfile.TemporaryDirectory(prefix="mrpool-fuzz-") as tmp:
         counter = Path(tmp) / "cases.txt"
@@ -73,6 +84,17 @@ def main() -> int:
         print(f"  {name:14} {count:7}")
     print(f"  {'total':14} {sum(cases.values()):7}")
     print("result:", "all cases held" if code == 0 else f"FAILED (pytest exit {code})")
+    return code
+
+
+def _damage(pytest_args: list[str]) -> int:
+    env = dict(os.environ, MRPOOL_STRESS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    test = "tests/test_damage.py::test_every_flip_and_cut_is_named_or_harmless"
+    command = [sys.executable, "-m", "pytest", str(REPO / test), "-q", *pytest_args]
+    started = time.monotonic()
+    code = subprocess.call(command, cwd=REPO, env=env)
+    print(f"damage fuzz: {time.monotonic() - started:.1f} s,", "held" if code == 0 else "FAILED")
     return code
 
 

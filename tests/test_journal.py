@@ -124,15 +124,15 @@ def test_last_record_torn_at_every_byte_offset_keeps_every_earlier_record(
                 assert [rec for _, _, rec in read_records(path)] == earlier, (n, cut)
 
                 # Phase 2: the replayed state is theirs. A checkpoint is written only after the
-                # journal is fsynced up to its offset, so with a torn tail it can only be one
-                # pointing past the end (a shorter journal): ignored, the state the same.
+                # journal is fsynced up to its offset, so one pointing past the end of a
+                # shorter journal proves acknowledged records were lost: refused, loudly.
+                if torn is not padded:
+                    overwrite(store.dir / "checkpoint.json", checkpoint)
+                    with pytest.raises(CorruptStateError, match="acknowledged records lost"):
+                        store.load_state(total)
                 (store.dir / "checkpoint.json").unlink(missing_ok=True)
                 state = store.load_state(total)
                 assert same_state(state, expected) and state.offset == start, (n, cut)
-                if torn is not padded:
-                    overwrite(store.dir / "checkpoint.json", checkpoint)
-                    state = store.load_state(total)
-                    assert same_state(state, expected) and state.offset == start, (n, cut)
 
                 # Phase 3: the writer cuts the torn bytes away before it appends.
                 writer = JournalWriter(path, state.offset)
@@ -351,3 +351,63 @@ def test_an_fsync_failing_on_the_committer_thread_is_raised_by_the_next_sync(tmp
     with pytest.raises(StorageError):  # and every later one: nothing since is known durable
         writer.sync()
     writer.abandon()
+
+
+# -- results read without decoding -------------------------------------------------------
+def test_result_spans_find_exactly_the_results_orjson_wrote():
+    """``result_spans`` locates each result's JSON in an ``ok`` line without decoding it;
+    on tricky values (escapes at window edges, nesting, brackets inside strings) the bytes
+    it finds decode to exactly the results, and a line of another layout falls back."""
+    import random
+
+    import orjson
+
+    from mrpool.journal import result_spans
+
+    rng = random.Random(5)
+    alphabet = ["a", '"', "\\", "\n", "é", "\u2028", "{", "[", "]", "}", ","]
+
+    def text(n):
+        return "".join(rng.choice(alphabet) for _ in range(n))
+
+    edge = "\\" * ((1 << 20) - 3) + '"'  # an escape split by the 1 MiB window edge
+    for case in range(300):
+        values = [
+            rng.choice([None, 7, -2.5e-7, True, text(rng.randint(0, 40)), {"a": [text(5), {}]},
+                        [[], [1, text(3)]], edge if case == 0 else "x"])
+            for _ in range(rng.randint(1, 4))
+        ]  # fmt: skip
+        rows = orjson.dumps([[i, 1, 0.5e-6, v] for i, v in enumerate(values)])
+        line = encode_record({"k": "ok", "b": orjson.Fragment(rows), "t": 1.0})
+        spans = result_spans(line)
+        assert [orjson.loads(line[start:end]) for _, start, end in spans] == values
+        assert [index for index, _, _ in spans] == list(range(len(values)))
+    other = encode_record({"t": 1.0, "k": "ok", "b": [[3, 1, 0.1, {"x": 1}]]})
+    assert result_spans(other) == [(3, -1, -1)]  # "decode to read"
+
+
+def test_status_rechecks_the_checkpointed_prefix_only_when_the_journal_changed(
+    mrpool, tmp_path, monkeypatch
+):
+    """A finished job's journal is as the checkpoint saw it: no re-read. Any change of size
+    or mtime: the prefix is re-checked, and a flip in it is found and located."""
+    import mrpool.store as store_mod
+
+    root, job_id = real_job(mrpool, tmp_path)
+    store = JobStore(root, job_id)
+    shutil.rmtree(root)
+    shutil.copytree(mrpool.job_dir(job_id), root / "jobs" / job_id)  # copy2: mtimes kept
+    total = store.info().total
+    reads = []
+    real = store_mod.crc_of_bytes
+    monkeypatch.setattr(store_mod, "crc_of_bytes", lambda *a: reads.append(a) or real(*a))
+    store.load_state(total)
+    assert reads == []  # unchanged since the checkpoint: nothing re-read
+    entries = records_with_offsets(store.journal_path)
+    start = entries[2][0]
+    data = bytearray(store.journal_path.read_bytes())
+    data[start + 12] ^= 0x01
+    overwrite(store.journal_path, bytes(data))
+    with pytest.raises(CorruptStateError, match=rf"journal\.log: damaged at byte {start} "):
+        store.load_state(total)
+    assert len(reads) == 1

@@ -1,0 +1,126 @@
+"""Checksums of the files a job is made of: ``job.json`` and ``items.jsonl``.
+
+The journal checks itself record by record (journal.py); these two files are
+written once, at ``run``, and read by every later command, so a flipped byte in
+them would otherwise change what a job *means* without anyone noticing.
+
+``job.json`` carries ``"checksum": "crc32:XXXXXXXX"``, the CRC-32 of its other
+fields as canonical JSON (orjson, sorted keys): whitespace may change, nothing
+else. A ``job.json`` without it is from mrpool <= 0.1 and must hold exactly the
+fields those versions wrote (so a flip in the word "checksum" cannot pass it
+off as an old file).
+
+``items.jsonl`` is checksummed in fixed 1 MiB chunks of its bytes, computed
+while ingest writes it (one pass of ``zlib.crc32`` over data already in hand:
+no second read, no per-line work) and kept in ``job.json`` as
+``"items": {"chunk": 1048576, "size": BYTES, "lines": N, "crc": [crc, ...]}``.
+Readers stream the file a chunk at a time and check each chunk before they
+hand out any line of it, then check the size and line count at the end: a
+reader never acts on an unverified item, and a lost LF, a cut or an emptied
+file are named, not met as a missing line deep inside a command.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .errors import CorruptStateError
+
+__all__ = [
+    "ITEMS_CHUNK",
+    "ChunkedCrcWriter",
+    "job_checksum",
+    "verified_item_blocks",
+]
+
+ITEMS_CHUNK = 1 << 20
+
+
+def job_checksum(fields: dict[str, Any]) -> str:
+    """The checksum ``job.json`` carries of its other ``fields``."""
+    body = {k: v for k, v in fields.items() if k != "checksum"}
+    return f"crc32:{zlib.crc32(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)):08x}"
+
+
+class ChunkedCrcWriter:
+    """A write-only file wrapper that checksums what passes through, chunk by chunk."""
+
+    def __init__(self, out) -> None:
+        self.out = out
+        self.size = 0
+        self._crcs: list[int] = []
+        self._crc = 0
+        self._fill = 0  # bytes of the current chunk so far
+
+    def write(self, data) -> int:
+        self.out.write(data)
+        view = memoryview(data)
+        n = len(view)
+        while view:
+            piece = view[: ITEMS_CHUNK - self._fill]
+            self._crc = zlib.crc32(piece, self._crc)
+            self._fill += len(piece)
+            view = view[len(piece) :]
+            if self._fill == ITEMS_CHUNK:
+                self._crcs.append(self._crc)
+                self._crc = self._fill = 0
+        self.size += n
+        return n
+
+    def table(self, lines: int) -> dict[str, Any]:
+        """What ``job.json`` records as ``items``."""
+        crcs = self._crcs + ([self._crc] if self._fill else [])
+        return {"chunk": ITEMS_CHUNK, "size": self.size, "lines": lines, "crc": crcs}
+
+
+def verified_item_blocks(
+    path: Path, table: dict[str, Any] | None, lines: int | None, hint: str
+) -> Iterator[list[bytes]]:
+    """The lines of ``items.jsonl`` (LF kept) in blocks, each block's bytes verified
+    against ``table`` before it is yielded; ``table`` None (a job from mrpool <= 0.1):
+    unverified, but the shape (whole lines, their count unless ``lines`` is None) is
+    still checked.
+    Raises ``CorruptStateError`` naming the file, the bytes and the line."""
+    chunk = table["chunk"] if table else ITEMS_CHUNK
+    crcs = table["crc"] if table else None
+    try:
+        handle = open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        raise CorruptStateError(f"{path}: missing; {hint}") from None
+    with handle:
+        carry, at, seen, number = b"", 0, 0, 0
+        while block := handle.read(chunk):
+            if crcs is not None and (number >= len(crcs) or zlib.crc32(block) != crcs[number]):
+                raise CorruptStateError(
+                    f"{path}: damaged at bytes {at}-{at + len(block) - 1} (from about line "
+                    f"{seen + 1}): checksum mismatch; {hint}"
+                )
+            at += len(block)
+            number += 1
+            data = carry + block if carry else block
+            cut = data.rfind(b"\n") + 1
+            carry = data[cut:]
+            if cut:
+                found = io.BytesIO(data[:cut]).readlines()
+                if crcs is None and not all(b"\t" in line for line in found):
+                    raise CorruptStateError(
+                        f"{path}: a line near line {seen + 1} has no TAB (damaged); {hint}"
+                    )
+                seen += len(found)
+                if lines is not None and seen > lines:
+                    break
+                yield found
+    if table is not None and (at != table["size"] or number != len(crcs)):
+        raise CorruptStateError(
+            f"{path}: {at} bytes, but {table['size']} were written (cut or grown); {hint}"
+        )
+    if carry or (lines is not None and seen != lines):
+        raise CorruptStateError(
+            f"{path}: holds {seen}{' whole' if carry else ''} lines, expected {lines}; {hint}"
+        )
