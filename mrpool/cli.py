@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import shlex
 import signal
 import sys
 from datetime import datetime
@@ -249,7 +250,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             progress=True,
             executor=args.executor,
         )
-        return _finish(report, args.json)
+        return _finish(report, args.json, state_dir)
     if args.command == "resume":
         report = api.resume_job(
             args.job_id,
@@ -263,7 +264,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             on_plan=_print_plan,
             executor=args.executor,
         )
-        return _finish(report, args.json)
+        return _finish(report, args.json, state_dir)
     if args.command == "status":
         return _status(args, state_dir)
     if args.command == "results":
@@ -363,7 +364,7 @@ def _dlq(args: argparse.Namespace, state_dir: str | None) -> int:
             on_plan=_print_plan,
             executor=args.executor,
         )
-        return _finish(report, args.json)
+        return _finish(report, args.json, state_dir)
     if cmd == "purge":
         if not args.yes:
             raise UsageError("dlq purge drops items for good; add --yes to confirm")
@@ -468,7 +469,7 @@ def _print_plan(plan) -> None:
     )
 
 
-def _finish(report, as_json: bool) -> int:
+def _finish(report, as_json: bool, state_dir: str | None = None) -> int:
     c = report.counts
     if as_json:
         _out(
@@ -493,10 +494,22 @@ def _finish(report, as_json: bool) -> int:
         f"{c['pending']} pending, {c['total']} total"
     )
     if report.state == "interrupted" or c["pending"] or c["failed"]:
-        _say(f"continue with: mrpool resume {job}")
+        _say(f"continue with: {_next_step('resume', job, state_dir)}")
     elif c["dlq"]:
-        _say(f"inspect with: mrpool dlq list {job}  |  retry with: mrpool dlq retry {job}")
+        _say(
+            f"inspect with: {_next_step('dlq list', job, state_dir)}  |  "
+            f"retry with: {_next_step('dlq retry', job, state_dir)}"
+        )
     return report.exit_code
+
+
+def _next_step(command: str, job: str, state_dir: str | None) -> str:
+    """A command line to paste as is: with the ``--state-dir`` this one was given (a
+    state dir from ``$MRPOOL_HOME`` is found again by the same environment)."""
+    words = ["mrpool", *command.split(), job]
+    if state_dir:
+        words += ["--state-dir", state_dir]
+    return shlex.join(words)
 
 
 def _holder_text(lock: dict[str, Any]) -> str:

@@ -997,3 +997,21 @@ def test_a_map_command_is_looked_up_on_path_once_yet_a_vanished_one_is_found_aga
     assert r.returncode == 0, r.stderr
     by_id = {row["id"]: row["result"] for row in mrpool.results("path")}
     assert by_id == {i: "first" if i <= 3 else "second" for i in range(8)}
+
+
+def test_printed_next_steps_paste_as_is_with_a_non_default_state_dir(mrpool, tmp_path):
+    """After ``run --state-dir DIR`` the hints the summary prints (``dlq list``, ``dlq
+    retry``) name DIR, so pasting them into a shell works instead of 'no such job'."""
+    state = tmp_path / "my state"  # a space: the hint must quote it
+    job = write_job(tmp_path / "src", [{"id": 1}, {"id": 2, "bad": True}], {"callable": "m:f"},
+                    files={"m.py": "def f(item):\n    assert 'bad' not in item\n    return 1\n"})  # fmt: skip
+    env = mrpool.env()  # tagged for the leak check; the state dir comes from the option alone
+    env.pop("MRPOOL_HOME")
+    r = subprocess.run([PY, "-m", "mrpool", "run", str(job), "--job-id", "hints", "--state-dir",
+                        str(state)], capture_output=True, text=True, env=env, cwd=str(REPO))  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    line = next(ln for ln in r.stderr.splitlines() if ln.startswith("inspect with: "))
+    for hint in line.removeprefix("inspect with: ").split("  |  retry with: "):
+        pasted = subprocess.run(hint.replace("mrpool", f"{PY} -m mrpool", 1), shell=True,
+                                capture_output=True, text=True, env=env, cwd=str(REPO))  # fmt: skip
+        assert pasted.returncode in (0, 1), (hint, pasted.stderr)  # 4 would be "no such job"
