@@ -168,9 +168,9 @@ class DaskExecutor:
                 )
         return len(answers)
 
-    def shutdown(self, keep_slots: bool = False) -> None:
+    def shutdown(self) -> None:
         """Close the session's helpers on every worker, then the client (and the cluster
-        we started). ``keep_slots`` means nothing here: a remote executor has no slot file."""
+        we started)."""
         client, self._client = self._client, None
         if client is not None:
             try:

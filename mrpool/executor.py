@@ -1,10 +1,25 @@
 """The executor boundary: how attempts are run. Today: local worker processes.
 
 The supervisor owns *what* runs and what an outcome means (journal, retries,
-DLQ); an executor only runs attempts and reports how each ended. The whole
-interface is ``Executor``: ``start``, ``capacity``, ``submit``, ``wait``,
-``started``, ``cancel``, ``shutdown``. A cluster executor (Dask, Ray) implements
-the same verbs and inherits every journal, DLQ and lock guarantee unchanged.
+DLQ); an executor only runs attempts and reports how each ended. The interface
+is ``Executor``: seven verbs (``start``, ``capacity``, ``submit``, ``wait``,
+``started``, ``cancel``, ``shutdown``) and one attribute, ``events``, a list of
+``worker`` journal records the supervisor drains and journals.
+
+What a new executor (dask_executor.py is one) must itself get right, because
+the supervisor cannot check it:
+
+* every submitted attempt comes back exactly once -- a success, a ``Failure``,
+  or handed back in ``requeued`` as ``(index, attempt, line)``, where attempt 0
+  means "it had started: give it the next number" and any other number means
+  "it never started: run it under this one" (a wrong 0 wastes a number; a wrong
+  number runs one twice);
+* success rows arrive already encoded as the journal stores them (``Successes``);
+* the engine's own retries are off, or an attempt runs twice under one number;
+* crash evidence: after a supervisor crash the next session asks
+  ``slots.crash_evidence`` what was running; an executor that leaves no slot
+  file gets the conservative answer (every open attempt charged, no crash
+  streak), which is correct but cannot recognise a poison item.
 
 The messages are batch-shaped, so that the supervisor's cost per item stays a
 few list operations: ``submit`` takes a ``Batch`` (parallel lists of item
@@ -140,8 +155,10 @@ class Executor(Protocol):
     def cancel(self) -> list[tuple[int, int, bytes]]:
         """Kill everything running; return what had not come back."""
 
-    def shutdown(self, keep_slots: bool = False) -> None:
-        """Stop and reap the workers; ``keep_slots`` after a failure (see slots.py)."""
+    def shutdown(self) -> None:
+        """Stop and reap the workers, and remove what the session kept for them (after an
+        abort too: the abort's own record settles its open attempts, crashes.py rule 5;
+        only a crash, which calls nothing, leaves crash evidence behind)."""
 
 
 @dataclass
@@ -329,11 +346,9 @@ class LocalExecutor:
         poller.poll(max(0.0, timeout) * 1000.0)
         return w.process.exitcode is not None
 
-    def shutdown(self, keep_slots: bool = False) -> None:
-        """Stop every worker: ask politely, then SIGKILL what lingers. Reap all.
-
-        The slot file is removed unless ``keep_slots`` (a failed session: the next
-        one reads from it which items were running)."""
+    def shutdown(self) -> None:
+        """Stop every worker: ask politely, then SIGKILL what lingers. Reap all, and
+        remove the slot file (see ``Executor.shutdown``)."""
         try:
             live = [w for w in self.workers if w is not None]
             for w in live:
@@ -351,7 +366,7 @@ class LocalExecutor:
                     self._reaped(w, 5.0)
                 self._forget(w)
             if self.slots is not None:
-                self.slots.close(remove=not keep_slots)
+                self.slots.close()
         finally:
             self.containment.close()  # whatever is left of the session ends here
 

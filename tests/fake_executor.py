@@ -86,5 +86,5 @@ class FakeExecutor:
         lost, self.queued = list(self.queued), deque()
         return lost
 
-    def shutdown(self, keep_slots: bool = False) -> None:
+    def shutdown(self) -> None:
         self.calls.append("shutdown")
