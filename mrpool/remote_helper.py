@@ -44,9 +44,10 @@ from dataclasses import asdict
 from typing import Any
 
 import orjson
+import psutil
 
 from .slots import RUNNING
-from .worker import WorkerConfig, kill_tree
+from .worker import WorkerConfig
 
 __all__ = ["Helper", "HelperError", "HelperGone", "lost_slice", "join_rows", "serve"]
 
@@ -211,12 +212,26 @@ class Helper:
         self._close_pipes()
 
     def kill(self) -> None:
-        """SIGKILL the helper and everything under it (its worker, a map command)."""
-        kill_tree(self.proc.pid)
+        """SIGKILL the helper, then what it started. The helper alone first: its guardian
+        (containment.py) sees it die, ends its session's cgroups and processes and
+        removes the cgroups; killing the whole tree at once killed the guardian before
+        it could, and left an empty cgroup behind for every killed helper. Whatever is
+        still alive after that (a guardian that could not finish) is killed then."""
         try:
+            under = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            under = []
+        try:
+            self.proc.kill()
             self.proc.wait(5.0)
-        except subprocess.TimeoutExpired:
+        except (OSError, subprocess.TimeoutExpired):
             pass
+        _, alive = psutil.wait_procs(under, timeout=5.0)
+        for process in alive:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
         self._close_pipes()
 
     def _close_pipes(self) -> None:

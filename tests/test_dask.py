@@ -346,6 +346,30 @@ def test_ctrl_c_cancels_the_clusters_attempts(mrpool, tmp_path, cluster):
     # the cluster fixture checks that no attempt (sleep 60) is left running on the cluster
 
 
+def _dask_semaphores() -> list[str]:
+    return [name for name in os.listdir("/dev/shm") if name.startswith("sem.mp-")]
+
+
+def _unlink_orphaned_semaphores(names: set[str]) -> None:
+    """SIGKILLing a whole ``dask worker`` group (its resource tracker with it) leaves the
+    nanny's multiprocessing semaphores in /dev/shm: Dask's, not mrpool's, and a
+    consequence of this test's kill. Remove those no live process still maps."""
+    mapped = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                mapped.update(
+                    line.rsplit("/", 1)[-1].strip() for line in maps if "/sem.mp-" in line
+                )
+        except OSError:
+            continue
+    for name in names - mapped:
+        try:
+            os.unlink(f"/dev/shm/{name}")
+        except FileNotFoundError:
+            pass
+
+
 def test_losing_every_worker_ends_the_session_resumably(mrpool, tmp_path):
     env = _dask_env(DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="0")
     scheduler, address = _start_scheduler(tmp_path, "lonely", env)
@@ -358,6 +382,7 @@ def test_losing_every_worker_ends_the_session_resumably(mrpool, tmp_path):
         start_new_session=True,
     )
     started, hold = tmp_path / "started", tmp_path / "hold"
+    semaphores = set(_dask_semaphores())
     try:
         _wait_for_workers(address, 1)
         hold.write_text("")
@@ -382,6 +407,7 @@ def test_losing_every_worker_ends_the_session_resumably(mrpool, tmp_path):
     finally:
         kill_group(workers)
         _stop(scheduler)
+        _unlink_orphaned_semaphores(set(_dask_semaphores()) - semaphores)
     assert proc.returncode == 1, err
     assert "no Dask worker left" in err.decode() and "mrpool resume w1" in err.decode()
     hold.unlink()
