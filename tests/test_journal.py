@@ -25,7 +25,13 @@ import pytest
 from conftest import write_job
 
 from mrpool.errors import CorruptStateError
-from mrpool.journal import JournalWriter, encode_record, read_records, started_attempts
+from mrpool.journal import (
+    JournalWriter,
+    decode_line,
+    encode_record,
+    read_records,
+    started_attempts,
+)
 from mrpool.store import JobState, JobStore
 
 pytestmark = pytest.mark.timeout(240)
@@ -411,3 +417,33 @@ def test_status_rechecks_the_checkpointed_prefix_only_when_the_journal_changed(
     with pytest.raises(CorruptStateError, match=rf"journal\.log: damaged at byte {start} "):
         store.load_state(total)
     assert len(reads) == 1
+
+
+def _record_with_checksum(test) -> bytes:
+    """An encoded record whose checksum field passes ``test`` (records differ by ``t``)."""
+    return next(
+        line
+        for t in range(200_000)
+        if test((line := encode_record({"k": "plan", "t": float(t)}))[:8])
+    )
+
+
+@pytest.mark.parametrize(
+    "respell",
+    [
+        lambda crc: crc.upper(),  # a flipped 0x20 bit: 'a' -> 'A'
+        lambda crc: b"+" + crc[1:],
+        lambda crc: b" " + crc[1:],
+        lambda crc: b"0_" + crc[2:],
+    ],
+    ids=["upper", "sign", "space", "underscore"],
+)
+def test_a_checksum_field_not_as_written_fails_the_record(respell):
+    """Only the writer's own form (eight lowercase hex digits) verifies: a checksum
+    field that parses to the same number in another spelling is damage, as a changed
+    payload byte is (``int(field, 16)`` took all four)."""
+    line = _record_with_checksum(lambda crc: crc.startswith(b"00") and crc != crc.upper())
+    spelled = respell(line[:8])
+    assert int(spelled, 16) == int(line[:8], 16) and spelled != line[:8]
+    assert decode_line(line) is not None
+    assert decode_line(spelled + line[8:]) is None
