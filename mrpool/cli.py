@@ -214,7 +214,7 @@ def _seconds(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM stops like Ctrl-C does
     try:
-        args = _build_parser().parse_args(argv)
+        args = _parse(argv)
         return _dispatch(args)
     except MrpoolError as e:
         _say(f"mrpool: {e}")
@@ -230,6 +230,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURES
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments; an option no command knows is refused pointing at the help of the
+    command it was given to (argparse itself names only ``mrpool --help``)."""
+    args, unknown = _build_parser().parse_known_args(argv)
+    if unknown:
+        words = ["mrpool", args.command, getattr(args, "dlq_command", None)]
+        prog = " ".join(w for w in words if w)
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (see '{prog} --help')")
+    return args
 
 
 def _terminate(signum: int, _frame: object) -> None:

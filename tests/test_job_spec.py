@@ -685,3 +685,20 @@ def test_an_unknown_key_far_from_every_known_one_gets_no_guess(mrpool, tmp_path)
     job = write_yaml_job(tmp_path, "input: items.jsonl\nzzz: 1\nmap: {command: [echo]}\n")
     line = assert_refused(mrpool, run(mrpool, job), f"{job}: zzz: unknown key (expected one of: ")
     assert "did you mean" not in line
+
+
+@pytest.mark.parametrize(
+    "argv, unknown, help_of",
+    [
+        (["resume", "j", "--bogus"], "--bogus", "mrpool resume --help"),
+        (["dlq", "retry", "j", "--bogus"], "--bogus", "mrpool dlq retry --help"),
+        (["status", "--worker", "3"], "--worker", "mrpool status --help"),
+    ],
+)
+def test_an_unknown_option_points_at_its_commands_help(mrpool, argv, unknown, help_of):
+    """One line, exit 2, naming the help of the command the option was given to."""
+    r = mrpool.run(*argv)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"mrpool: unrecognized arguments: {unknown} (see '{help_of}')"
+    ]
