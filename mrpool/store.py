@@ -25,6 +25,7 @@ reported and ignored: the state is rebuilt from the journal, losing nothing.
 from __future__ import annotations
 
 import base64
+import difflib
 import os
 import re
 import secrets
@@ -437,7 +438,9 @@ class JobStore:
     def open(cls, root: Path, job_id: str) -> JobStore:
         store = cls(root, job_id)
         if not (store.dir / JOB_FILE).is_file():
-            raise NoSuchJob(f"no such job: {job_id} (state dir {root})")
+            near = difflib.get_close_matches(job_id, list_job_ids(root), n=1)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            raise NoSuchJob(f"no such job: {job_id} (state dir {root}){hint}")
         return store
 
     def info(self) -> JobInfo:

@@ -702,3 +702,14 @@ def test_an_unknown_option_points_at_its_commands_help(mrpool, argv, unknown, he
     assert r.stderr.strip().splitlines() == [
         f"mrpool: unrecognized arguments: {unknown} (see '{help_of}')"
     ]
+
+
+def test_an_unknown_job_id_suggests_the_nearest_job(mrpool, tmp_path):
+    """A typo in a job id (exit 4) names the job the user most likely meant."""
+    job = write_job(tmp_path, [{"id": 1}], {"command": ["true"]})
+    assert mrpool.run("run", str(job), "--job-id", "thumbnails-2026").returncode == 0
+    r = mrpool.run("status", "thumbnails-2062")
+    assert r.returncode == 4
+    assert r.stderr.strip().endswith("did you mean thumbnails-2026?"), r.stderr
+    r = mrpool.run("status", "zzz")
+    assert r.returncode == 4 and "did you mean" not in r.stderr
