@@ -29,6 +29,7 @@ __all__ = [
     "atomic_write_chunks",
     "fsync_dir",
     "make_private_dir",
+    "missing_dirs",
     "open_private",
     "open_regular_file",
     "sweep_temp_files",
@@ -57,17 +58,22 @@ def make_private_dir(path: str | os.PathLike) -> Path:
     into a new ``jobs/`` of a new state dir would otherwise vanish in a power cut
     with the directories that hold it, after ``run`` had printed its id."""
     path = Path(path)
-    created = []
-    missing = path
-    while not os.path.lexists(missing) and missing != missing.parent:
-        created.append(missing)
-        missing = missing.parent
+    created = missing_dirs(path)
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     if path.is_symlink():
         raise OSError(f"refusing to use {path}: it is a symbolic link")
     for directory in created:
         fsync_dir(directory.parent)
     return path
+
+
+def missing_dirs(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet (not even as a link), deepest first."""
+    missing = []
+    while not os.path.lexists(path) and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
 
 
 def open_private(path: str | os.PathLike, flags: int) -> int:

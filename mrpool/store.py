@@ -44,7 +44,7 @@ import orjson
 
 from .checksums import job_checksum
 from .errors import CorruptStateError, JobExists, NoSuchJob, UsageError, fsck_hint
-from .fsutil import atomic_write, fsync_dir, make_private_dir, sweep_temp_files
+from .fsutil import atomic_write, fsync_dir, make_private_dir, missing_dirs, sweep_temp_files
 from .journal import (
     FORMAT_VERSION,
     JOURNAL_FILE,
@@ -614,7 +614,7 @@ def create_job_dir(root: Path, job_id: str, build) -> JobStore:
             f"job {job_id!r} already exists; use 'mrpool resume {job_id}' to continue it"
         )
     tmp_root = root / "tmp"
-    created = _missing_dirs(tmp_root)
+    created = missing_dirs(tmp_root)
     try:
         tmp = _new_build_dir(root, tmp_root)
         try:
@@ -629,15 +629,6 @@ def create_job_dir(root: Path, job_id: str, build) -> JobStore:
         _remove_empty_dirs(created)
         raise
     return store
-
-
-def _missing_dirs(path: Path) -> list[Path]:
-    """``path`` and its ancestors that do not exist yet, deepest first."""
-    missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing
 
 
 def _remove_empty_dirs(paths: list[Path]) -> None:
