@@ -321,7 +321,7 @@ def _run_session(
         )
         session.run()
         if choice.kind != "local":  # a local session's slot file, read by this one's plan
-            (store.dir / SLOTS_FILE).unlink(missing_ok=True)
+            discard(store.dir)
         report = session.report(store.job_id)
         if report.state == "completed" and spec.reduce is not None and (reduce_due or plan.total):
             report.reduce = _reduce(store, spec, info.total, state, journal)
@@ -381,7 +381,10 @@ def _close_remote_crash(state, journal: JournalWriter | None) -> None:
     have run on the cluster and is never reused -- but none gets a crash streak: a
     supervisor's crash is never a remote item's fault. Written as the ``close``
     record the crashed session never wrote (``journal`` None: only in memory, for
-    a plan that runs nothing)."""
+    a plan that runs nothing). This is what ``slots.crash_evidence`` answers when
+    there is no slot file, but a remote session does not replace the file an
+    earlier local session left: settling here first keeps that stale file from
+    being read as this session's evidence."""
     kind = (state.executor or {}).get("kind", "local")
     if not state.open_count or kind == "local":
         return

@@ -4,34 +4,37 @@ The other modules implement these rules and point here: ``JobState._settle_open`
 (store.py) settles open attempts, ``plan_session`` (planner.py) parks poison,
 ``Session._abort`` / ``Session._hand_back`` (supervisor.py) and
 ``LocalExecutor._worker_lost`` (executor.py) decide what a death means, and
-``api._running_at_crash`` gathers the evidence of what was running.
+``slots.crash_evidence`` gathers the evidence of what a crashed session was doing.
 
 Words: an attempt is *open* from its start record (``s``) until its outcome
 (``ok``/``f``) or the end of its session. A session *ends cleanly* with a ``close``
 record (finished, interrupted by SIGINT/SIGTERM, or aborted); it *crashed* when the
 next session's ``open`` record finds attempts still open and no abort marker
-(below) says otherwise. The *cut* of a close/open record is the evidence of which
-open attempts a worker had actually begun (from the worker slots); None means no
-evidence.
+(below) says otherwise. The crash *evidence* (``slots.crash_evidence``, from the
+workers' ``slots.bin``) is written into that ``open`` record: ``began``, the open
+attempts a worker had begun, and ``cut``, those it was *running* at the crash.
+No evidence (no readable slot file, a remote executor) is written as ``began``
+None: unknown.
 
 1. **When an attempt is charged.** Its number is used up once its start is
-   journaled. When its session ends with it still open, it stays charged if the
-   cut names it (a worker had begun it) or if there is no cut (no evidence: the
-   conservative choice); an open attempt the cut does not name was only queued
-   behind others and is given back. A session that stopped by exception
-   (*abort*, rule 5) keeps every open attempt charged: outcomes lost with the
-   failed write may have run.
+   journaled. When its session ends with it still open, it stays charged if a
+   worker had begun it (``began`` or ``cut`` names it), or if there is no
+   evidence (the conservative choice: a number that may have run is never used
+   again); an open attempt the evidence shows no worker began was only queued
+   behind others and is given back. A clean stop charges what its own ``cut``
+   names. A session that stopped by exception (*abort*, rule 5) keeps every open
+   attempt charged: outcomes lost with the failed write may have run.
 2. **When a streak rises.** ``streak`` counts the crashes in a row that an item
-   was in flight at. Only a crash raises it, by one, for the open items the cut
-   names (all of them when there is no cut), when the next session's ``open``
-   record is applied. Any recorded outcome (``ok``, ``f``, parking) resets it to 0.
-   A clean end (finished, interrupted, aborted) never raises it.
+   was in flight at. Only a crash raises it, by one, for the open items a worker
+   was *running* (``cut``); with no evidence no streak rises, since a supervisor's
+   crash is never an item's fault. Any recorded outcome (``ok``, ``f``, parking)
+   resets it to 0. A clean end (finished, interrupted, aborted) never raises it.
 3. **When an item is parked as poison.** Planning happens before the new
    session's ``open`` record, so the planner counts the crash it is about to
-   settle: an open item the cut names (all, with no cut) whose ``streak + 1``
-   reaches ``crash_limit(retries)`` = ``max(2, 1 + retries)`` is parked in the
-   DLQ as ``crash_loop`` ("in flight at N crashes in a row", N = that count)
-   instead of being run. Never after an abort.
+   settle: an open item the evidence shows *running* whose ``streak + 1`` reaches
+   ``crash_limit(retries)`` = ``max(2, 1 + retries)`` is parked in the DLQ as
+   ``crash_loop`` ("in flight at N crashes in a row", N = that count) instead of
+   being run. Never without evidence, and never after an abort.
 4. **When a lost outcome counts.** A worker that dies *while running* an item
    fails that attempt (``worker_died``, or ``timeout``/``hung`` when the
    supervisor killed it): a charged, failed attempt like any other. Items it had
