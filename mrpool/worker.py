@@ -113,25 +113,54 @@ def worker_main(
 class _Outbox:
     """Rows of finished attempts on their way to the supervisor.
 
-    The hot loop appends to ``rows``; they are sent when a batch ends, when the
-    loop sees ``FLUSH_EVERY`` has passed, or by a thread every ``FLUSH_EVERY``
-    while a slow attempt runs -- so fast items travel in bulk and a slow item's
-    predecessors are reported without waiting for it."""
+    The hot loop appends to ``rows``, with no lock: successes whose result cannot
+    change after return (``_KEPT_AS_IS``) as ``[index, attempt, duration, result]``,
+    encoded with their whole message in one ``orjson.dumps``; failures as
+    ``[index, attempt, duration, failure, 1]``; and successes whose result could
+    change after return (a dict, a list), encoded at return by ``add_encoded`` into
+    a shared buffer, as ``(buffer, start, end, duration)``. Messages go out when a
+    batch ends, when the loop sees ``FLUSH_EVERY`` has passed, or from a thread
+    every ``FLUSH_EVERY`` while a slow attempt runs -- so fast items travel in bulk
+    and a slow item's predecessors are reported without waiting for it. The sender
+    takes a prefix of ``rows`` (the loop only ever appends) and gives the loop a new
+    buffer; a row already pointing into the old one stays valid."""
 
     def __init__(self, conn) -> None:
         self.conn = conn
-        self.rows: list[list[Any]] = []
+        self.rows: list[Any] = []
+        self.buffer = bytearray()
         self.last_send = time.monotonic()
         self._sending = threading.Lock()
 
+    def add_encoded(
+        self, index: int, attempt: int, duration: float, result: Any
+    ) -> dict[str, Any] | None:
+        """Record a success whose result is encoded now, as it is at return; if it is not
+        JSON, nothing is recorded and the failure to record instead is returned."""
+        try:
+            row = orjson.dumps([index, attempt, duration, result])
+        except TypeError as e:  # orjson.JSONEncodeError
+            return _not_json(e)
+        buffer = self.buffer  # the sender may swap in a new one at any moment: use this one
+        start = len(buffer)
+        buffer += row  # copied: a batch of orjson's own outputs would cost a page fault each
+        end = len(buffer)
+        buffer.append(0x2C)  # ",": rows side by side in the buffer form an array's elements
+        self.rows.append((buffer, start, end, duration))
+        return None
+
     def send(self) -> None:
         with self._sending:  # the main loop appends meanwhile: send and drop only this prefix
-            n = len(self.rows)
+            rows = self.rows
+            n = len(rows)
             if n:
                 if failpoints.ENABLED:
                     failpoints.hit("worker.before_send")
-                self.conn.send_bytes(_outcomes_message(self.rows[:n]))
-                del self.rows[:n]
+                taken = rows[:n]
+                del rows[:n]
+                if len(self.buffer):
+                    self.buffer = bytearray()
+                self.conn.send_bytes(_outcomes_message(taken))
             self.last_send = time.monotonic()
 
     def send_every_interval(self) -> None:
@@ -143,19 +172,69 @@ class _Outbox:
                 return
 
 
-def _outcomes_message(rows: list[list[Any]]) -> bytes:
-    """The message for ``rows`` (successes ``[index, attempt, duration, result]`` and
-    failures ``[index, attempt, duration, failure, 1]``, in order): see the module doc."""
+def _encoded_rows(rows: list[Any]) -> tuple[bytes | memoryview, list[list[Any]], float]:
+    """``(successes, failures, duration)`` of the outbox ``rows`` (see ``_Outbox``): the
+    successes as JSON array elements without the brackets, the scalar ones encoded in
+    one ``dumps`` a run; a success whose result turns out not to be JSON (a huge int, a
+    lone surrogate) becomes its own attempt's failure."""
+    kinds = set(map(type, rows))
+    if tuple not in kinds:
+        return _encoded_lists(rows)
+    if list not in kinds:
+        first, last = rows[0], rows[-1]
+        if first[0] is last[0]:  # one buffer, appended in this order: one slice of it
+            return first[0][first[1] : last[2]], [], sum(map(_encoded_duration, rows))
+    duration = sum(row[3] if type(row) is tuple else row[2] for row in rows)
+    parts: list[Any] = []
+    failures: list[list[Any]] = []
+    run: list[list[Any]] = []
+    for row in rows:
+        if type(row) is tuple:
+            if run:
+                body, failed, _ = _encoded_lists(run)
+                parts.append(body)
+                failures += failed
+                run = []
+            parts.append(row[0][row[1] : row[2]])
+        else:
+            run.append(row)
+    if run:
+        body, failed, _ = _encoded_lists(run)
+        parts.append(body)
+        failures += failed
+    return b",".join(part for part in parts if part), failures, duration
+
+
+def _encoded_duration(row: tuple) -> float:
+    return row[3]
+
+
+def _encoded_lists(rows: list[list[Any]]) -> tuple[bytes | memoryview, list[list[Any]], float]:
+    """``_encoded_rows`` for rows that are all lists (no result encoded at return)."""
     duration = sum(map(_duration, rows))
     if sum(map(len, rows)) == 4 * len(rows):  # no failures: the common case
         failures: list[list[Any]] = []
+        successes = rows
     else:
         failures = [row[:4] for row in rows if len(row) == 5]
-        rows = [row for row in rows if len(row) == 4]
-    return b"%s\n%s" % (
-        orjson.dumps([len(rows) + len(failures), duration, failures]),
-        orjson.dumps(rows),
-    )
+        successes = [row for row in rows if len(row) == 4]
+    try:
+        return memoryview(orjson.dumps(successes))[1:-1], failures, duration
+    except TypeError:
+        pass
+    parts = []
+    for row in successes:
+        try:
+            parts.append(orjson.dumps(row))
+        except TypeError as e:
+            failures.append([*row[:3], _not_json(e)])
+    return b",".join(parts), failures, duration
+
+
+def _outcomes_message(rows: list[list[Any]]) -> bytes:
+    """The message for ``rows`` alone (see ``_encoded_rows``, and the module doc)."""
+    body, failures, duration = _encoded_rows(rows)
+    return b"%s\n[%s]" % (orjson.dumps([len(rows), duration, failures]), body)
 
 
 def _batch_runner(config: WorkerConfig, slots: SlotTable, slot: int, outbox: _Outbox):
@@ -169,28 +248,25 @@ def _batch_runner(config: WorkerConfig, slots: SlotTable, slot: int, outbox: _Ou
         run_one = _callable_runner(function)
 
     def run_each(indices: list[int], attempts: list[int], body: bytes) -> None:
-        append, monotonic = outbox.rows.append, time.monotonic
+        rows, monotonic = outbox.rows, time.monotonic
         for index, attempt, line in zip(indices, attempts, body.split(b"\n")):
             started = monotonic()
             begin(index, attempt, started)
             ok, payload = run_one(index, attempt, line)
             now = monotonic()
-            if ok:
-                append([index, attempt, now - started, payload])
-            else:
-                append([index, attempt, now - started, payload, 1])
+            _record(rows, outbox, index, attempt, now - started, ok, payload)
             end()
             if now - outbox.last_send >= FLUSH_EVERY:
                 outbox.send()
 
     def run_callables(indices: list[int], attempts: list[int], body: bytes) -> None:
         """The hot loop for callables: one decode for the batch, and per attempt only the
-        user's function, the slot's begin/end and one clock read."""
+        user's function, the slot's begin/end, one clock read and the row."""
         items = _decoded_items(body, len(indices))
         if items is None:
             run_each(indices, attempts, body)
             return
-        append, monotonic = outbox.rows.append, time.monotonic
+        append, add_encoded, monotonic = outbox.rows.append, outbox.add_encoded, time.monotonic
         now = monotonic()
         for index, attempt, item in zip(indices, attempts, items):
             started = now  # the previous attempt's end: one clock read an attempt
@@ -198,16 +274,16 @@ def _batch_runner(config: WorkerConfig, slots: SlotTable, slot: int, outbox: _Ou
             try:
                 result = function(item)
             except (Exception, SystemExit) as e:  # noqa: BLE001 - a map's failure is data
-                ok, result = False, _exception_failure(e)
+                now = monotonic()
+                append([index, attempt, now - started, _exception_failure(e), 1])
             else:
-                ok = True
-                if type(result) not in _ENCODABLE_LATER:
-                    ok, result = _encoded_now(result)
-            now = monotonic()
-            if ok:
-                append([index, attempt, now - started, result])
-            else:
-                append([index, attempt, now - started, result, 1])
+                now = monotonic()
+                if type(result) in _KEPT_AS_IS:
+                    append([index, attempt, now - started, result])
+                else:
+                    failure = add_encoded(index, attempt, now - started, result)
+                    if failure is not None:
+                        append([index, attempt, now - started, failure, 1])
             end()
             if now - outbox.last_send >= FLUSH_EVERY:
                 outbox.send()
@@ -215,10 +291,26 @@ def _batch_runner(config: WorkerConfig, slots: SlotTable, slot: int, outbox: _Ou
     return run_each if config.command else run_callables
 
 
-# Results orjson encodes whatever they hold, and that cannot change after return:
-# they wait for the send as they are. (Not int or str: a huge int or a lone
-# surrogate fails to encode, and that must fail its own attempt, not the send.)
-_ENCODABLE_LATER = frozenset({type(None), bool, float})
+def _record(
+    rows: list, outbox: _Outbox, index: int, attempt: int, duration: float, ok: bool, payload: Any
+) -> None:
+    """The row of one finished attempt (``run_each``'s part of the hot loop above)."""
+    if not ok:
+        rows.append([index, attempt, duration, payload, 1])
+    elif type(payload) in _KEPT_AS_IS:
+        rows.append([index, attempt, duration, payload])
+    else:
+        failure = outbox.add_encoded(index, attempt, duration, payload)
+        if failure is not None:
+            rows.append([index, attempt, duration, failure, 1])
+
+
+# Results that cannot change after return: they wait for the send as they are, and
+# are encoded with the whole message in one dumps. (One that cannot be encoded -- an
+# int past 64 bits, a lone surrogate -- is found then and fails its own attempt.)
+# Anything else (a dict, a list, ...) may be changed by later calls, so it is
+# encoded at return (``_Outbox.add_encoded``).
+_KEPT_AS_IS = frozenset({type(None), bool, float, int, str, orjson.Fragment})
 _WHOLE_BATCH_DECODE_MAX = 1 << 20
 
 
@@ -355,7 +447,7 @@ def _callable_runner(function):
             result = function(orjson.loads(line[line.index(b"\t") + 1 :]))
         except (Exception, SystemExit) as e:  # noqa: BLE001 - a map's failure is data, not our crash
             return False, _exception_failure(e)
-        return _encoded_now(result)
+        return True, result
 
     return run
 
@@ -364,12 +456,8 @@ def _exception_failure(e: BaseException) -> dict[str, Any]:
     return _failure("exception", _one_line(f"{type(e).__name__}: {e}"), traceback.format_exc())
 
 
-def _encoded_now(result: Any) -> tuple[bool, Any]:
-    """``(True, result encoded)``, or ``(False, failure)`` when it is not JSON."""
-    try:
-        return True, _json_now(result)
-    except TypeError as e:
-        return False, _failure("exception", f"result is not JSON-serializable: {e}")
+def _not_json(e: Exception) -> dict[str, Any]:
+    return _failure("exception", f"result is not JSON-serializable: {e}")
 
 
 def _command_runner(config: WorkerConfig, slots: SlotTable, slot: int):
@@ -538,21 +626,11 @@ def _no_inherited_fds() -> None:
                 pass  # the directory listing's own descriptor, closed by now
 
 
-def _json_now(value: Any) -> orjson.Fragment:
-    """``value`` encoded now, as it is at return (a later change to it is not recorded).
-
-    The copy matters: orjson's output keeps a large allocation behind a small
-    bytes object, and holding a batch of them until the next send costs ~3 us
-    an item in page faults; a compact copy costs ~0.1 us.
-    """
-    return orjson.Fragment(bytes(memoryview(orjson.dumps(value))))
-
-
 def _command_result(out: bytes) -> Any:
     if not out:
         return ""  # no output (the common case for side-effect commands): not JSON, empty text
     try:
-        return _json_now(orjson.loads(out))
+        return orjson.loads(out)
     except orjson.JSONDecodeError:
         return out.decode("utf-8", errors="replace")
 

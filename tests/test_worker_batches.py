@@ -2,7 +2,8 @@
 
 The worker decodes a whole batch of ``items.jsonl`` lines in one call (TABs and
 LFs turned into commas: one flat array) and keeps results that cannot change after
-return (None, booleans, floats) unencoded until the batch is sent. These tests
+return (None, booleans, numbers, strings) unencoded until the batch is sent, and
+encodes the others at return. These tests
 pin down the two promises that make that safe: the batch decode yields the very
 items a line-by-line decode yields, or declines (never a different item); and a
 result is recorded as it was when the map returned, with one that cannot be
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 from test_run import events, run_ok
 
 from mrpool.executor import Batch, LocalExecutor, Outcomes, _Worker
-from mrpool.worker import WorkerConfig, _decoded_items, _json_now, _outcomes_message
+from mrpool.worker import WorkerConfig, _decoded_items, _Outbox, _outcomes_message
 
 json_values = st.recursive(
     st.none()
@@ -168,7 +169,7 @@ def test_a_workers_outcomes_reach_the_supervisor_sorted_and_journal_ready(outcom
     rows = []
     for k, (ok, value) in enumerate(outcomes):
         if ok:
-            rows.append([indices[k], attempts[k], 0.5, _json_now(value)])
+            rows.append([indices[k], attempts[k], 0.5, value])
         else:
             rows.append([indices[k], attempts[k], 0.25, {"kind": "exception", "msg": "no"}, 1])
     executor = LocalExecutor(WorkerConfig("j", ".", None, "m:f", None), 1)
@@ -191,6 +192,65 @@ def test_a_workers_outcomes_reach_the_supervisor_sorted_and_journal_ready(outcom
     assert journaled == [orjson.loads(orjson.dumps(rows[k])) for k in good]
     assert worker.held == 0 and not worker.queued
     assert worker.per_item == sum(row[2] for row in rows) / n
+
+
+class _Wire:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send_bytes(self, message: bytes) -> None:
+        self.sent.append(message)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.one_of(json_values, st.just(2**70), st.just({1, 2}), st.just(RuntimeError)),
+        min_size=1,
+        max_size=30,
+    ),
+    st.sets(st.integers(0, 30)),
+)
+def test_the_outbox_keeps_rows_in_order_whatever_is_encoded_when(results, sends):
+    """Results kept as they are (scalars) and results encoded at return (containers),
+    interleaved with failures and with sends at any point, reach the supervisor as the
+    rows of the next attempts in order; an unencodable one -- found at return or only
+    at the send -- fails its own attempt, and nothing else."""
+    wire = _Wire()
+    outbox = _Outbox(wire)
+    expected_ok, expected_failed = [], []
+    for k, result in enumerate(results):
+        if result is RuntimeError:
+            outbox.rows.append([k, 1, 0.5, {"kind": "exception", "msg": "x", "tail": ""}, 1])
+            expected_failed.append(k)
+        elif type(result) in (type(None), bool, float, int, str):
+            outbox.rows.append([k, 1, 0.5, result])
+            (expected_failed if result == 2**70 else expected_ok).append(k)
+        else:
+            failure = outbox.add_encoded(k, 1, 0.5, result)
+            if failure is None:
+                expected_ok.append(k)
+            else:
+                assert "not JSON-serializable" in failure["msg"]
+                outbox.rows.append([k, 1, 0.5, failure, 1])
+                expected_failed.append(k)
+        if k in sends:
+            outbox.send()
+    outbox.send()
+    ok, failed, counted = [], [], 0
+    for message in wire.sent:
+        head, _, body = message.partition(b"\n")
+        count, duration, failures = orjson.loads(head)
+        rows = orjson.loads(body)
+        assert count == len(rows) + len(failures) and duration == 0.5 * count
+        assert sorted(r[0] for r in rows + failures) == list(range(counted, counted + count))
+        counted += count
+        ok += rows
+        failed += [f[0] for f in failures]
+    assert counted == len(results)
+    assert [row[0] for row in ok] == expected_ok
+    assert sorted(failed) == expected_failed
+    assert [row[3] for row in ok] == [orjson.loads(orjson.dumps(results[k])) for k in expected_ok]
 
 
 def test_large_fast_items_are_held_a_few_mib_at_a_time_per_worker(tmp_path):
