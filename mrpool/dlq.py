@@ -11,12 +11,21 @@ and leaving are therefore single journal appends: a success recorded by
 ``resume`` or ``dlq retry`` *is* the removal from the DLQ, so no crash can leave
 an item both succeeded and parked, or lose the success.
 
-``dlq.json`` (version 1) is a derived, atomically replaced snapshot that keeps
+``dlq.json`` (version 2) is a derived, atomically replaced snapshot that keeps
 ``dlq`` commands fast on long journals: one journal-codec record
-``{"k":"dlq","v":1,"journal_offset":N,"histories":{"<index>":[attempt, ...]}}``
-holding the failure history of every item that was failed or parked at offset
-N. Readers load it and replay the journal after N; a damaged snapshot is
-ignored and rebuilt from the journal.
+``{"k":"dlq","v":2,"journal_offset":N,"records":{"<index>":[offset, ...]}}``
+naming, for every item that was failed or parked at offset N, the byte offsets
+of its ``f`` records in the journal (its failure history) -- references, not
+copies: a failure's text is stored once, in the journal. Readers load it, replay
+the ``f`` records after N, and read the records they show by offset (one checked
+record each: ``dlq list`` reads an item's first and last). A snapshot whose
+reference does not lead to that item's ``f`` record, or that is damaged, is
+ignored and rebuilt from the journal. Version 1 (``"histories"``: each item's
+history copied in, tails and all) is still read.
+
+A failure's ``tail`` is at most 2048 bytes (``worker.TAIL_BYTES``); an ``f``
+record may name an earlier one's instead (``tail_at``, journal.py), which is
+resolved when a history is shown.
 
 Error signatures
 ----------------
@@ -38,16 +47,18 @@ from typing import Any
 import orjson
 
 from . import records
-from .errors import UsageError
+from .errors import CorruptStateError, UsageError
 from .fsutil import atomic_write
 from .items import identity_text, indices_of, iter_item_lines, split_line
-from .journal import FORMAT_VERSION, decode_line, encode_record, read_records
+from .journal import RecordReader, decode_line, encode_record, read_payloads
 from .records import Recorder
 from .store import DLQ, FAILED, JobState, JobStore
 
 __all__ = ["DlqEntry", "DeadLetterQueue", "error_signature", "normalise_message"]
 
 SNAPSHOT_FILE = "dlq.json"
+SNAPSHOT_VERSION = 2
+_FAILURE_PREFIX = b'{"k":"f",'  # an f record's payload as orjson writes it (k first)
 _NORMALISERS = [
     (
         re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"),
@@ -91,11 +102,37 @@ class DlqEntry:
 def normalise_message(message: str, item_id: str | None = None) -> str:
     # Whole tokens only, and not numeric ids (numbers become <n> anyway): a bare
     # substring replace of id "5" turned "errno 5" / "offset 20480" into different labels.
-    if item_id and not item_id.isdigit():
-        message = re.sub(rf"(?<!\w){re.escape(item_id)}(?!\w)", "<id>", message)
+    if item_id and not item_id.isdigit() and item_id in message:
+        message = _replace_token(message, item_id, "<id>")
     for pattern, token in _NORMALISERS:
         message = pattern.sub(token, message)
     return " ".join(message.split())
+
+
+def _replace_token(text: str, token: str, by: str) -> str:
+    """``text`` with each whole-token occurrence of ``token`` (no word character on either
+    side, as ``(?<!\\w)token(?!\\w)``) replaced: a regex compiled per id cost ~50 us an
+    item, every id being new to ``re``'s cache."""
+    parts, at = [], 0
+    while True:
+        found = text.find(token, at)
+        if found < 0:
+            break
+        after = found + len(token)
+        before_ok = found == 0 or not _is_word(text[found - 1])
+        after_ok = after == len(text) or not _is_word(text[after])
+        if before_ok and after_ok:
+            parts += [text[at:found], by]
+            at = after
+        else:
+            parts.append(text[at : found + 1])
+            at = found + 1
+    parts.append(text[at:])
+    return "".join(parts)
+
+
+def _is_word(char: str) -> bool:
+    return char.isalnum() or char == "_"
 
 
 def error_signature(kind: str, message: str, item_id: str | None = None) -> tuple[str, str]:
@@ -117,18 +154,34 @@ class DeadLetterQueue:
         status = self.state.status
         return [i for i in range(self.state.total) if status[i] == DLQ]
 
-    def entries(self, only: Iterable[int] | None = None) -> list[DlqEntry]:
-        """DLQ items in input order (all, or the given indices that are parked)."""
+    def entries(self, only: Iterable[int] | None = None, detail: bool = True) -> list[DlqEntry]:
+        """DLQ items in input order (all, or the given indices that are parked). Without
+        ``detail`` (``dlq list``, ``stats``), an entry holds what ``brief`` shows: its
+        item is not decoded (None) and its history is not read (empty)."""
         wanted = set(
             self.indices() if only is None else (i for i in only if self.state.status[i] == DLQ)
         )
         if not wanted:
             return []
         histories = self._histories(wanted)
-        return [
-            self._entry(index, line, histories.get(index, []))
-            for index, line in self._lines(wanted)
-        ]
+        with RecordReader(self.store.journal_path) as reader:
+            try:
+                return self._entries(wanted, histories, reader, detail)
+            except _StaleSnapshot as e:
+                _warn_damaged(self.store.dir / SNAPSHOT_FILE, str(e))
+            histories, _ = self._replay(({}, 0), want=wanted)
+            return self._entries(wanted, histories, reader, detail)
+
+    def _entries(self, wanted, histories, reader: RecordReader, detail: bool) -> list[DlqEntry]:
+        entries = []
+        for index, line in self._lines(wanted):
+            refs = histories.get(index, [])
+            if detail:
+                history = [_history_entry(_resolved(reader, index, ref), reader) for ref in refs]
+            else:
+                history = [_resolved(reader, index, ref) for ref in refs[:1] + refs[1:][-1:]]
+            entries.append(self._entry(index, line, history, detail))
+        return entries
 
     def get(self, item_id: str) -> DlqEntry:
         index = self.find(item_id)
@@ -144,7 +197,7 @@ class DeadLetterQueue:
         """Counts by error signature, largest group first."""
         groups: dict[str, dict[str, Any]] = {}
         counter: Counter[str] = Counter()
-        for entry in self.entries():
+        for entry in self.entries(detail=False):
             counter[entry.signature] += 1
             group = groups.setdefault(
                 entry.signature,
@@ -183,20 +236,25 @@ class DeadLetterQueue:
         else:
             histories, offset = self._replay(self._load_snapshot(), want=None)
             keep = {i: h for i, h in histories.items() if self.state.status[i] in (FAILED, DLQ)}
+            if any(type(ref) is not int for refs in keep.values() for ref in refs):
+                histories, offset = self._replay(({}, 0), want=None)  # a v1 snapshot's copies
+                keep = {i: h for i, h in histories.items() if self.state.status[i] in (FAILED, DLQ)}
         record = {
             "k": "dlq",
-            "v": FORMAT_VERSION,
+            "v": SNAPSHOT_VERSION,
             "journal_offset": offset,
-            "histories": {str(i): h for i, h in keep.items()},
+            "records": {str(i): h for i, h in keep.items()},
         }
         atomic_write(self.store.dir / SNAPSHOT_FILE, encode_record(record), failpoint="dlq")
 
     # -- internals ---------------------------------------------------------
-    def _histories(self, wanted: set[int]) -> dict[int, list[dict[str, Any]]]:
+    def _histories(self, wanted: set[int]) -> dict[int, list[int | dict[str, Any]]]:
         histories, _ = self._replay(self._load_snapshot(), want=wanted)
         return histories
 
-    def _load_snapshot(self) -> tuple[dict[int, list[dict[str, Any]]], int]:
+    def _load_snapshot(self) -> tuple[dict[int, list[int | dict[str, Any]]], int]:
+        """``({index: [reference, ...]}, journal offset)`` from ``dlq.json``: a reference is
+        an ``f`` record's offset (version 2) or the record's fields (version 1)."""
         path = self.store.dir / SNAPSHOT_FILE
         try:
             record = decode_line(path.read_bytes())
@@ -208,33 +266,40 @@ class DeadLetterQueue:
             offset = int(record["journal_offset"])
             if offset > self.store.journal_path.stat().st_size:
                 raise ValueError("points past the end of the journal")
-            return {int(i): h for i, h in record["histories"].items()}, offset
+            if record.get("v") == 1:
+                return {int(i): h for i, h in record["histories"].items()}, offset
+            if record.get("v") != SNAPSHOT_VERSION:
+                raise ValueError(f"unknown version {record.get('v')!r}")
+            refs = record["records"]
+            if not all(type(r) is int for rs in refs.values() for r in rs):
+                raise ValueError("a reference is not a byte offset")
+            return {int(i): rs for i, rs in refs.items()}, offset
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            print(
-                f"mrpool: {path}: damaged DLQ snapshot ({e}); rebuilding from the journal",
-                file=sys.stderr,
-            )
+            _warn_damaged(path, str(e))
             return {}, 0
 
     def _replay(
         self, snapshot, want: set[int] | None
-    ) -> tuple[dict[int, list[dict[str, Any]]], int]:
-        histories, offset = snapshot
+    ) -> tuple[dict[int, list[int | dict[str, Any]]], int]:
+        """The snapshot's histories extended with the journal's ``f`` records after it, as
+        their offsets. Only ``f`` records are decoded: a success or a purge ends an item's
+        history, but nothing fails after either, and every reader keeps only the
+        histories of items still failed or parked."""
+        histories, start_at = snapshot
         if want is not None:
             histories = {i: h for i, h in histories.items() if i in want}
-        for _, end, record in read_records(self.store.journal_path, offset):
-            kind = record["k"]
-            if kind == "f":
-                index = record["i"]
-                if want is None or index in want:
-                    histories.setdefault(index, []).append(records.failure_history(record))
-            elif kind == "ok":
-                for index in records.succeeded_indices(record):
-                    histories.pop(index, None)
-            elif kind == "purge":
-                for index in record["b"]:
-                    histories.pop(index, None)
+        offset = start_at
+        for start, end, record in read_payloads(self.store.journal_path, start_at):
             offset = end
+            if type(record) is bytes:  # undecoded: decode failures only
+                if not record.startswith(_FAILURE_PREFIX, 9):
+                    continue
+                record = orjson.loads(memoryview(record)[9:-1])
+            elif record.get("k") != "f":
+                continue
+            index = record["i"]
+            if want is None or index in want:
+                histories.setdefault(index, []).append(start)
         return histories, offset
 
     def _lines(self, wanted: set[int]) -> Iterator[tuple[int, bytes]]:
@@ -246,17 +311,25 @@ class DeadLetterQueue:
                 if not remaining:
                     return
 
-    def _entry(self, index: int, line: bytes, history: list[dict[str, Any]]) -> DlqEntry:
+    def _entry(
+        self, index: int, line: bytes, history: list[dict[str, Any]], detail: bool = True
+    ) -> DlqEntry:
         item_id, item_json = split_line(line)
         last = history[-1] if history else {"kind": "unknown", "msg": "(no failure record)"}
-        signature, _ = error_signature(
-            last.get("kind", "unknown"), last.get("msg", ""), identity_text(item_id)
+        signature = last.get("sig")
+        if not isinstance(signature, str):
+            signature, _ = error_signature(
+                last.get("kind", "unknown"), last.get("msg", ""), identity_text(item_id)
+            )
+        history_out = (
+            [{("attempt" if k == "a" else k): v for k, v in h.items()} for h in history]
+            if detail
+            else []
         )
-        history_out = [{("attempt" if k == "a" else k): v for k, v in h.items()} for h in history]
         return DlqEntry(
             id=item_id,
             index=index,
-            item=orjson.loads(item_json),
+            item=orjson.loads(item_json) if detail else None,
             attempts=self.state.attempts[index],
             first_failure=history[0].get("t") if history else None,
             last_failure=last.get("t"),
@@ -265,3 +338,35 @@ class DeadLetterQueue:
             signature=signature,
             history=history_out,
         )
+
+
+class _StaleSnapshot(Exception):
+    """A ``dlq.json`` reference that does not lead to its item's ``f`` record."""
+
+
+def _warn_damaged(path, why: str) -> None:
+    print(f"mrpool: {path}: damaged DLQ snapshot ({why}); rebuilding from the journal",
+          file=sys.stderr)  # fmt: skip
+
+
+def _resolved(reader: RecordReader, index: int, ref: int | dict[str, Any]) -> dict[str, Any]:
+    """The ``f`` record a history reference stands for (a v1 snapshot's copy as it is)."""
+    if type(ref) is not int:
+        return ref
+    try:
+        record = reader.at(ref)
+    except CorruptStateError as e:
+        raise _StaleSnapshot(str(e)) from None
+    if record.get("k") != "f" or record.get("i") != index:
+        raise _StaleSnapshot(f"byte {ref} is not a failure record of item {index}")
+    return record
+
+
+def _history_entry(record: dict[str, Any], reader: RecordReader) -> dict[str, Any]:
+    """One attempt of a shown history: the record's fields, its tail resolved."""
+    entry = records.failure_history(record)
+    at = record.get("tail_at")
+    if "tail" not in entry and type(at) is int:
+        source = reader.at(at)  # damage here is the journal's: CorruptStateError, fsck's part
+        entry["tail"] = source.get("tail", "")
+    return entry

@@ -1,6 +1,6 @@
 """The journal: the job's append-only, checksummed record of everything.
 
-File format (``journal.log``, version 1)
+File format (``journal.log``, version 2)
 ----------------------------------------
 One record per line::
 
@@ -8,11 +8,19 @@ One record per line::
 
 PAYLOAD is one compact JSON object written by orjson (it never holds a raw LF).
 Every object has ``k`` (the kind) and ``t`` (unix time). The first record of the
-file is ``{"k":"job","v":1,...}``. Kinds: ``job``, ``open`` (a command started
+file is ``{"k":"job","v":2,...}`` (``"v":1``: a journal written before tails were shared). Kinds: ``job``, ``open`` (a command started
 a session), ``plan``, ``s`` (attempts started, batched), ``ok`` (successes with
 their results, batched), ``f`` (one failed attempt), ``reset``, ``purge``,
 ``worker``, ``executor`` (the session's executor, when not local: kind, scheduler
 address, workers), ``ckpt``, ``reduce``, ``close`` (a session ended cleanly).
+
+An ``f`` record holds the failure's ``kind``, ``msg``, ``tail`` (the end of stderr or
+of a traceback, at most 2048 bytes), ``sig`` (its error signature, when the worker
+computed it) and ``next``. In a version-2 journal it may hold ``tail_at`` instead of
+``tail``: the byte offset of an earlier ``f`` record of the same journal whose ``tail``
+is the same text (one bug failing 100k items stores its traceback about once a
+session). A reference always points backwards, so every prefix of the journal a crash
+or a salvage can leave resolves all the references it holds.
 
 An ``s`` record names its attempts as ``b``, ``[[index, attempt], ...]``, and/or
 as ``r``, ``[[first, count, attempt], ...]``: runs of consecutive items starting
@@ -53,6 +61,7 @@ The checkpoint and DLQ snapshot files are single records in the same codec.
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import threading
@@ -68,9 +77,13 @@ import orjson
 from . import failpoints
 from .errors import CorruptStateError, StorageError, fsck_hint
 from .fsutil import fsync_dir, open_private
+from .records import VERSION
 
 __all__ = [
     "FORMAT_VERSION",
+    "JOURNAL_VERSION",
+    "journal_version",
+    "RecordReader",
     "encode_record",
     "decode_line",
     "read_records",
@@ -82,6 +95,9 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+# The journal's own version, in its first record (records.job): 2 lets an ``f`` record
+# name the tail of an earlier one (``tail_at``) instead of holding the same text again.
+JOURNAL_VERSION = VERSION
 JOURNAL_FILE = "journal.log"
 
 
@@ -116,6 +132,49 @@ def _decoded(payload: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
+
+
+def journal_version(path: Path) -> int:
+    """The version in the journal's first record (1 when it names none or is unreadable:
+    the conservative answer, under which nothing newer is written into it)."""
+    try:
+        with open(path, "rb") as handle:
+            record = decode_line(handle.readline(1 << 16))
+    except FileNotFoundError:
+        return 1
+    version = record.get("v") if record is not None and record.get("k") == "job" else None
+    return version if isinstance(version, int) else 1
+
+
+class RecordReader:
+    """Random access to checksummed records by their byte offset (``tail_at``, and the DLQ
+    snapshot's references): ``at(offset)`` is the record that starts there, or raises
+    ``CorruptStateError`` if none does. Use as a context manager."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle = open(path, "rb")
+        size = os.fstat(self._handle.fileno()).st_size
+        self._map = mmap.mmap(self._handle.fileno(), size, access=mmap.ACCESS_READ) if size else b""
+
+    def at(self, offset: int) -> dict[str, Any]:
+        data = self._map
+        end = data.find(b"\n", offset) if 0 <= offset < len(data) else -1
+        record = None if end < 0 else decode_line(data[offset : end + 1])
+        if record is None:
+            raise _corrupt(self.path, offset, "no whole record starts there")
+        return record
+
+    def close(self) -> None:
+        if self._map:
+            self._map.close()
+        self._handle.close()
+
+    def __enter__(self) -> RecordReader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 _SKIPPED: dict[str, Any] = {}
@@ -335,6 +394,7 @@ class JournalWriter:
         self.commit_interval = commit_interval
         self._fd = open_private(path, os.O_WRONLY | os.O_CREAT)
         self._buffer: list[bytes] = []
+        self._buffered = 0  # bytes in _buffer
         self._dirty = False  # written since the last fsync began
         self._last_sync = time.monotonic()
         self._committer: _Committer | None = None  # started by the first unforced commit
@@ -352,9 +412,19 @@ class JournalWriter:
         if size == 0:
             fsync_dir(path.parent)
 
-    def append(self, record: dict[str, Any]) -> None:
-        """Buffer one record; it reaches the kernel at the next ``write``."""
-        self._buffer.append(encode_record(record))
+    def append(self, record: dict[str, Any]) -> int:
+        """Buffer one record; it reaches the kernel at the next ``write``. Returns the byte
+        offset it will have in the file."""
+        line = encode_record(record)
+        at = self.offset + self._buffered
+        self._buffer.append(line)
+        self._buffered += len(line)
+        return at
+
+    @property
+    def buffered(self) -> int:
+        """Bytes appended and not yet written: the next record starts at offset + buffered."""
+        return self._buffered
 
     def write(self) -> None:
         """Hand buffered records to the kernel: from now on they survive a SIGKILL."""
@@ -362,6 +432,7 @@ class JournalWriter:
             return
         data = b"".join(self._buffer)
         self._buffer.clear()
+        self._buffered = 0
         try:
             view = memoryview(data)
             while view:
@@ -415,6 +486,7 @@ class JournalWriter:
     def abandon(self) -> None:
         """Close without writing what is buffered (after a storage error)."""
         self._buffer.clear()
+        self._buffered = 0
         if self._fd >= 0:
             self._stop_committer()
             os.close(self._fd)

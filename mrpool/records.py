@@ -8,12 +8,12 @@ in memory (the hot ones, ``s`` and ``ok``, are built per batch and must cost a
 few list operations); the functions below are their only constructors, so each
 kind's fields are named in one place.
 
-Field table (version 1; ``?`` = optional, absent when not applicable)
+Field table (version 2; ``?`` = optional, absent when not applicable)
 --------------------------------------------------------------------
 =========  ======================================================================
 kind       fields
 =========  ======================================================================
-job        ``v`` format version (1), ``job_id``, ``total`` items,
+job        ``v`` format version (2; 1: no ``tail_at``), ``job_id``, ``total`` items,
            ``duplicates_in_input``, ``id_mode``. The first record of every journal.
 open       a session began: ``cmd`` (run / resume / dlq retry / map), ``pid``,
            ``host``; the crash evidence of the session before it (crashes.py):
@@ -31,9 +31,11 @@ ok         attempts succeeded: ``b`` ``[[index, attempt, duration, result], ...]
            written as ``{"k":"ok","b":[...`` (journal.result_spans reads results
            without decoding them).
 f          one failed attempt: ``i`` index, ``a`` attempt, ``dur``? seconds, the
-           failure's ``kind``, ``msg``, ``tail``, ``pid``?, ``code``? (exit
-           status), ``signal``?; ``next``: "retry", "dlq" (parked) or "failed"
-           (kept: the DLQ was full).
+           failure's ``kind``, ``msg``, ``tail`` (at most 2048 bytes) or, version 2,
+           ``tail_at``? (the offset of an earlier ``f`` record with the same tail),
+           ``sig``? (its error signature, computed by the worker), ``pid``?,
+           ``code``? (exit status), ``signal``?; ``next``: "retry", "dlq" (parked)
+           or "failed" (kept: the DLQ was full).
 reset      ``b`` indices whose attempt numbers restart at 1 (``--reset-failed``).
 purge      ``b`` indices dropped from the DLQ for good.
 ckpt       ``off``: a checkpoint was written covering the journal up to it.
@@ -96,7 +98,7 @@ __all__ = [
 ]
 
 Record = dict[str, Any]
-VERSION = 1  # journal.FORMAT_VERSION: the job record carries it
+VERSION = 2  # journal.JOURNAL_VERSION: the job record carries it
 
 # ``next`` of an ``f`` record: what becomes of the item
 RETRY, PARK, KEEP = "retry", "dlq", "failed"

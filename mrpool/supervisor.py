@@ -47,7 +47,7 @@ from . import failpoints, records
 from .crashes import clear_abort_marks, mark_aborted
 from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, DlqFullError
 from .executor import Batch, Executor, Failure, Outcomes, Successes
-from .journal import JournalWriter
+from .journal import JOURNAL_VERSION, JournalWriter, journal_version
 from .planner import ResumePlan
 from .progress import Progress
 from .records import Recorder
@@ -57,6 +57,8 @@ __all__ = ["SessionOptions", "SessionReport", "Session"]
 
 CHECKPOINT_EVERY = 30.0
 LOST_OUTCOME_LIMIT = 3  # see Session._hand_back
+SHARED_TAIL_MIN = 64  # a failure's tail at least this long is journaled once (tail_at)
+SHARED_TAILS_MAX = 4096  # distinct tails remembered per session
 STOPPED_BY_CALLER = 0  # stop_signal when options.stop was set (no real signal is 0)
 
 
@@ -127,6 +129,11 @@ class Session:
         self._last_checkpoint = time.monotonic()
         self.progress = Progress(plan.total, enabled=options.progress)
         self.kept_failed = 0  # items not parked because the DLQ was full (keep_failed)
+        # tail text -> offset of the f record holding it, so the next failure with the same
+        # tail names that record instead (None: a version-1 journal, tails kept inline)
+        self._tails: dict[str, int] | None = (
+            {} if journal_version(journal.path) >= JOURNAL_VERSION else None
+        )
 
     # -- the loop ----------------------------------------------------------
     def run(self) -> None:
@@ -348,11 +355,27 @@ class Session:
         self._record(self._failed_record(failure, self._park_or_keep(index)))
         self.progress.failed += 1
 
-    @staticmethod
-    def _failed_record(failure: Failure, next_: str) -> dict[str, Any]:
-        return records.failed(
+    def _failed_record(self, failure: Failure, next_: str) -> dict[str, Any]:
+        record = records.failed(
             failure.index, failure.attempt, failure.error, next_, failure.duration
         )
+        self._share_tail(record)
+        return record
+
+    def _share_tail(self, record: dict[str, Any]) -> None:
+        """Journal a tail seen before in this session as a reference to the record that
+        holds it (``tail_at``, journal.py); remember where a new one will be. An ``f``
+        record is appended right after this, by ``_record``."""
+        tails = self._tails
+        tail = record.get("tail")
+        if tails is None or not tail or len(tail) < SHARED_TAIL_MIN:
+            return
+        at = tails.get(tail)
+        if at is not None:
+            del record["tail"]
+            record["tail_at"] = at
+        elif len(tails) < SHARED_TAILS_MAX:
+            tails[tail] = self.journal.offset + self.journal.buffered
 
     def _park_or_keep(self, index: int) -> str:
         limit = self.options.dlq_max_items

@@ -26,6 +26,7 @@ from conftest import PY, journal_records, kill_group, wait_for, write_job
 
 from mrpool import api
 from mrpool.errors import MrpoolError, UsageError
+from mrpool.journal import decode_line, encode_record
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -488,11 +489,25 @@ def test_dlq_snapshot_is_derived_damaged_or_missing_gives_same_answer(mrpool, tm
     assert baseline.returncode == 0 and not baseline.stderr
     shown = mrpool.run("dlq", "show", "j", "6").stdout
 
-    # Phase 1: flip a byte inside a recorded error message (a trusting reader would show it).
-    data = bytearray(snapshot.read_bytes())
-    at = data.index(b"checksum mismatch")
-    data[at] ^= 0x20  # "c" -> "C"
+    # Phase 1: flip a byte inside a reference to a failure record (a trusting reader would
+    # show another record).
+    good = snapshot.read_bytes()
+    data = bytearray(good)
+    at = data.index(b":[", data.index(b'"records":{')) + 2
+    data[at] ^= 0x01  # one digit of a journal offset
     snapshot.write_bytes(bytes(data))
+    r = mrpool.run("dlq", "list", "j", "--json")
+    assert r.returncode == 0
+    assert json.loads(r.stdout) == json.loads(baseline.stdout)
+    assert "dlq.json" in r.stderr and "damaged" in r.stderr
+    assert mrpool.run("dlq", "show", "j", "6").stdout == shown
+
+    # Phase 1b: a well-formed snapshot whose references lead elsewhere (the first parked
+    # item's records named as the last one's): refused as stale, answered from the journal.
+    record = decode_line(good)
+    first, *_, last = record["records"]  # item indices
+    record["records"][last] = record["records"][first]
+    snapshot.write_bytes(encode_record(record))
     r = mrpool.run("dlq", "list", "j", "--json")
     assert r.returncode == 0
     assert json.loads(r.stdout) == json.loads(baseline.stdout)
