@@ -520,3 +520,72 @@ def test_dlq_snapshot_is_derived_damaged_or_missing_gives_same_answer(mrpool, tm
     assert r.returncode == 0 and not r.stderr
     assert json.loads(r.stdout) == json.loads(baseline.stdout)
     assert mrpool.run("dlq", "show", "j", "6").stdout == shown
+
+
+RAISING_MOD = """
+def work(item):
+    if item["n"] % 2:
+        raise ValueError(f"odd item {item['id']}")
+    return deeper(item)
+
+def deeper(item):
+    raise LookupError("no " + str(item["id"]) + "\\nsecond line")
+"""
+
+
+def test_a_traceback_is_journaled_once_and_every_prefix_of_the_journal_resolves_it(
+    mrpool, tmp_path
+):
+    """Twenty items failing with two tracebacks: the journal holds each traceback inline
+    once and names it from the other records (tail_at, always an earlier record), and
+    dlq show / export give every item its whole tail. Cut after any record (what a
+    crash or a salvage leaves), every reference in what is left still resolves."""
+    # Phase 1: 20 items, all failing: odd ones with one message line, even ones with two.
+    items = [{"id": f"x{n}", "n": n} for n in range(20)]
+    job = write_job(
+        tmp_path / "job", items, {"callable": "raiser:work"}, workers=1,
+        files={"raiser.py": RAISING_MOD},
+    )  # fmt: skip
+    start_job(mrpool, job, "j", expect=1)
+    journal = mrpool.job_dir("j") / "journal.log"
+    failures = [r for r in journal_records(mrpool.job_dir("j")) if r["k"] == "f"]
+    inline = [r for r in failures if "tail" in r]
+    odd_tails = {r["tail"] for r in inline if r["i"] % 2}
+    assert len(failures) == 20 and len(odd_tails) == 1, inline
+    assert sum(1 for r in failures if "tail_at" in r) == 9  # the odd ones but the first
+    assert all("sig" in r for r in failures)
+
+    # Phase 2: what users see: the message as the error, the frames as the tail.
+    shown = json.loads(mrpool.run("dlq", "show", "j", "x7").stdout)
+    (attempt,) = shown["history"]
+    assert attempt["msg"] == "ValueError: odd item x7"
+    assert attempt["tail"] == odd_tails.pop()
+    assert 'in work\n    raise ValueError(f"odd item' in attempt["tail"]
+    assert "worker.py" not in attempt["tail"] and "^^^" not in attempt["tail"]
+    even = json.loads(mrpool.run("dlq", "show", "j", "x8").stdout)["history"][0]
+    assert even["tail"].endswith("LookupError: no x8\nsecond line")  # msg has one line
+    exported = [json.loads(line) for line in mrpool.run("dlq", "export", "j").stdout.splitlines()]
+    assert all(e["history"][0]["tail"].startswith("Traceback") for e in exported)
+    listed = mrpool.dlq("j")
+    assert len({e["signature"] for e in listed}) == 2
+
+    # Phase 3: every prefix ending at a record boundary resolves its references.
+    data = journal.read_bytes()
+    (mrpool.job_dir("j") / "dlq.json").unlink()
+    (mrpool.job_dir("j") / "checkpoint.json").unlink()
+    ends = [i + 1 for i, byte in enumerate(data) if byte == 0x0A]
+    for end in ends[len(ends) // 2 :: 6]:
+        journal.write_bytes(data[:end])
+        prefix = [r for r in journal_records(mrpool.job_dir("j")) if r["k"] == "f"]
+        offsets = {0}
+        offset = 0
+        for line in data[:end].splitlines(keepends=True):
+            offset += len(line)
+            offsets.add(offset)
+        for record in prefix:
+            if "tail_at" in record:
+                assert record["tail_at"] in offsets and record["tail_at"] < end
+        r = mrpool.run("dlq", "export", "j")
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        for e in map(json.loads, r.stdout.splitlines()):
+            assert all(h["tail"].startswith("Traceback") for h in e["history"])
