@@ -54,6 +54,7 @@ from .store import (
     FAILED,
     JobStore,
     create_job_dir,
+    extend_record,
     list_job_ids,
     state_root,
     validate_job_id,
@@ -283,6 +284,9 @@ def _run_session(
     state = store.load_state(info.total)
     journal = JournalWriter(store.journal_path, state.offset)
     try:
+        if state.journal_total < info.total:  # an extension's record lost to a crash
+            journal.append(extend_record(state.journal_total, info))
+            state.journal_total = info.total
         _close_remote_crash(state, journal)
         plan = plan_session(store.dir, state, plan_options, crash_evidence(store.dir, state))
         if on_plan:
@@ -626,6 +630,7 @@ _EVENT_NAMES = {
     "reset": "attempts_reset",
     "purge": "dlq_purged",
     "salvage": "journal_salvaged",
+    "extend": "job_extended",
 }
 
 
