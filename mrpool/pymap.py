@@ -46,7 +46,6 @@ import os
 import re
 import signal
 import sys
-import time
 import traceback
 from array import array
 from collections.abc import Callable, Iterable, Iterator
@@ -57,7 +56,7 @@ from typing import Any
 
 import orjson
 
-from . import failpoints
+from . import failpoints, records
 from .checksums import ChunkedCrcWriter
 from .errors import CorruptStateError, InputError, MrpoolError, UsageError
 from .gc_policy import fewer_collections
@@ -82,7 +81,6 @@ from .store import (
     JobInfo,
     JobStore,
     create_job_dir,
-    extend_record,
     rewrite_job_file,
     state_root,
     validate_job_id,
@@ -420,17 +418,7 @@ def _create(
         made.update(total=total, positions=positions)
         write_job_file(tmp, call.job, spec, total, duplicates, id_mode, table)
         journal = JournalWriter(tmp / JOURNAL_FILE, 0)
-        journal.append(
-            {
-                "k": "job",
-                "v": 1,
-                "t": time.time(),
-                "job_id": call.job,
-                "total": total,
-                "duplicates_in_input": duplicates,
-                "id_mode": id_mode,
-            }
-        )
+        journal.append(records.job(call.job, total, duplicates, id_mode))
         journal.close()
         lock.job_dir = tmp
         lock.acquire()
@@ -640,7 +628,8 @@ def _extend(store: JobStore, info: JobInfo, rows: list[bytes], repeats: int) -> 
         info = rewrite_job_file(store.dir, info, total, info.duplicates_in_input + repeats, table)
         if failpoints.ENABLED:
             failpoints.hit("extend.before_record")
-        journal.append(extend_record(state.journal_total, info))
+        extension = records.extend(state.journal_total, info.total, info.duplicates_in_input)
+        records.Recorder(journal, state).record(extension)
     finally:
         journal.close()
     return info
@@ -726,7 +715,7 @@ class _JournalTail:
                     return rows
                 self.offset += len(line)
                 if record["k"] == "ok":
-                    rows.extend(record["b"])
+                    rows.extend(records.success_rows(record))
 
     def check_read_to_end(self) -> None:
         """After the session: everything was read (else a record in the middle is bad)."""

@@ -57,6 +57,7 @@ from .journal import (
     result_spans,
     scan_journal,
 )
+from .records import succeeded_indices
 from .spec import JobSpec, spec_from_stored
 
 __all__ = [
@@ -176,7 +177,7 @@ class JobState:
                 if attempt > attempts[index]:
                     attempts[index] = attempt
         elif kind == "ok":  # hot: one per outcome batch
-            self.succeeded([entry[0] for entry in record["b"]])
+            self.succeeded(succeeded_indices(record))
         elif kind == "f":
             index = record["i"]
             if self.opened[index]:
@@ -746,19 +747,6 @@ def rewrite_job_file(
         failpoint=failpoint,
     )
     return read_job_file(job_dir)
-
-
-def extend_record(journal_total: int, info: JobInfo) -> dict[str, Any]:
-    """The journal's record of an extension: the job went from ``journal_total`` items
-    (the last ``job`` or ``extend`` record's) to ``info.total``."""
-    return {
-        "k": "extend",
-        "t": time.time(),
-        "from": journal_total,
-        "total": info.total,
-        "added": info.total - journal_total,
-        "duplicates_in_input": info.duplicates_in_input,
-    }
 
 
 def sweep_stale_build_dirs(tmp_root: Path) -> None:
