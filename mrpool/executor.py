@@ -109,10 +109,10 @@ class Failure:
 class Successes:
     """Attempts that succeeded: items ``indices``, and ``rows``, the JSON array of their
     ``[index, attempt, duration, result]`` rows in the same order -- exactly the
-    ``b`` of the journal's ``ok`` record."""
+    ``b`` of the journal's ``ok`` record (a view into the message they came in)."""
 
     indices: list[int]
-    rows: bytes
+    rows: bytes | memoryview
 
 
 @dataclass(slots=True)
@@ -235,6 +235,29 @@ def _framed(parts: list[bytes]) -> bytes:
     return b"".join([prefix, *parts])
 
 
+def _received(sock: socket.socket) -> bytearray:
+    """The next message on ``sock`` (the worker's end writes it as ``Connection.send_bytes``
+    does, see ``_framed``), read into one buffer of its size: ``recv_bytes`` would grow a
+    ``BytesIO`` and copy it out, holding twice a large result. Raises ``EOFError`` at end
+    of file, ``OSError`` if the pipe broke."""
+    (size,) = struct.unpack("!i", _exactly(sock, 4))
+    if size == -1:
+        (size,) = struct.unpack("!Q", _exactly(sock, 8))
+    return _exactly(sock, size)
+
+
+def _exactly(sock: socket.socket, size: int) -> bytearray:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise EOFError
+        got += n
+    return buffer
+
+
 def _death_fd(process: Any) -> int:
     """A descriptor readable once ``process`` (our child) has exited: a pidfd, which no
     other process can hold open, or its sentinel pipe on a kernel before 5.3."""
@@ -244,11 +267,12 @@ def _death_fd(process: Any) -> int:
         return process.sentinel
 
 
-def _first_index(rows: bytes) -> int | None:
+def _first_index(rows: bytes | memoryview) -> int | None:
     """The index of the first row of an encoded ``[[index, ...], ...]`` array (a cheap
     check that a worker answered in order), None for an empty array."""
-    end = rows.find(b",", 2)
-    return int(rows[2:end]) if rows.startswith(b"[[") and end > 2 else None
+    start = bytes(rows[:32])
+    end = start.find(b",", 2)
+    return int(start[2:end]) if start.startswith(b"[[") and end > 2 else None
 
 
 def _started_prefix(rest: Batch, index: int, attempt: int) -> int:
@@ -520,15 +544,19 @@ class LocalExecutor:
         """Read one message of ``w`` (poll said there is one; its format is in worker.py):
         the outcomes of the next attempts it holds. False at end of file."""
         try:
-            head, _, rows = w.conn.recv_bytes().partition(b"\n")
+            message = _received(w.sock)
         except (EOFError, OSError):
             return False  # it died (mid-send): _worker_lost attributes what is left
-        count, duration, failures = orjson.loads(head)
+        cut = message.index(b"\n")
+        rows = memoryview(message)[cut + 1 :]  # not a copy: 100 MB of results are not small
+        count, duration, failures = orjson.loads(memoryview(message)[:cut])
         answered = w.take_answered(count)
         succeeded = self._sort_failures(w, failures, answered, outcomes) if failures else answered
         if succeeded.indices:
             if _first_index(rows) != succeeded.indices[0]:
-                raise RuntimeError(f"worker {w.pid} answered out of order: {rows[:40]!r}...")
+                raise RuntimeError(
+                    f"worker {w.pid} answered out of order: {bytes(rows[:40])!r}..."
+                )
             outcomes.ok.append(Successes(succeeded.indices, rows))
         mean = duration / count
         w.per_item = mean if w.per_item <= 0 else 0.7 * w.per_item + 0.3 * mean

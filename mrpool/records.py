@@ -82,6 +82,7 @@ __all__ = [
     "task_lost",
     "starts",
     "successes",
+    "successes_payload",
     "encode_rows",
     "failed",
     "error",
@@ -192,6 +193,15 @@ def successes(rows: bytes, t: float | None = None) -> Record:
     return {"k": "ok", "b": orjson.Fragment(rows), "t": now() if t is None else t}
 
 
+def successes_payload(rows: bytes | memoryview, t: float | None = None) -> list[Any]:
+    """The payload of ``successes(rows, t)``, byte for byte, as the pieces around
+    ``rows`` (for ``JournalWriter.append_payload``: the rows are not copied)."""
+    return [_OK_OPEN, rows, b',"t":%s}' % orjson.dumps(now() if t is None else t)]
+
+
+_OK_OPEN = b'{"k":"ok","b":'
+
+
 def encode_rows(rows: list[Any]) -> bytes:
     """``[[index, attempt, duration, result], ...]`` encoded as an ``ok`` record's ``b``."""
     return orjson.dumps(rows)
@@ -274,7 +284,9 @@ def failure_history(record: Record) -> dict[str, Any]:
 
 # -- the recorder --------------------------------------------------------------
 class _Journal(Protocol):
-    def append(self, record: Record) -> None: ...
+    def append(self, record: Record) -> Any: ...
+
+    def append_payload(self, parts: list[Any]) -> Any: ...
 
 
 class _State(Protocol):
@@ -311,5 +323,5 @@ class Recorder:
         """An ``ok`` record whose rows arrive encoded: the journal takes them as they are,
         the state the indices that came with them (never decoding the results)."""
         if self.journal is not None:
-            self.journal.append(successes(rows))
+            self.journal.append_payload(successes_payload(rows))
         self.state.succeeded(indices)

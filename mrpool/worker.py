@@ -29,13 +29,16 @@ child, killed after each command attempt and when the worker exits.
 
 from __future__ import annotations
 
+import codecs
 import ctypes
 import functools
 import linecache
+import mmap
 import os
 import select
 import shutil
 import signal
+import struct
 import sys
 import threading
 import time
@@ -153,18 +156,36 @@ class _Outbox:
         return None
 
     def send(self) -> None:
-        with self._sending:  # the main loop appends meanwhile: send and drop only this prefix
-            rows = self.rows
-            n = len(rows)
-            if n:
-                if failpoints.ENABLED:
-                    failpoints.hit("worker.before_send")
-                taken = rows[:n]
-                del rows[:n]
-                if len(self.buffer):
-                    self.buffer = bytearray()
-                self.conn.send_bytes(_outcomes_message(taken))
+        with self._sending:
+            self._send_waiting()
             self.last_send = time.monotonic()
+
+    def send_alone(self, index: int, attempt: int, duration: float, result: bytearray) -> None:
+        """Send what waits, then one message for this success, whose result is already
+        JSON (a large command output, ``_Encoded``): framed around it, never copied."""
+        with self._sending:
+            self._send_waiting()
+            head = b"%s\n[%s," % (
+                orjson.dumps([1, duration, []]),
+                orjson.dumps([index, attempt, duration])[:-1],
+            )
+            result += b"]]"
+            if failpoints.ENABLED:
+                failpoints.hit("worker.before_send")
+            _send_framed(self.conn, [head, result])
+            self.last_send = time.monotonic()
+
+    def _send_waiting(self) -> None:
+        rows = self.rows  # the main loop appends meanwhile: send and drop only this prefix
+        n = len(rows)
+        if n:
+            if failpoints.ENABLED:
+                failpoints.hit("worker.before_send")
+            taken = rows[:n]
+            del rows[:n]
+            if len(self.buffer):
+                self.buffer = bytearray()
+            self.conn.send_bytes(_outcomes_message(taken))
 
     def send_every_interval(self) -> None:
         while True:
@@ -173,6 +194,18 @@ class _Outbox:
                 self.send()
             except OSError:
                 return
+
+
+def _send_framed(conn, parts: list[Any]) -> None:
+    """``parts`` as one message on ``conn``, in the framing ``Connection.recv_bytes`` reads
+    (see executor._framed), each written as it is."""
+    size = sum(map(len, parts))
+    prefix = struct.pack("!i", size) if size <= 0x7FFFFFFF else struct.pack("!iQ", -1, size)
+    fd = conn.fileno()
+    for part in (prefix, *parts):
+        view = memoryview(part)
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 def _encoded_rows(rows: list[Any]) -> tuple[bytes | memoryview, list[list[Any]], float]:
@@ -319,6 +352,8 @@ def _record(
         rows.append([index, attempt, duration, payload, 1])
     elif type(payload) in _KEPT_AS_IS:
         rows.append([index, attempt, duration, payload])
+    elif type(payload) is _Encoded:
+        outbox.send_alone(index, attempt, duration, payload.data)
     else:
         failure = outbox.add_encoded(index, attempt, duration, payload)
         if failure is not None:
@@ -600,7 +635,7 @@ def _command_runner(config: WorkerConfig, slots: SlotTable, slot: int):
                 slots.set_child(slot, 0)  # reaped: its pid may be reused, never kill it again
             _kill_strays(worker_pid)  # nothing an attempt started outlives it
             if code == 0:
-                return True, _command_result(_whole(stdout))
+                return True, _command_result(stdout)
             err = _tail(stderr)
             if code is None:
                 return False, _failure("timeout", f"timed out after {config.timeout:g} s", err)
@@ -666,11 +701,6 @@ def _memory_file(data: bytes = b"") -> int:
     return fd
 
 
-def _whole(fd: int) -> bytes:
-    size = os.fstat(fd).st_size
-    return os.pread(fd, size, 0) if size else b""
-
-
 def _tail(fd: int) -> str:
     size = os.fstat(fd).st_size
     start = max(0, size - TAIL_BYTES)
@@ -718,13 +748,93 @@ def _no_inherited_fds() -> None:
                 pass  # the directory listing's own descriptor, closed by now
 
 
-def _command_result(out: bytes) -> Any:
-    if not out:
+LARGE_OUTPUT = 1 << 20  # stdout past this many bytes is not decoded and encoded again
+_CHUNK = 1 << 20
+_BLANKS = b" \t\r\n"
+
+
+class _Encoded:
+    """A command's result already encoded as JSON (a large stdout), sent as it is."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytearray) -> None:
+        self.data = data
+
+
+def _command_result(fd: int) -> Any:
+    """The result of a command whose stdout is in ``fd``: its JSON value, else its text.
+
+    Past ``LARGE_OUTPUT`` bytes the output is not turned into objects to be encoded again
+    (1 GB of output took ~5 GB that way): it is read through a mapping and becomes the
+    result's JSON directly (``_large_result``)."""
+    size = os.fstat(fd).st_size
+    if not size:
         return ""  # no output (the common case for side-effect commands): not JSON, empty text
+    if size > LARGE_OUTPUT:
+        return _large_result(fd, size)
+    out = os.pread(fd, size, 0)
     try:
         return orjson.loads(out)
     except orjson.JSONDecodeError:
         return out.decode("utf-8", errors="replace")
+
+
+def _large_result(fd: int, size: int) -> _Encoded:
+    """A large stdout as the JSON of its result, built in one buffer: valid JSON is kept
+    as the command wrote it, less its line breaks and tabs (outside strings, where JSON
+    allows them: a string cannot hold them raw) and the blanks around it; anything else
+    becomes a JSON string of its text, escaped a chunk at a time. Held at once: that
+    buffer, plus, while a JSON output is checked, the output mapped and what orjson
+    builds of it."""
+    head = os.pread(fd, min(size, 64), 0).lstrip(_BLANKS)
+    if head[:1] in _JSON_STARTS and _is_json(fd, size):
+        start, stop = _stripped_bounds(fd, size)
+        out = bytearray()
+        for at in range(start, stop, _CHUNK):
+            out += os.pread(fd, min(_CHUNK, stop - at), at).translate(None, b"\t\r\n")
+        return _Encoded(out)
+    decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+    out = bytearray(b'"')
+    for at in range(0, size, _CHUNK):
+        text = decode(os.pread(fd, _CHUNK, at), final=at + _CHUNK >= size)
+        out += memoryview(orjson.dumps(text))[1:-1]
+    out += b'"'
+    return _Encoded(out)
+
+
+_JSON_STARTS = frozenset(b'{["-0123456789tfn'[k : k + 1] for k in range(17))
+
+
+def _stripped_bounds(fd: int, size: int) -> tuple[int, int]:
+    """Where the output starts and ends without the blanks around it."""
+    start = 0
+    while True:
+        block = os.pread(fd, 4096, start)
+        kept = block.lstrip(_BLANKS)
+        start += len(block) - len(kept)
+        if kept or not block:
+            break
+    stop = size
+    while stop > start:
+        block = os.pread(fd, min(4096, stop - start), max(start, stop - 4096))
+        kept = block.rstrip(_BLANKS)
+        stop -= len(block) - len(kept)
+        if kept:
+            break
+    return start, stop
+
+
+def _is_json(fd: int, size: int) -> bool:
+    """Whether the output is one JSON value (orjson's judgement, as for a small output),
+    read in place through a mapping: only what orjson builds while checking is held,
+    and dropped at once."""
+    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as data, memoryview(data) as view:
+        try:
+            orjson.loads(view)
+        except orjson.JSONDecodeError:
+            return False
+    return True
 
 
 def _last_line(err: str) -> str:

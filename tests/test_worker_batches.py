@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import socket
 
 import orjson
 from conftest import write_job
@@ -175,11 +177,13 @@ def test_a_workers_outcomes_reach_the_supervisor_sorted_and_journal_ready(outcom
     executor = LocalExecutor(WorkerConfig("j", ".", None, "m:f", None), 1)
     parent, child = multiprocessing.Pipe()
     worker = _Worker(0, None, parent, pid=4242)
+    worker.sock = socket.socket(fileno=os.dup(parent.fileno()))
     worker.queued.append(Batch(indices, attempts, lines))
     worker.held = n
     child.send_bytes(_outcomes_message(rows))
     got = Outcomes()
     assert executor._receive(worker, got)
+    worker.sock.close()
 
     good = [k for k, (ok, _) in enumerate(outcomes) if ok]
     bad = [k for k, (ok, _) in enumerate(outcomes) if not ok]
