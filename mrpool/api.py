@@ -278,6 +278,9 @@ def _run_session(
     previous = _last_executor(state)  # what it left open is settled by its evidence
     journal = JournalWriter(store.journal_path, state.offset)
     try:
+        if state.journal_total < info.total:  # an extension's record lost to a crash
+            extension = records.extend(state.journal_total, info.total, info.duplicates_in_input)
+            Recorder(journal, state).record(extension)
         plan = plan_session(
             store.dir, state, plan_options, previous.crash_evidence(store.dir, state)
         )
@@ -616,6 +619,7 @@ _EVENT_NAMES = {
     "reset": "attempts_reset",
     "purge": "dlq_purged",
     "salvage": "journal_salvaged",
+    "extend": "job_extended",
 }
 
 
