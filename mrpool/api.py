@@ -40,6 +40,7 @@ from .joblog import exit_fields, iter_attempts
 from .journal import JournalWriter, read_records
 from .lock import JobLock, clear_stale, live_holder, unlock
 from .planner import PlanOptions, ResumePlan, plan_session
+from .progress import mode_of
 from .records import PARK, RETRY, Recorder, started_attempts, success_rows
 from .reduce import read_reduce_output, run_reduce
 from .slots import SLOTS_FILE
@@ -93,7 +94,7 @@ def run_job(
     workers: int | None = None,
     state_dir: str | os.PathLike | None = None,
     on_created: Callable[[str], None] | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
     base_dir: str | os.PathLike | None = None,
     executor: str | None = None,
     stop: threading.Event | None = None,
@@ -102,8 +103,12 @@ def run_job(
 
     Everything is validated before any state exists; ``on_created(job_id)`` is
     called the moment the job exists (the CLI prints the id there). ``stop``: see
-    ``resume_job``.
+    ``resume_job``. ``progress``: ``True`` draws a live line on stderr when it is a
+    terminal; ``"auto"`` (the CLI's default) also writes a heartbeat line every
+    ``$MRPOOL_PROGRESS_SECONDS`` when it is not; ``"always"`` draws the line anyway
+    (mrpool/progress.py).
     """
+    _progress_mode(progress)
     spec = _as_spec(job, base_dir)
     if workers is not None:
         spec = _with_workers(spec, workers)
@@ -156,7 +161,7 @@ def resume_job(
     reset_failed: bool = False,
     max_additional_retries: int | None = None,
     wait: float = 0.0,
-    progress: bool = False,
+    progress: bool | str = False,
     on_plan: Callable[[ResumePlan], None] | None = None,
     executor: str | None = None,
     stop: threading.Event | None = None,
@@ -197,7 +202,7 @@ def retry_dlq(
     state_dir: str | os.PathLike | None = None,
     workers: int | None = None,
     wait: float = 0.0,
-    progress: bool = False,
+    progress: bool | str = False,
     on_plan: Callable[[ResumePlan], None] | None = None,
     executor: str | None = None,
     stop: threading.Event | None = None,
@@ -246,7 +251,7 @@ def run_held_session(
     *,
     include_dlq: bool = True,
     workers: int | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> SessionReport:
     """One session of a job whose lock is already held for it -- by ``mrpool.map``'s
     calling process, which runs this in a forked child (a POSIX lock is not inherited,
@@ -261,7 +266,7 @@ def _run_session(
     plan_options: PlanOptions,
     *,
     workers: int | None,
-    progress: bool,
+    progress: bool | str,
     reset_failed: bool = False,
     additional: int | None = None,
     on_plan: Callable[[ResumePlan], None] | None = None,
@@ -270,6 +275,7 @@ def _run_session(
 ) -> SessionReport:
     """Plan, run the map phase, then the reduce step and the DLQ snapshot, all under the
     lock the caller holds. A storage error comes out with what to do about it."""
+    _progress_mode(progress)
     store.sweep()
     info = store.info()
     choice = _executor_choice(info.spec, executor)
@@ -325,7 +331,7 @@ def _nothing_to_do(spec: JobSpec, state, plan: ResumePlan) -> bool:
 
 
 def _session_options(
-    spec: JobSpec, command: str, additional: int | None, progress: bool, stop
+    spec: JobSpec, command: str, additional: int | None, progress: bool | str, stop
 ) -> SessionOptions:
     return SessionOptions(
         retries=spec.map.retries,
@@ -353,6 +359,13 @@ def _reduce_if_due(
     if not report.reduce["ok"]:
         report.exit_code = 1
         report.message = f"reduce failed: {report.reduce['error']}"
+
+
+def _progress_mode(progress: bool | str) -> str:
+    try:
+        return mode_of(progress)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _executor_choice(spec: JobSpec, option: str | None) -> ExecutorSpec:
