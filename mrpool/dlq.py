@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-import sys
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -47,7 +47,7 @@ from typing import Any
 import orjson
 
 from . import records
-from .errors import CorruptStateError, UsageError
+from .errors import CorruptStateError, StateRebuiltWarning, UsageError
 from .fsutil import atomic_write
 from .items import identity_text, indices_of, iter_item_lines, split_line
 from .journal import RecordReader, decode_line, encode_record, read_payloads
@@ -345,8 +345,8 @@ class _StaleSnapshot(Exception):
 
 
 def _warn_damaged(path, why: str) -> None:
-    print(f"mrpool: {path}: damaged DLQ snapshot ({why}); rebuilding from the journal",
-          file=sys.stderr)  # fmt: skip
+    message = f"{path}: damaged DLQ snapshot ({why}); rebuilding from the journal"
+    warnings.warn(message, StateRebuiltWarning, stacklevel=3)
 
 
 def _resolved(reader: RecordReader, index: int, ref: int | dict[str, Any]) -> dict[str, Any]:
