@@ -126,12 +126,49 @@ def ratio_rows(rounds: dict[str, list[float]], ours: str, items: int) -> list[di
     return rows
 
 
+def figure(workload: str, mrpool: str, peer: str, ratios: list[float], unit: str = "x") -> dict:
+    """One README figure, in the shape ``scripts/readme_figures.py`` renders for every
+    benchmark: the workload, what mrpool and its peer measured (text), and the ratio
+    taken round by round (``unit`` "x": peer / mrpool, >1 means mrpool is better; "%":
+    a percentage), kept as its median with the [min-max] over the rounds."""
+    return {
+        "workload": workload,
+        "mrpool": mrpool,
+        "peer": peer,
+        "ratio": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+        "unit": unit,
+        "rounds": len(ratios),
+    }
+
+
+def ratio_figures(
+    rounds: dict[str, list[float]], ours: str, workload: str, peers: list[str] | None = None
+) -> list[dict]:
+    """``figure`` for each peer of ``ratio_rows``'s rounds (all but ``ours``, or ``peers``)."""
+    mine = rounds[ours]
+    return [
+        figure(
+            workload,
+            f"{statistics.median(mine):.3f} s",
+            f"{name}: {statistics.median(times):.3f} s",
+            [peer / me for peer, me in zip(times, mine)],
+        )
+        for name, times in rounds.items()
+        if name != ours and (peers is None or name in peers)
+    ]
+
+
 def scratch() -> Path:
     return Path(tempfile.mkdtemp(prefix="mrpool-bench-"))
 
 
-def report(name: str, rows: list[dict], notes: list[str] | None = None) -> None:
-    """Print a table and write NAME.json (see the module docstring for where)."""
+def report(
+    name: str, rows: list[dict], notes: list[str] | None = None, figures: list[dict] | None = None
+) -> None:
+    """Print a table and write NAME.json (see the module docstring for where), with the
+    README ``figures`` (see ``figure``) this run produced."""
     keys = list(rows[0].keys()) if rows else []
     widths = {k: max(len(k), *(len(_fmt(r.get(k))) for r in rows)) for k in keys}
     print("  ".join(k.ljust(widths[k]) for k in keys))
@@ -148,6 +185,7 @@ def report(name: str, rows: list[dict], notes: list[str] | None = None) -> None:
         "cpus": os.cpu_count(),
         "rows": rows,
         "notes": notes or [],
+        "figures": figures or [],
     }
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
 

@@ -16,7 +16,15 @@ import shutil
 import subprocess
 import time
 
-from _common import interleaved_rounds, make_job, ratio_rows, report, scratch, time_mrpool_cli
+from _common import (
+    interleaved_rounds,
+    make_job,
+    ratio_figures,
+    ratio_rows,
+    report,
+    scratch,
+    time_mrpool_cli,
+)
 
 
 def _xargs(items_file, workers: int) -> float:
@@ -68,9 +76,11 @@ def main() -> None:
     else:
         notes.append("GNU parallel not installed: skipped (apt-get install parallel)")
     runners["xargs -P"] = lambda: _xargs(plain, w)
-    rows = ratio_rows(interleaved_rounds(args.repeats, runners), "mrpool (durable journal)", n)
+    rounds = interleaved_rounds(args.repeats, runners)
+    rows = ratio_rows(rounds, "mrpool (durable journal)", n)
     notes.append("targets (issue 7): >= 5 vs GNU parallel --joblog, >= 0.8 vs xargs -P")
-    report("commands", rows, notes)
+    workload = f"{n} `true <id>` commands, {w} workers, via the CLI"
+    report("commands", rows, notes, ratio_figures(rounds, "mrpool (durable journal)", workload))
     shutil.rmtree(work, ignore_errors=True)
 
 

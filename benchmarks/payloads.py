@@ -24,7 +24,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from _common import REPO, compile_bytecode, report, scratch, timed_process
+from _common import REPO, compile_bytecode, figure, report, scratch, timed_process
 
 POOL_SCRIPT = """
 import multiprocessing, sys, orjson
@@ -73,6 +73,20 @@ def _case(work: Path, count: int, size: int, workers: int, repeats: int) -> list
         times["Pool.imap script"].append(t)
         rss["Pool.imap script"].append(m)
         shutil.rmtree(state, ignore_errors=True)
+    ratios = [p / mine for p, mine in zip(times["Pool.imap script"], times["mrpool run"])]
+
+    def measured(name: str) -> str:
+        seconds = statistics.median(times[name])
+        return f"{seconds:.2f} s, {total / 1e6 / seconds:.0f} MB/s, peak RSS {max(rss[name]) / 1e6:.0f} MB"
+
+    figures = [
+        figure(
+            f"{count} x {size // 1000} KB items, a callable returning the item, {workers} workers",
+            f"run: {measured('mrpool run')}",
+            f"`Pool.imap` script: {measured('Pool.imap script')}",
+            ratios,
+        )
+    ]
     rows = []
     for name, values in times.items():
         peer = times["Pool.imap script"] if name == "mrpool run" else None
@@ -89,7 +103,7 @@ def _case(work: Path, count: int, size: int, workers: int, repeats: int) -> list
                 "ratio range": f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "",
             }
         )
-    return rows
+    return rows, figures
 
 
 def main() -> None:
@@ -101,10 +115,13 @@ def main() -> None:
     compile_bytecode()
     work = scratch()
     rows: list[dict] = []
+    figures: list[dict] = []
     try:
         for case in args.cases.split(","):
             count, size = (int(part) for part in case.split("x"))
-            rows += _case(work, count, size, args.workers, args.repeats)
+            case_rows, case_figures = _case(work, count, size, args.workers, args.repeats)
+            rows += case_rows
+            figures += case_figures
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(
@@ -116,6 +133,7 @@ def main() -> None:
             "targets (issue 26): mrpool run >= 1.0x the Pool.imap script, peak RSS <= 150 MB, "
             "results >= 500 MB/s",
         ],
+        figures,
     )
 
 

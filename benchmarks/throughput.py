@@ -24,7 +24,15 @@ import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from _common import interleaved_rounds, make_job, ratio_rows, report, scratch, time_mrpool_cli
+from _common import (
+    interleaved_rounds,
+    make_job,
+    ratio_figures,
+    ratio_rows,
+    report,
+    scratch,
+    time_mrpool_cli,
+)
 from noop_map import RESULTS
 
 
@@ -96,7 +104,10 @@ def main() -> None:
         "round (>1: mrpool faster), median and range over rounds; every peer runs all items",
         "targets (issue 7): >= 0.5 vs imap_unordered chunksize=100, >= 20 vs ProcessPoolExecutor.map default",
     ]
-    report("throughput", rows, notes)
+    workload = f"{n // 1000}k callables returning {args.result} ({function.__name__}), {w} workers"
+    peers = [name for name in rounds if not name.startswith("mrpool")]
+    figures = ratio_figures(rounds, "mrpool (durable journal)", workload, peers)
+    report("throughput", rows, notes, figures)
     shutil.rmtree(work, ignore_errors=True)
 
 
