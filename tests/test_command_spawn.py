@@ -8,6 +8,7 @@ off and check that the fallback gives the same answers with real processes.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def test_memory_files_hold_the_item_and_read_back_whole_and_tail(memfd, monkeypa
     fd = worker._memory_file(data)
     try:
         assert os.lseek(fd, 0, os.SEEK_CUR) == 0  # a command reads it from the start
-        assert worker._whole(fd) == data
+        assert worker._command_result(fd) == json.loads(data)  # read whole, from the start
         assert worker._tail(fd) == data[-worker.TAIL_BYTES :].decode()
         assert not os.get_inheritable(fd)  # only its dup as fd 0/1/2 reaches the command
     finally:
