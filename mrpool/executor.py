@@ -267,7 +267,7 @@ class Answer:
 
     @classmethod
     def decode(cls, message: bytes | bytearray) -> Answer:
-        """``message`` read, its rows kept as a view (100 MB of results are not copied)."""
+        """``message`` read, its rows kept as a view (large results are not copied)."""
         cut = message.index(b"\n")
         count, duration, failures = orjson.loads(memoryview(message)[:cut])
         return cls(count, duration, failures, memoryview(message)[cut + 1 :])

@@ -424,7 +424,7 @@ class JournalWriter:
     def append_payload(self, parts: list[Any]) -> int:
         """``append`` for a record already encoded, as the pieces of its payload (compact
         JSON, ``k`` first): framed here, never copied into one object (an ``ok`` record
-        of 100 MB of results is written from the buffer it arrived in)."""
+        of large results is written from the buffer it arrived in)."""
         crc = 0
         for part in parts:
             crc = zlib.crc32(part, crc)

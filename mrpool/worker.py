@@ -533,7 +533,7 @@ _MAX_CHAIN = 5
 def _traceback_text(e: BaseException, said: bool) -> str:
     """The traceback of a map's exception, cheaply: as Python prints it, but without the
     worker's own frame (the call of the map), without the column carets (3.11 finds
-    them by parsing each frame's source line: ~0.4 ms of a failure) and, when ``said``
+    them by parsing each frame's source line: most of a failure's cost) and, when ``said``
     (the failure's ``msg`` holds it whole), without the exception's own last line. So
     the tails of one bug's failures are the same text, which the journal stores once
     (supervisor.py). Chained exceptions come first, as Python prints them; at most
@@ -766,7 +766,7 @@ def _command_result(fd: int) -> Any:
     """The result of a command whose stdout is in ``fd``: its JSON value, else its text.
 
     Past ``LARGE_OUTPUT`` bytes the output is not turned into objects to be encoded again
-    (1 GB of output took ~5 GB that way): it is read through a mapping and becomes the
+    (a large output was held several times over that way): it becomes the
     result's JSON directly (``_large_result``)."""
     size = os.fstat(fd).st_size
     if not size:
