@@ -183,6 +183,7 @@ def report(
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        "load_avg": round(os.getloadavg()[0], 1),  # a shared machine's, as the run ended
         "rows": rows,
         "notes": notes or [],
         "figures": figures or [],

@@ -51,6 +51,8 @@ def render(benchmarks: list[dict]) -> str:
     ]
     for data in benchmarks:
         source = f"`{data['benchmark']}.py`, {data['when'][:10]}, {data['cpus']} CPUs"
+        if "load_avg" in data:
+            source += f", load {data['load_avg']:g}"
         last = None
         for fig in data["figures"]:
             workload = fig["workload"] if fig["workload"] != last else ""
