@@ -177,13 +177,14 @@ class DeadLetterQueue:
         )
         if not wanted:
             return []
-        histories = self._histories(wanted)
+        histories = self._histories(wanted)  # replayed first: the reader maps all it names
         with RecordReader(self.store.journal_path) as reader:
             try:
                 return self._entries(wanted, histories, reader, detail)
             except _StaleSnapshot as e:
                 _warn_damaged(self.store.dir / SNAPSHOT_FILE, str(e))
-            histories, _ = self._replay(({}, 0), want=wanted)
+        histories, _ = self._replay(({}, 0), want=wanted)
+        with RecordReader(self.store.journal_path) as reader:
             return self._entries(wanted, histories, reader, detail)
 
     def _entries(self, wanted, histories, reader: RecordReader, detail: bool) -> list[DlqEntry]:
@@ -364,8 +365,9 @@ class DeadLetterQueue:
         )
 
 
-class _StaleSnapshot(Exception):
-    """A ``dlq.json`` reference that does not lead to its item's ``f`` record."""
+class _StaleSnapshot(CorruptStateError):
+    """A ``dlq.json`` reference that does not lead to its item's ``f`` record (met again
+    after a rebuild from the journal alone, it is the journal's damage: exit 5)."""
 
 
 def _warn_damaged(path, why: str) -> None:
