@@ -60,6 +60,7 @@ __all__ = ["DlqEntry", "DeadLetterQueue", "error_signature", "normalise_message"
 SNAPSHOT_FILE = "dlq.json"
 SNAPSHOT_VERSION = 2
 _FAILURE_PREFIX = b'{"k":"f",'  # an f record's payload as orjson writes it (k first)
+_INDEX_AT = 9 + len(b'{"k":"f","i":')  # where records.failed puts the index, "i" next
 _NORMALISERS = [
     (
         re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"),
@@ -316,13 +317,14 @@ class DeadLetterQueue:
         offset = start_at
         for start, end, record in read_payloads(self.store.journal_path, start_at):
             offset = end
-            if type(record) is bytes:  # undecoded: decode failures only
+            if type(record) is bytes:  # undecoded (checksummed): only its index is needed
                 if not record.startswith(_FAILURE_PREFIX, 9):
                     continue
-                record = orjson.loads(memoryview(record)[9:-1])
+                index = _index_of(record)
             elif record.get("k") != "f":
                 continue
-            index = record["i"]
+            else:
+                index = record["i"]
             if want is None or index in want:
                 histories.setdefault(index, []).append(start)
         return histories, offset
@@ -363,6 +365,18 @@ class DeadLetterQueue:
             signature=signature,
             history=history_out,
         )
+
+
+def _index_of(line: bytes) -> int:
+    """The item index of the checksummed ``f`` record on ``line``, read where
+    ``records.failed`` writes it, else by decoding the record."""
+    if line.startswith(b'"i":', _INDEX_AT - 4):
+        end = line.find(b",", _INDEX_AT, _INDEX_AT + 24)
+        if end > _INDEX_AT:
+            digits = line[_INDEX_AT:end]
+            if digits.isdigit():
+                return int(digits)
+    return orjson.loads(memoryview(line)[9:-1])["i"]
 
 
 class _StaleSnapshot(CorruptStateError):
