@@ -42,6 +42,7 @@ import builtins
 import hashlib
 import itertools
 import multiprocessing
+import operator
 import os
 import re
 import signal
@@ -150,10 +151,12 @@ def map(  # noqa: A001 - the name users reach for, as Pool.map
             return []
         by_index: list[Any] = [_NOTHING] * run.total
         recorded = _recorded_results(run, call, include_dlq)
+        filled = 0
         try:
-            for index, result in recorded:
-                by_index[index] = result
-            failures = _failures(run, by_index)
+            for indices, results in recorded:
+                _put(by_index, indices, results)
+                filled += len(indices)
+            failures = _failures(run, by_index) if filled < run.total else []
         finally:
             recorded.close()  # the session has ended (or is stopped now) before the lock goes
             run.lock.release()
@@ -193,13 +196,14 @@ def imap(
     order = _InputOrder(run) if ordered else None
     recorded = _recorded_results(run, call, include_dlq)
     try:
-        for index, result in recorded:
-            by_index[index] = result
-            for position in order.ready(by_index) if order else run.positions_of(index):
-                yield (
-                    run.originals[position],
-                    result if order is None else _at(run, by_index, position),
-                )
+        for indices, results in recorded:
+            for index, result in zip(indices, results):
+                by_index[index] = result
+                for position in order.ready(by_index) if order else run.positions_of(index):
+                    yield (
+                        run.originals[position],
+                        result if order is None else _at(run, by_index, position),
+                    )
         failures = _failures(run, by_index)
     finally:  # also when the caller closes this generator early
         recorded.close()  # the session has ended (or is stopped now) before the lock goes
@@ -217,6 +221,23 @@ def imap(
             yield run.originals[position], result
     if failures and on_failure == "raise":
         raise MapFailures(job, failures, _in_input_order(run, by_index))
+
+
+def _put(by_index: list[Any], indices: list[int], results: list[Any]) -> None:
+    """``by_index[i] = r`` for each pair; a run of consecutive indices (most batches) in
+    one slice assignment."""
+    if _consecutive(indices):
+        by_index[indices[0] : indices[0] + len(indices)] = results
+    else:
+        for index, result in zip(indices, results):
+            by_index[index] = result
+
+
+def _consecutive(indices: list[int]) -> bool:
+    first, n = indices[0], len(indices)
+    return indices[-1] == first + n - 1 and all(
+        _each(operator.eq, indices, range(first, first + n))
+    )
 
 
 def _at(run: _Run, by_index: list[Any], position: int) -> Any:
@@ -476,7 +497,7 @@ def _copy_with_ids(
         out = ChunkedCrcWriter(handle)
         for first, items, raws in stream:
             raw_ids = id_of(first, items, raws)
-            texts = [identity_text(raw_id) for raw_id in raw_ids]
+            texts = raw_ids if _all_str(raw_ids) else list(_each(identity_text, raw_ids))
             start = len(index_of)
             fresh = dict(zip(texts, range(start, start + len(texts))))
             if positions is None and len(fresh) == len(texts) and index_of.keys().isdisjoint(fresh):
@@ -514,10 +535,16 @@ _SCALARS = frozenset({int, str, float, bool, type(None)})
 def _content_ids(_first: int, items: list[Any], raws: list[bytes]) -> list[str]:
     """``items.content_id`` of each; a scalar's JSON is already canonical, hashed as is."""
     blake2b, scalars = hashlib.blake2b, _SCALARS
+    if scalars.issuperset(_each(type, items)):  # (a chunk of numbers or strings: no test each)
+        return [blake2b(raw, digest_size=16).hexdigest() for raw in raws]
     return [
         blake2b(raw, digest_size=16).hexdigest() if type(item) in scalars else content_id(item)
         for item, raw in zip(items, raws)
     ]
+
+
+def _all_str(values: list[Any]) -> bool:
+    return all(_each(str.__instancecheck__, values))
 
 
 def _key_id(call: _Call, position: int, item: Any) -> str | int:
@@ -653,11 +680,13 @@ def _check_same_key(call: _Call, id_mode: str) -> None:
 
 
 # -- running: the session process, and the journal as it grows ----------------------
-def _recorded_results(run: _Run, call: _Call, include_dlq: bool) -> Iterator[tuple[int, Any]]:
-    """``(index, result)`` of every recorded success of the job, each index once: those of
-    earlier sessions first, then this session's as the journal records them. After a
-    Ctrl-C (or a closed generator) the session is stopped -- it saves -- and the
-    interruption goes on up."""
+def _recorded_results(
+    run: _Run, call: _Call, include_dlq: bool
+) -> Iterator[tuple[list[int], list[Any]]]:
+    """``(indices, results)`` of the job's recorded successes, a batch at a time, each
+    index once: those of earlier sessions first, then this session's as the journal
+    records them. After a Ctrl-C (or a closed generator) the session is stopped -- it
+    saves -- and the interruption goes on up."""
     tail = _JournalTail(run.store.journal_path)
     session = _SessionProcess(run.store, call, include_dlq)
     seen = bytearray(run.total)
@@ -665,11 +694,10 @@ def _recorded_results(run: _Run, call: _Call, include_dlq: bool) -> Iterator[tup
         session.start()
         while True:
             running = session.running()
-            for row in tail.successes():
-                index = row[0]
-                if not seen[index]:
-                    seen[index] = 1
-                    yield index, row[3]
+            for rows in tail.successes():
+                batch = _first_successes(rows, seen)
+                if batch[0]:
+                    yield batch
             if not running:
                 break
             session.wait(0.05)
@@ -680,6 +708,27 @@ def _recorded_results(run: _Run, call: _Call, include_dlq: bool) -> Iterator[tup
     finally:
         tail.close()
     session.raise_outcome()
+
+
+_INDEX, _RESULT = operator.itemgetter(0), operator.itemgetter(3)  # of an ``ok`` row
+
+
+def _first_successes(rows: list[list[Any]], seen: bytearray) -> tuple[list[int], list[Any]]:
+    """``(indices, results)`` of the ``ok`` rows whose index is not in ``seen`` yet (an
+    item's first success counts), marked in it. A run of consecutive new indices (most
+    batches) is taken whole, with no step per row in Python."""
+    indices = list(_each(_INDEX, rows))
+    first, n = indices[0], len(indices)
+    if _consecutive(indices) and seen.find(1, first, first + n) < 0:
+        seen[first : first + n] = b"\x01" * n
+        return indices, list(_each(_RESULT, rows))
+    kept: tuple[list[int], list[Any]] = ([], [])
+    for index, row in zip(indices, rows):
+        if not seen[index]:
+            seen[index] = 1
+            kept[0].append(index)
+            kept[1].append(row[3])
+    return kept
 
 
 class _JournalTail:
@@ -697,8 +746,9 @@ class _JournalTail:
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.offset = 0
 
-    def successes(self) -> list[list[Any]]:
-        rows: list[list[Any]] = []
+    def successes(self) -> list[list[list[Any]]]:
+        """The rows of each whole ``ok`` record appended since the last call."""
+        rows: list[list[list[Any]]] = []
         while True:
             size = os.fstat(self._fd).st_size
             want = min(size - self.offset, self.CHUNK)
@@ -715,7 +765,9 @@ class _JournalTail:
                     return rows
                 self.offset += len(line)
                 if record["k"] == "ok":
-                    rows.extend(records.success_rows(record))
+                    found = records.success_rows(record)
+                    if found:
+                        rows.append(found)
 
     def check_read_to_end(self) -> None:
         """After the session: everything was read (else a record in the middle is bad)."""
@@ -739,6 +791,8 @@ class _SessionProcess:
         self.message: tuple[str, Any] | None = None
 
     def start(self) -> None:
+        from . import api  # noqa: F401 - here, once a process: not in every session's fork
+
         ctx = multiprocessing.get_context("fork")
         self._receiver, sender = ctx.Pipe(duplex=False)
         stored_name = self.store.info().spec.map.callable  # what the spec's check resolves
