@@ -39,6 +39,7 @@ back as a list.
 from __future__ import annotations
 
 import builtins
+import functools
 import hashlib
 import itertools
 import multiprocessing
@@ -391,7 +392,10 @@ def _encoded_chunks(
     dumps, iterator, position = orjson.dumps, iter(call.items), 0
     while items := list(itertools.islice(iterator, _CHUNK)):
         try:
-            raws = [dumps(item, option=_STRICT) for item in items]
+            if _NUMBERS.issuperset(_each(type, items)):  # one call, split at the commas
+                raws = dumps(items, option=_STRICT)[1:-1].split(b",")
+            else:
+                raws = [dumps(item, option=_STRICT) for item in items]
         except TypeError:
             raws = [_one_encoded(call, position + k, item) for k, item in enumerate(items)]
         if originals is not None:
@@ -488,36 +492,59 @@ def _copy_with_ids(
 ) -> tuple[int, int, array | None, dict[str, Any]]:
     """Write the job's ``items.jsonl`` rows (``id TAB item``, see items.py) with the ids
     ``id_of`` gives, the first item of each identity kept (the rule ``ingest`` follows).
-    A chunk whose ids are all new is written in one join; positions are kept only
-    once a duplicate shows that they differ from the job's indices."""
-    index_of: dict[str, int] = {}
+    A chunk whose ids are all new (one set update tells) is written in one join; the
+    index of each identity and the positions are kept only from the first duplicate
+    on, which shows that positions differ from the job's indices."""
+    seen: set[Any] = set()
+    order: list[Any] = []  # identity texts by index, until the first duplicate
+    index_of: dict[Any, int] | None = None  # from the first duplicate on
     positions: array | None = None
     count = 0
+    hex_ids = id_of is _content_ids
     with open(tmp / ITEMS_FILE, "wb", buffering=1 << 20) as handle:
         out = ChunkedCrcWriter(handle)
         for first, items, raws in stream:
             raw_ids = id_of(first, items, raws)
             texts = raw_ids if _all_str(raw_ids) else list(_each(identity_text, raw_ids))
-            start = len(index_of)
-            fresh = dict(zip(texts, range(start, start + len(texts))))
-            if positions is None and len(fresh) == len(texts) and index_of.keys().isdisjoint(fresh):
-                index_of.update(fresh)  # all new: the common case
-                out.write(b"\n".join(_each(b"\t".join, zip(_each(orjson.dumps, raw_ids), raws))))
-                out.write(b"\n")
-            else:  # a duplicate: item by item
-                if positions is None:
-                    positions = array("q", range(count))
-                for raw_id, text, raw in zip(raw_ids, texts, raws):
-                    index = index_of.get(text)
-                    if index is None:
-                        index = index_of[text] = len(index_of)
-                        out.write(orjson.dumps(raw_id) + b"\t" + raw + b"\n")
-                    positions.append(index)
+            if index_of is None:
+                before = len(seen)
+                seen.update(texts)
+                if len(seen) == before + len(texts):  # all new: the common case
+                    order.extend(texts)
+                    out.write(_rows(raw_ids, raws, hex_ids))
+                    count += len(items)
+                    continue
+                index_of = {text: index for index, text in enumerate(order)}
+                positions = array("q", range(count))
+                seen.clear()
+            for raw_id, text, raw in zip(raw_ids, texts, raws):  # a duplicate: item by item
+                index = index_of.get(text)
+                if index is None:
+                    index = index_of[text] = len(index_of)
+                    out.write(orjson.dumps(raw_id) + b"\t" + raw + b"\n")
+                positions.append(index)
             count += len(items)
         handle.flush()
         os.fsync(handle.fileno())
-    total = len(index_of)
+    total = count if index_of is None else len(index_of)
     return total, count - total, positions, out.table(total)
+
+
+def _rows(raw_ids: list[Any], raws: list[bytes], hex_ids: bool) -> bytes:
+    """``id TAB item LF`` rows. Ids whose JSON holds no comma (content hashes, integers)
+    are encoded in one call and split at its commas, the rows in one join."""
+    n = len(raws)
+    if hex_ids or _all_int(raw_ids):
+        parts = [b"\t"] * (4 * n)
+        parts[0::4] = orjson.dumps(raw_ids)[1:-1].split(b",")
+        parts[2::4] = raws
+        parts[3::4] = itertools.repeat(b"\n", n)
+        return b"".join(parts)
+    return b"\n".join(_each(b"\t".join, zip(_each(orjson.dumps, raw_ids), raws))) + b"\n"
+
+
+def _all_int(values: list[Any]) -> bool:
+    return {int} == set(_each(type, values))
 
 
 def _id_maker(call: _Call, id_mode: str) -> Callable[[int, list[Any], list[bytes]], list[Any]]:
@@ -530,17 +557,22 @@ def _id_maker(call: _Call, id_mode: str) -> Callable[[int, list[Any], list[bytes
 
 
 _SCALARS = frozenset({int, str, float, bool, type(None)})
+_NUMBERS = frozenset({int, float, bool, type(None)})  # JSON without a comma or a quote
 
 
 def _content_ids(_first: int, items: list[Any], raws: list[bytes]) -> list[str]:
     """``items.content_id`` of each; a scalar's JSON is already canonical, hashed as is."""
     blake2b, scalars = hashlib.blake2b, _SCALARS
     if scalars.issuperset(_each(type, items)):  # (a chunk of numbers or strings: no test each)
-        return [blake2b(raw, digest_size=16).hexdigest() for raw in raws]
+        return list(_each(_hexdigest, _each(_blake2b_16, raws)))
     return [
         blake2b(raw, digest_size=16).hexdigest() if type(item) in scalars else content_id(item)
         for item, raw in zip(items, raws)
     ]
+
+
+_blake2b_16 = functools.partial(hashlib.blake2b, digest_size=16)
+_hexdigest = hashlib.blake2b.hexdigest
 
 
 def _all_str(values: list[Any]) -> bool:
