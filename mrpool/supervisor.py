@@ -12,7 +12,8 @@ An item's journey::
 
 Actors:
 
-* ``ResumePlan`` streams the items this session owes, in input order.
+* ``ResumePlan`` streams the items this session owes, in input order; the
+  session takes them through a ``PlanCursor``, as many as the executor has room for.
 * ``Session._dispatch`` moves attempts to the executor as it has room,
   journaling their start first (attempt numbers survive any crash).
 * ``Session._settle`` turns outcomes into journal records: a success is one
@@ -46,18 +47,19 @@ from typing import Any
 from . import failpoints, records
 from .crashes import clear_abort_marks, mark_aborted
 from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, DlqFullError
-from .executor import Batch, Executor, Failure, Outcomes, Successes
+from .executor import Batch, Executor, Failure, HandBack, Outcomes, Successes
 from .journal import JournalWriter
-from .planner import ResumePlan
-from .progress import Progress
+from .planner import PlanCursor, ResumePlan
+from .progress import ProgressModel, open_progress
 from .records import Recorder
-from .store import DLQ, JobState, JobStore
+from .store import DLQ, PURGED, SUCCEEDED, JobState, JobStore
 
 __all__ = ["SessionOptions", "SessionReport", "Session"]
 
 CHECKPOINT_EVERY = 30.0
 LOST_OUTCOME_LIMIT = 3  # see Session._hand_back
 STOPPED_BY_CALLER = 0  # stop_signal when options.stop was set (no real signal is 0)
+NEXT = -1  # a ready attempt's number when it takes the next one at dispatch
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class SessionOptions:
     additional_retries: int | None = None  # attempts for failed/DLQ items instead of 1 + retries
     dlq_max_items: int | None = None
     dlq_on_full: str = "stop"
-    progress: bool = False
+    progress: bool | str = False  # a progress.open_progress mode (True: "tty")
     command: str = "run"
     stop: threading.Event | None = None  # set: stop like Ctrl-C (any thread can set it)
 
@@ -103,8 +105,9 @@ class Session:
         self.options = options
         self.recorder = Recorder(journal, state)
         self._record = self.recorder.record  # journal and state together (records.py)
-        # (index, attempt, line) to run before fresh items: hand-backs, and due retries
-        # with attempt 0, "the next number" (one past the highest recorded)
+        self._record_all = self.recorder.record_all
+        # (index, attempt, line) to run before fresh items: hand-backs, and due retries;
+        # attempt NEXT: one past the highest recorded when it is dispatched
         self.ready: deque[tuple[int, int, bytes]] = deque()
         self.delayed: list[tuple[float, int, tuple[int, int, bytes]]] = []  # retries in backoff
         self.tries: dict[int, int] = {}  # failed attempts per item in this session
@@ -113,19 +116,18 @@ class Session:
         self._cut: list[int] = []  # items started, not finished, when this session was stopped
         self.stop_signal: int | None = None
         self.stop_error: Exception | None = None
-        self._fresh = plan.chunks()
-        self._fresh_indices: list[int] = []
-        self._fresh_lines: list[bytes] = []
-        self._fresh_at = 0
-        self._fresh_done = False
         self._budget_pending = 1 + options.retries
         self._budget_settled = (
             1 + options.retries
             if options.additional_retries is None
             else options.additional_retries
         )
+        self.cursor = PlanCursor(plan, pending_only=self._budget_settled <= 0)
         self._last_checkpoint = time.monotonic()
-        self.progress = Progress(plan.total, enabled=options.progress)
+        self.progress = open_progress(
+            ProgressModel(store.job_id, state.total, plan.total), options.progress
+        )
+        self._count_progress()
         self.kept_failed = 0  # items not parked because the DLQ was full (keep_failed)
 
     # -- the loop ----------------------------------------------------------
@@ -151,8 +153,7 @@ class Session:
             clear_abort_marks(self.store.dir)
         previous = self._install_signal_handlers()
         try:
-            self.executor.start()
-            self._flush_events()
+            self._record_all(self.executor.start())
             while self._stop_not_asked():
                 self._release_due_retries()
                 self._dispatch()
@@ -160,9 +161,9 @@ class Session:
                     break
                 outcomes = self.executor.wait(self._wait_timeout())
                 self._settle(outcomes)
-                self._flush_events()
                 self.journal.sync()
-                self.progress.update()
+                self._count_progress()
+                self.progress.refresh()
                 self._maybe_checkpoint()
             if self.stop_signal is not None or self.stop_error is not None:
                 self._interrupt()
@@ -174,8 +175,8 @@ class Session:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            self._count_progress()
             self.progress.close()
-        self._flush_events()
         try:
             self._record(records.close(self._close_reason(), self._cut))
             self.journal.sync(force=True)
@@ -201,7 +202,7 @@ class Session:
         return self.stop_signal is None and self.stop_error is None
 
     def _finished(self) -> bool:
-        return self._fresh_done and not self.ready and not self.delayed and self.in_flight == 0
+        return self.cursor.done and not self.ready and not self.delayed and self.in_flight == 0
 
     def _wait_timeout(self) -> float:
         if self.delayed:
@@ -227,25 +228,6 @@ class Session:
             self._budget_pending if self.plan.source(index) == "pending" else self._budget_settled
         )
 
-    def _take_fresh(self, room: int) -> tuple[list[int], list[bytes]]:
-        """Up to ``room`` new items from the plan, in input order, as slices of its chunks."""
-        while True:
-            while self._fresh_at >= len(self._fresh_indices):
-                chunk = next(self._fresh, None)
-                if chunk is None:
-                    self._fresh_done = True
-                    return [], []
-                self._fresh_indices, self._fresh_lines = chunk
-                self._fresh_at = 0
-            start = self._fresh_at
-            self._fresh_at = stop = start + room
-            indices, lines = self._fresh_indices[start:stop], self._fresh_lines[start:stop]
-            if self._budget_settled > 0:
-                return indices, lines
-            kept = [k for k, i in enumerate(indices) if self._budget(i) > 0]
-            if kept:  # failed and DLQ items get no attempt in this session: skip them
-                return [indices[k] for k in kept], [lines[k] for k in kept]
-
     def _dispatch(self) -> None:
         room = self.executor.capacity()
         if room <= 0:
@@ -257,12 +239,12 @@ class Session:
         while ready and len(indices) < room:  # hand-backs and due retries first
             index, attempt, line = ready.popleft()
             indices.append(index)
-            numbers.append(attempt or attempts[index] + 1)
+            numbers.append(attempts[index] + 1 if attempt == NEXT else attempt)
             lines.append(line)
         pairs = list(zip(indices, numbers))
         runs = None
-        if len(indices) < room and not self._fresh_done:
-            fresh, fresh_lines = self._take_fresh(room - len(indices))
+        if len(indices) < room and not self.cursor.done:
+            fresh, fresh_lines = self.cursor.take(room - len(indices))
             if fresh:
                 fresh_numbers, run = self._next_attempts(fresh)
                 if run is not None:
@@ -314,16 +296,17 @@ class Session:
             failpoints.hit("supervisor.after_outcome")
             if any(self.plan.source(i) == "dlq" for done in outcomes.ok for i in done.indices):
                 failpoints.hit("retry.after_success")
+        self._record_all(outcomes.events)  # worker died / started (after what it reported)
 
-    def _hand_back(self, requeued: list[tuple[int, int, bytes]]) -> None:
+    def _hand_back(self, requeued: list[HandBack]) -> None:
         """Attempts the executor handed back run again, first in line, uncharged -- except
         one whose outcome keeps dying with its worker (it ran, then the worker died before
         reporting: a worker that dies after every attempt of it). The third time in a
         session that counts as a failed attempt, so the session cannot loop on it forever."""
         again = []
-        for entry in requeued:
-            index, attempt, line = entry
-            if attempt == 0 and self.stop_signal is None:  # 0: it had run
+        for back in requeued:
+            index, line = back.index, back.line
+            if back.started and self.stop_signal is None:
                 lost = self.lost[index] = self.lost.get(index, 0) + 1
                 if lost >= LOST_OUTCOME_LIMIT:
                     error = records.error(
@@ -333,7 +316,7 @@ class Session:
                     )
                     self._failed(Failure(index, self.state.attempts[index], line, error, 0.0))
                     continue
-            again.append(entry)
+            again.append((index, NEXT if back.started else back.attempt, line))
         self.ready.extendleft(reversed(again))
 
     def _failed(self, failure: Failure) -> None:
@@ -341,12 +324,13 @@ class Session:
         tries = self.tries[index] = self.tries.get(index, 0) + 1
         if tries < self._budget(index):
             self._record(self._failed_record(failure, records.RETRY))
+            self.progress.model.retries += 1
             delay = self.options.backoff * 2.0 ** min(tries - 1, 32)  # no overflow at 1000s
-            retry = (index, 0, failure.line)
+            retry = (index, NEXT, failure.line)
             heapq.heappush(self.delayed, (time.monotonic() + delay, index, retry))
             return
         self._record(self._failed_record(failure, self._park_or_keep(index)))
-        self.progress.failed += 1
+        self.progress.model.session_settled += 1
 
     @staticmethod
     def _failed_record(failure: Failure, next_: str) -> dict[str, Any]:
@@ -408,12 +392,13 @@ class Session:
     # -- bookkeeping -------------------------------------------------------
     def _record_successes(self, done: Successes) -> None:
         self.recorder.successes(done.indices, done.rows)
-        self.progress.succeeded += len(done.indices)
+        self.progress.model.session_settled += len(done.indices)
 
-    def _flush_events(self) -> None:
-        events = self.executor.events
-        while events:
-            self._record(events.pop(0))
+    def _count_progress(self) -> None:
+        """The job-wide counts and this session's in-flight attempts, for the display."""
+        counts, shown = self.state.counts, self.progress.model
+        shown.set_counts(counts[SUCCEEDED], counts[DLQ], self.state.total - counts[PURGED])
+        shown.in_flight = self.in_flight
 
     def _maybe_checkpoint(self) -> None:
         if time.monotonic() - self._last_checkpoint < CHECKPOINT_EVERY:
