@@ -68,6 +68,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job-id")
     p.add_argument("--workers", type=_positive_int)
     _executor_option(p)
+    _halt_option(p, "kept with the job, overriding the job file's halt:")
     p.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
 
     p = sub.add_parser("resume", parents=[common], help="run what is left of a job")
@@ -86,6 +87,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=_positive_int)
     _executor_option(p)
+    _spec_change_options(p)
     p.add_argument(
         "--wait",
         type=_seconds,
@@ -170,6 +172,7 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("item_ids", nargs="*")
     d.add_argument("--workers", type=_positive_int)
     _executor_option(d)
+    _spec_change_options(d)
     d.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS")
     d.add_argument("--json", action="store_true")
     d = dsub.add_parser("purge", parents=[common], help="drop DLQ items for good (needs --yes)")
@@ -180,7 +183,61 @@ def _build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("export", parents=[common], help="DLQ items as JSONL")
     d.add_argument("job_id")
     d.add_argument("-o", "--output", metavar="FILE")
+    _add_rerun(sub, common)
+    _add_rm(sub, common)
     return parser
+
+
+def _spec_change_options(p: argparse.ArgumentParser) -> None:
+    """``--job-file`` / ``--set`` (a lasting change of the job's spec) and ``--halt``."""
+    p.add_argument(
+        "--job-file",
+        metavar="FILE",
+        help="take the job's map, reduce, timeout, retries, backoff, workers, dlq, executor "
+        "and halt from this job file, for this and later sessions (input and ids stay)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="change one job-file key for this and later sessions, e.g. --set map.timeout=60 "
+        "(repeatable; applied after --job-file)",
+    )
+    _halt_option(p, "this session only; --set halt.fail=N keeps it")
+
+
+def _halt_option(p: argparse.ArgumentParser, scope: str) -> None:
+    p.add_argument(
+        "--halt",
+        metavar="fail=N|fail=N%",
+        help=f"stop once N items (or N%% of those finished) were parked in the DLQ ({scope})",
+    )
+
+
+def _add_rerun(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "rerun",
+        parents=[common],
+        help="run succeeded items again on purpose; their new result replaces the old",
+    )
+    p.add_argument("job_id")
+    p.add_argument("item_ids", nargs="+", metavar="ITEM_ID")
+    p.add_argument("--workers", type=_positive_int)
+    _executor_option(p)
+    _spec_change_options(p)
+    p.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS")
+    p.add_argument("--json", action="store_true")
+
+
+def _add_rm(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "rm", parents=[common], help="delete a job's state for good (needs --yes; not while locked)"
+    )
+    p.add_argument("job_id")
+    p.add_argument("--yes", action="store_true", help="really delete it")
+    p.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS")
 
 
 def _executor_option(p: argparse.ArgumentParser) -> None:
@@ -260,6 +317,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             on_created=_print_job_id,
             progress=True,
             executor=args.executor,
+            halt=args.halt,
         )
         return _finish(report, args.json, state_dir)
     if args.command == "resume":
@@ -274,6 +332,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             progress=True,
             on_plan=_print_plan,
             executor=args.executor,
+            **_spec_changes(args),
         )
         return _finish(report, args.json, state_dir)
     if args.command == "status":
@@ -303,7 +362,62 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _unlock(args, state_dir)
     if args.command == "fsck":
         return _fsck(args, state_dir)
+    if args.command == "rerun":
+        return _rerun(args, state_dir)
+    if args.command == "rm":
+        return _rm(args, state_dir)
     return _dlq(args, state_dir)
+
+
+def _spec_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``api`` keywords of ``--job-file``, ``--set`` and ``--halt``."""
+    return {
+        "job_file": args.job_file,
+        "overrides": args.overrides,
+        "halt": args.halt,
+        "on_spec_change": _print_spec_change,
+    }
+
+
+def _print_spec_change(changes: dict[str, list[Any]]) -> None:
+    if not changes:
+        _say("spec: nothing changed")
+    for key, (old, new) in changes.items():
+        _say(f"spec changed: {key}: {_shown(old)} -> {_shown(new)}")
+
+
+def _shown(value: Any) -> str:
+    return "(unset)" if value is None else orjson.dumps(value).decode()
+
+
+def _rerun(args: argparse.Namespace, state_dir: str | None) -> int:
+    from . import api
+
+    report = api.rerun_items(
+        args.job_id,
+        args.item_ids,
+        state_dir=state_dir,
+        workers=args.workers,
+        wait=args.wait,
+        progress=True,
+        on_plan=_print_plan,
+        executor=args.executor,
+        **_spec_changes(args),
+    )
+    return _finish(report, args.json, state_dir)
+
+
+def _rm(args: argparse.Namespace, state_dir: str | None) -> int:
+    from . import api
+
+    if not args.yes:
+        again = _next_step("rm", args.job_id, state_dir) + " --yes"
+        raise UsageError(
+            f"rm deletes job {args.job_id} and all its results for good; confirm with: {again}"
+        )
+    api.remove_job(args.job_id, state_dir=state_dir, wait=args.wait)
+    _say(f"removed job {args.job_id}")
+    return 0
 
 
 def _joblog(args: argparse.Namespace, state_dir: str | None) -> int:
@@ -374,6 +488,7 @@ def _dlq(args: argparse.Namespace, state_dir: str | None) -> int:
             progress=True,
             on_plan=_print_plan,
             executor=args.executor,
+            **_spec_changes(args),
         )
         return _finish(report, args.json, state_dir)
     if cmd == "purge":
@@ -443,6 +558,8 @@ def _status(args: argparse.Namespace, state_dir: str | None) -> int:
             _out(_human_line(f"{key:20} {status[key]}"))
         lock = status["lock"]
         _out(_human_line(f"{'lock':20} {'-' if not lock else _holder_text(lock)}"))
+        if status.get("halted"):
+            _out(_human_line(f"{'halted':20} {status['halted']['reason']}"))
         return 0
     rows = api.list_jobs(state_dir=state_dir)
     if args.json:

@@ -46,11 +46,12 @@ import orjson
 
 from . import failpoints
 from .crashes import clear_abort_marks, mark_aborted
-from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, DlqFullError
+from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, DlqFullError, HaltedError
 from .executor import Batch, Executor, Failure, Outcomes, Successes
 from .journal import JournalWriter
 from .planner import ResumePlan
 from .progress import Progress
+from .spec import HaltSpec
 from .store import DLQ, JobState, JobStore
 
 __all__ = ["SessionOptions", "SessionReport", "Session"]
@@ -70,6 +71,7 @@ class SessionOptions:
     progress: bool = False
     command: str = "run"
     stop: threading.Event | None = None  # set: stop like Ctrl-C (any thread can set it)
+    halt: HaltSpec | None = None  # stop once this many items were parked (halt: / --halt)
 
 
 @dataclass
@@ -125,6 +127,8 @@ class Session:
         self._last_checkpoint = time.monotonic()
         self.progress = Progress(plan.total, enabled=options.progress)
         self.kept_failed = 0  # items not parked because the DLQ was full (keep_failed)
+        self.parked_here = 0  # items this session parked in the DLQ (for halt)
+        self.finished_here = 0  # items this session settled: succeeded or parked (for halt)
 
     # -- the loop ----------------------------------------------------------
     def run(self) -> None:
@@ -307,6 +311,7 @@ class Session:
                 self._cut.append(failure.index)
         for done in outcomes.ok:
             self._record_successes(done)
+        self._check_halt()
         if failpoints.ENABLED and len(outcomes):
             self.journal.write()
             failpoints.hit("supervisor.after_outcome")
@@ -355,6 +360,33 @@ class Session:
         record["next"] = self._park_or_keep(index)
         self._record(record)
         self.progress.failed += 1
+        if record["next"] == "dlq":
+            self.parked_here += 1
+            self.finished_here += 1
+
+    def _check_halt(self) -> None:
+        """``halt: {fail: N | "X%"}``: once this session parked that many items, stop it
+        as a full DLQ does -- in-flight attempts cut (kept pending), exit 1 -- with a
+        ``halt`` record saying why (``status`` shows it)."""
+        halt = self.options.halt
+        if halt is None or self.stop_error is not None or self.stop_signal is not None:
+            return
+        if not halt.reached(self.parked_here, self.finished_here):
+            return
+        reason = (
+            f"halted: {self.parked_here} of the {self.finished_here} item(s) this session "
+            f"finished were parked in the DLQ (halt: {halt.text()}); the rest are pending"
+        )
+        self.stop_error = HaltedError(reason)
+        self._record(
+            {
+                "k": "halt",
+                "rule": halt.text(),
+                "parked": self.parked_here,
+                "finished": self.finished_here,
+                "reason": reason,
+            }
+        )
 
     def _park_or_keep(self, index: int) -> str:
         limit = self.options.dlq_max_items
@@ -427,6 +459,7 @@ class Session:
         )
         self.state.succeeded(done.indices)
         self.progress.succeeded += len(done.indices)
+        self.finished_here += len(done.indices)
 
     def _flush_events(self) -> None:
         events = self.executor.events
