@@ -31,6 +31,7 @@ from typing import Any
 
 import orjson
 
+from . import records
 from .crashes import crash_limit
 from .dlq import DeadLetterQueue
 from .errors import CorruptStateError, MrpoolError, StorageError, UsageError
@@ -39,9 +40,10 @@ from .fsutil import atomic_write_chunks, fsync_dir, make_private_dir
 from .gc_policy import fewer_collections
 from .items import indices_of, ingest, iter_item_lines, read_ids, split_line
 from .joblog import exit_fields, iter_attempts
-from .journal import JournalWriter, read_records, started_attempts
+from .journal import JournalWriter, read_records
 from .lock import JobLock, clear_stale, live_holder, unlock
 from .planner import PlanOptions, ResumePlan, plan_session
+from .records import PARK, RETRY, Recorder, started_attempts, success_rows
 from .reduce import read_reduce_output, run_reduce
 from .slots import SLOTS_FILE, crash_evidence, discard
 from .spec import (
@@ -140,17 +142,8 @@ def run_job(
         write_job_file(
             tmp, job_id, spec, report.total, report.duplicates, report.id_mode, report.items_table
         )
-        header = {
-            "k": "job",
-            "v": 1,
-            "t": time.time(),
-            "job_id": job_id,
-            "total": report.total,
-            "duplicates_in_input": report.duplicates,
-            "id_mode": report.id_mode,
-        }
         journal = JournalWriter(tmp / "journal.log", 0)
-        journal.append(header)
+        journal.append(records.job(job_id, report.total, report.duplicates, report.id_mode))
         journal.close()
         lock.job_dir = tmp
         lock.acquire()
@@ -427,17 +420,20 @@ def _change_spec_held(
         how = ([f"--job-file {job_file}"] if job_file is not None else []) + [
             f"--set {o}" for o in overrides or ()
         ]
-        record = {"k": "spec", "t": time.time(), "changed": changes, "by": " ".join(how)}
-        record["spec"] = new.to_dict()
-        journal = JournalWriter(store.journal_path, state.offset)
-        try:
-            journal.append(record)
-            journal.sync(force=True)
-        finally:
-            journal.close()
+        _record_durably(store, state, records.spec_change(changes, " ".join(how), new.to_dict()))
     if on_change:
         on_change(changes)
     return changes
+
+
+def _record_durably(store: JobStore, state, record: dict[str, Any]) -> None:
+    """One record, journaled and fsynced before the caller goes on (a lock holder's)."""
+    journal = JournalWriter(store.journal_path, state.offset)
+    try:
+        Recorder(journal, state).record(record)
+        journal.sync(force=True)
+    finally:
+        journal.close()
 
 
 def _check_fail_fast(store: JobStore, spec: JobSpec, choice: ExecutorSpec) -> None:
@@ -497,12 +493,7 @@ def rerun_items(
         _change_spec_held(store, job_file, overrides, executor, on_spec_change)
         state = store.load_state(store.info().total)
         indices = _indices_succeeded(store, state, [str(i) for i in item_ids])
-        journal = JournalWriter(store.journal_path, state.offset)
-        try:
-            journal.append({"k": "rerun", "t": time.time(), "b": indices})
-            journal.sync(force=True)
-        finally:
-            journal.close()
+        _record_durably(store, state, records.rerun(indices))
         options = PlanOptions(
             include_failed=False, include_dlq=False, only_indices=frozenset(indices)
         )
@@ -624,16 +615,11 @@ def _close_remote_crash(state, journal: JournalWriter | None) -> None:
     kind = (state.executor or {}).get("kind", "local")
     if not state.open_count or kind == "local":
         return
-    record = {
-        "k": "close",
-        "t": time.time(),
-        "reason": f"crashed; closed by the next session (a {kind} session leaves no record "
-        "of which attempts ran: each counts, none gets a crash streak)",
-        "cut": state.open_indices(),
-    }
-    if journal is not None:
-        journal.append(record)
-    state.apply(record)
+    reason = (
+        f"crashed; closed by the next session (a {kind} session leaves no record "
+        "of which attempts ran: each counts, none gets a crash streak)"
+    )
+    Recorder(journal, state).record(records.close(reason, state.open_indices()))
 
 
 def _close_quietly(journal: JournalWriter) -> None:
@@ -670,9 +656,7 @@ def _nothing_left(job_id: str, state, plan: ResumePlan) -> SessionReport:
 def _reset_attempts(journal: JournalWriter, state, plan: ResumePlan) -> None:
     indices = [i for i, s in enumerate(state.status) if s in (FAILED, DLQ) and plan.selection[i]]
     if indices:
-        record = {"k": "reset", "t": time.time(), "b": indices}
-        journal.append(record)
-        state.apply(record)
+        Recorder(journal, state).record(records.reset(indices))
 
 
 def _reduce(
@@ -680,9 +664,7 @@ def _reduce(
 ) -> dict[str, Any]:
     results = [result for _, result in store.iter_results(total)]
     outcome = run_reduce(spec, results, store.dir)
-    record = {"k": "reduce", "t": time.time(), "ok": outcome["ok"], "error": outcome.get("error")}
-    journal.append(record)
-    state.apply(record)
+    Recorder(journal, state).record(records.reduce(outcome["ok"], outcome.get("error")))
     journal.sync(force=True)
     state.offset = journal.offset  # the checkpoint proves the reduce record was there
     store.write_checkpoint(state)
@@ -839,7 +821,8 @@ def purge_dlq(
         journal = JournalWriter(store.journal_path, state.offset)
         try:
             dlq = DeadLetterQueue(store, state)
-            count = dlq.purge(indices if indices is not None else dlq.indices(), journal)
+            victims = indices if indices is not None else dlq.indices()
+            count = dlq.purge(victims, Recorder(journal, state))
             journal.sync(force=True)
             state.offset = journal.offset  # the checkpoint proves the purge was recorded
             store.write_checkpoint(state)
@@ -900,7 +883,7 @@ def _events_of(
             yield {"t": t, "event": "item_started", "id": ids[index], "attempt": attempt}
     elif kind == "ok":
         ended = {"exit_code": 0, "signal": None} if command else {}
-        for index, attempt, duration, _result in record["b"]:
+        for index, attempt, duration, _result in success_rows(record):
             yield {
                 "t": t,
                 "event": "item_succeeded",
@@ -910,7 +893,7 @@ def _events_of(
                 **ended,
             }
     elif kind == "f":
-        name = {"retry": "item_retrying", "dlq": "item_parked"}.get(record["next"], "item_failed")
+        name = {RETRY: "item_retrying", PARK: "item_parked"}.get(record["next"], "item_failed")
         yield {
             "t": t,
             "event": name,

@@ -21,7 +21,8 @@ the item's result), ``halt`` (why ``halt:`` stopped the session).
 An ``s`` record names its attempts as ``b``, ``[[index, attempt], ...]``, and/or
 as ``r``, ``[[first, count, attempt], ...]``: runs of consecutive items starting
 the same attempt number (most of a fresh run), so that a dispatch costs no
-per-item encoding; ``started_attempts`` reads both.
+per-item encoding; ``records.started_attempts`` reads both. What each kind's
+fields are, and their constructors: records.py.
 
 Reading
 -------
@@ -81,7 +82,6 @@ __all__ = [
     "result_spans",
     "scan_journal",
     "crc_of_bytes",
-    "started_attempts",
     "JournalWriter",
 ]
 
@@ -120,15 +120,6 @@ def _decoded(payload: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
-
-
-def started_attempts(record: dict[str, Any]) -> Iterator[tuple[int, int]]:
-    """``(index, attempt)`` of each attempt an ``s`` record starts, runs expanded."""
-    for first, count, attempt in record.get("r", ()):
-        for index in range(first, first + count):
-            yield index, attempt
-    for index, attempt in record.get("b", ()):
-        yield index, attempt
 
 
 _SKIPPED: dict[str, Any] = {}
