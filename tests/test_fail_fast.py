@@ -48,9 +48,11 @@ def test_a_session_checks_before_anything_runs(mrpool, tmp_path):
 
 
 def test_halt_stops_the_run_and_resume_continues(mrpool, tmp_path):
-    # 12 items; all but the last 4 fail; one worker, so they finish in input order
+    # 12 items; all but the last 4 fail; one worker, so they finish in input order, and
+    # 50 ms each, so that they reach the supervisor one by one (a worker reports what
+    # it finished every 20 ms: outcomes that arrive together are all recorded)
     items = [{"id": n, "ok": n >= 8} for n in range(12)]
-    command = ["sh", "-c", 'test "$0" = true', "{item.ok}"]
+    command = ["sh", "-c", 'sleep 0.05; test "$0" = true', "{item.ok}"]
     job = write_job(tmp_path / "job", items, {"command": command}, workers=1)
 
     # Phase 1: fail=3 stops the run once three items were parked; the rest stay pending.
