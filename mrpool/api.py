@@ -318,6 +318,9 @@ def _run_session(
     plan_options = replace(plan_options, crash_limit=crash_limit(spec.map.retries))
     journal = JournalWriter(store.journal_path, state.offset)
     try:
+        if state.journal_total < info.total:  # an extension's record lost to a crash
+            extension = records.extend(state.journal_total, info.total, info.duplicates_in_input)
+            Recorder(journal, state).record(extension)
         _close_remote_crash(state, journal)
         plan = plan_session(store.dir, state, plan_options, crash_evidence(store.dir, state))
         if on_plan:
@@ -846,6 +849,7 @@ _EVENT_NAMES = {
     "spec": "spec_changed",
     "rerun": "items_rerun",
     "halt": "halted",
+    "extend": "job_extended",
 }
 
 

@@ -49,6 +49,10 @@ rerun      ``b`` succeeded indices made pending again (``mrpool rerun``); an
            item's result is its first success after the last rerun naming it.
 halt       ``halt:`` stopped the session: ``rule`` ("fail=5", "fail=5%"),
            ``parked``, ``finished`` (this session's counts), ``reason``.
+extend     ``mrpool.map(..., extend=True)`` added items: ``from`` the item count the
+           last ``job`` / ``extend`` record named, ``total`` now (job.json's),
+           ``added``, ``duplicates_in_input`` now. Written after job.json's
+           replacement (the commit), or by the next session if a crash came between.
 =========  ======================================================================
 
 A failure (``error`` of ``executor.Failure``, the fields an ``f`` record carries
@@ -95,6 +99,7 @@ __all__ = [
     "spec_change",
     "rerun",
     "halt",
+    "extend",
     "started_attempts",
     "success_rows",
     "succeeded_indices",
@@ -256,6 +261,11 @@ def rerun(indices: list[int]) -> Record:
 
 def halt(rule: str, parked: int, finished: int, reason: str) -> Record:
     return {"k": "halt", "rule": rule, "parked": parked, "finished": finished, "reason": reason}
+
+
+def extend(journal_total: int, total: int, duplicates: int) -> Record:
+    return {"k": "extend", "from": journal_total, "total": total,
+            "added": total - journal_total, "duplicates_in_input": duplicates}  # fmt: skip
 
 
 # -- readers -------------------------------------------------------------------
