@@ -14,12 +14,14 @@ import shlex
 import signal
 import sys
 import textwrap
+import warnings
 from datetime import datetime
 from typing import Any
 
 import orjson
 
 from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, MrpoolError, UsageError
+from .progress import HEARTBEAT_ENV
 from .spec import printable
 
 __all__ = ["main"]
@@ -191,6 +193,7 @@ def _run_parser(sub, common) -> None:
     _executor_option(p)
     _halt_option(p, "kept with the job, overriding the job file's halt:")
     p.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
+    _progress_options(p)
 
 
 def _resume_parser(sub, common) -> None:
@@ -228,6 +231,7 @@ def _resume_parser(sub, common) -> None:
     p.add_argument(
         "--json", action="store_true", help="print the plan and final report as JSON on stdout"
     )
+    _progress_options(p)
 
 
 def _status_parser(sub, common) -> None:
@@ -432,6 +436,7 @@ def _dlq_retry_parser(sub, common) -> None:
     d.add_argument(
         "--json", action="store_true", help="print the plan and final report as JSON on stdout"
     )
+    _progress_options(d)
 
 
 def _dlq_purge_parser(sub, common) -> None:
@@ -550,6 +555,7 @@ def _rerun_parser(sub, common) -> None:
     _executor_option(p)
     _spec_change_options(p)
     _wait_option(p)
+    _progress_options(p)
     p.add_argument(
         "--json", action="store_true", help="print the plan and final report as JSON on stdout"
     )
@@ -570,6 +576,29 @@ def _rm_parser(sub, common) -> None:
     _job_id_argument(p)
     p.add_argument("--yes", action="store_true", help="really delete it (required)")
     _wait_option(p)
+
+
+def _progress_options(p: argparse.ArgumentParser) -> None:
+    """``--progress`` / ``--quiet``; neither: a live line on a terminal, else a heartbeat
+    line every $MRPOOL_PROGRESS_SECONDS (mrpool/progress.py)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--progress",
+        action="store_const",
+        const="always",
+        dest="progress",
+        default="auto",
+        help="draw the live progress line even when stderr is not a terminal (default: "
+        f"the line on a terminal, else one status line every ${HEARTBEAT_ENV} seconds, "
+        "default 10)",
+    )
+    group.add_argument(
+        "--quiet",
+        action="store_const",
+        const="off",
+        dest="progress",
+        help="no progress line, heartbeat or plan line; the final summary and errors still print",
+    )
 
 
 def _executor_option(p: argparse.ArgumentParser) -> None:
@@ -603,8 +632,10 @@ def _seconds(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM stops like Ctrl-C does
     try:
-        args = _parse(argv)
-        return _dispatch(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            args = _parse(argv)
+            return _dispatch(args)
     except MrpoolError as e:
         _say(f"mrpool: {e}")
         return e.exit_code
@@ -632,6 +663,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library warning (a damaged derived file being rebuilt) as one line, no source."""
+    _say(f"mrpool: {message}")
+
+
 def _terminate(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -647,7 +683,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             workers=args.workers,
             state_dir=state_dir,
             on_created=_print_job_id,
-            progress=True,
+            progress=args.progress,
             executor=args.executor,
             halt=args.halt,
         )
@@ -661,8 +697,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             reset_failed=args.reset_failed,
             max_additional_retries=args.max_additional_retries,
             wait=args.wait,
-            progress=True,
-            on_plan=_print_plan,
+            progress=args.progress,
+            on_plan=_plan_printer(args),
             executor=args.executor,
             **_spec_changes(args),
         )
@@ -731,8 +767,8 @@ def _rerun(args: argparse.Namespace, state_dir: str | None) -> int:
         state_dir=state_dir,
         workers=args.workers,
         wait=args.wait,
-        progress=True,
-        on_plan=_print_plan,
+        progress=args.progress,
+        on_plan=_plan_printer(args),
         executor=args.executor,
         **_spec_changes(args),
     )
@@ -817,8 +853,8 @@ def _dlq(args: argparse.Namespace, state_dir: str | None) -> int:
             state_dir=state_dir,
             workers=args.workers,
             wait=args.wait,
-            progress=True,
-            on_plan=_print_plan,
+            progress=args.progress,
+            on_plan=_plan_printer(args),
             executor=args.executor,
             **_spec_changes(args),
         )
@@ -919,6 +955,10 @@ def _status(args: argparse.Namespace, state_dir: str | None) -> int:
 # -- output helpers ----------------------------------------------------------------
 def _print_job_id(job_id: str) -> None:
     _out(job_id.encode() + b"\n")
+
+
+def _plan_printer(args: argparse.Namespace):
+    return None if args.progress == "off" else _print_plan
 
 
 def _print_plan(plan) -> None:
