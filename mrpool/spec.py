@@ -660,8 +660,8 @@ def argv_renderer(argv: list[str]) -> Callable[[Any], list[str]]:
 
     A filled-in value is never re-scanned, so a value containing ``{item.x}``
     stays literal, and a value never reaches a shell. The template is parsed
-    here, once: a worker renders it for every attempt, where a regex
-    substitution with a callback would cost ~10 us."""
+    here, once: a worker renders it for every attempt, and a regex substitution
+    with a callback per attempt would be a visible share of a short command."""
     parts = [_template_parts(arg) for arg in argv]
 
     def render(item: Any) -> list[str]:
@@ -684,8 +684,8 @@ def _template_parts(arg: str) -> str | tuple[str | _Key, ...]:
 
 
 class _Key:
-    """A placeholder in a parsed template (a plain class: a dataclass costs every
-    start-up ~1 ms to build)."""
+    """A placeholder in a parsed template (a plain class: building a dataclass is a
+    cost every start-up pays)."""
 
     __slots__ = ("name",)
 
