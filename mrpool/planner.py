@@ -34,7 +34,7 @@ from .items import iter_item_blocks
 from .slots import UNKNOWN, CrashEvidence
 from .store import DLQ, FAILED, PENDING, JobState
 
-__all__ = ["PlanCursor", "PlanOptions", "ResumePlan", "plan_session", "SOURCE_NAMES"]
+__all__ = ["PlanCursor", "PlanOptions", "ResumePlan", "PlanSummary", "plan_session", "SOURCE_NAMES"]
 
 NONE, FROM_PENDING, FROM_FAILED, FROM_DLQ = range(4)
 SOURCE_NAMES = {FROM_PENDING: "pending", FROM_FAILED: "failed", FROM_DLQ: "dlq"}
@@ -49,7 +49,19 @@ class PlanOptions:
     crash_limit: int = 2
 
 
-@dataclass
+class PlanSummary(dict):
+    """``ResumePlan.summary()``: the plan's counts, a plain dict (JSON as it is) that
+    ``print`` shows as the sentence ``resume`` prints."""
+
+    def __str__(self) -> str:
+        return (
+            f"{self['total']} item(s) to run ({self['pending']} pending, {self['failed']} "
+            f"failed, {self['dlq']} from the DLQ; {self['duplicates']} duplicate(s) "
+            f"collapsed; {self['poison_parked']} parked as poison)"
+        )
+
+
+@dataclass(repr=False)
 class ResumePlan:
     """What a session will run. ``items()`` streams ``(index, source, line)``."""
 
@@ -91,13 +103,16 @@ class ResumePlan:
         """Where a planned item comes from: "pending", "failed" or "dlq"."""
         return SOURCE_NAMES[self.selection[index]]
 
-    def summary(self) -> dict[str, int]:
-        return {
+    def summary(self) -> PlanSummary:
+        return PlanSummary(
             **self.counts,
-            "duplicates": self.duplicates,
-            "poison_parked": len(self.poison),
-            "total": self.total,
-        }
+            duplicates=self.duplicates,
+            poison_parked=len(self.poison),
+            total=self.total,
+        )
+
+    def __repr__(self) -> str:  # not the selection: a byte per item of the job
+        return f"<ResumePlan of {self.job_dir.name}: {self.summary()}>"
 
 
 class PlanCursor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import math
 import os
 import re
@@ -351,13 +352,36 @@ def import_callable(path: str, base_dir: str) -> Callable[..., Any]:
     module_name, _, attr_path = path.partition(":")
     if base_dir not in sys.path:
         sys.path.insert(0, base_dir)
-    module = importlib.import_module(module_name)
+    module = _running_script(module_name) or importlib.import_module(module_name)
     target: Any = module
     for part in attr_path.split("."):
         target = getattr(target, part)
     if not callable(target):
         raise TypeError(f"{path} is not callable")
     return target
+
+
+def _running_script(module_name: str) -> Any:
+    """The ``__main__`` module when it *is* ``module_name``: the script that started the
+    job names its own function (``script:fn``). Importing ``script`` would run the
+    script's top-level code a second time -- a script without an ``if __name__ ==
+    "__main__"`` guard would start its job again from inside the check."""
+    main = sys.modules.get("__main__")
+    if main is None or module_name in sys.modules:
+        return None
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name == module_name:  # python -m module_name
+        return main
+    script = getattr(main, "__file__", None)
+    if spec is not None or not script:
+        return None
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return None
+    origin = found.origin if found is not None else None
+    same = origin and os.path.realpath(origin) == os.path.realpath(script)
+    return main if same else None
 
 
 # A function that only exists in one Python process (a lambda, a notebook cell's or a
