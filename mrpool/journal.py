@@ -12,7 +12,11 @@ file is ``{"k":"job","v":2,...}`` (``"v":1``: a journal written before tails wer
 a session), ``plan``, ``s`` (attempts started, batched), ``ok`` (successes with
 their results, batched), ``f`` (one failed attempt), ``reset``, ``purge``,
 ``worker``, ``executor`` (the session's executor, when not local: kind, scheduler
-address, workers), ``ckpt``, ``reduce``, ``close`` (a session ended cleanly).
+address, workers), ``ckpt``, ``reduce``, ``close`` (a session ended cleanly),
+``spec`` (``--job-file`` / ``--set`` changed the spec: ``changed`` ``{key: [old, new]}``,
+``by``, and the whole new ``spec``; the last one is the spec sessions run), ``rerun``
+(``b``: succeeded items made pending again by ``mrpool rerun``; a success after it is
+the item's result), ``halt`` (why ``halt:`` stopped the session).
 
 An ``f`` record holds the failure's ``kind``, ``msg``, ``tail`` (the end of stderr or
 of a traceback, at most 2048 bytes), ``sig`` (its error signature, when the worker

@@ -55,6 +55,7 @@ from .containment import Unit
 from .containment import die_with_parent as _die_with_parent  # even mid C call holding the GIL
 from .dlq import error_signature
 from .items import identity_text
+from .records import encode_rows
 from .slots import SlotTable
 from .spec import argv_renderer, resolve_callable
 
@@ -255,7 +256,8 @@ def _encoded_lists(rows: list[list[Any]]) -> tuple[bytes | memoryview, list[list
         failures = [row[:4] for row in rows if len(row) == 5]
         successes = [row for row in rows if len(row) == 4]
     try:
-        return memoryview(orjson.dumps(successes))[1:-1], failures, duration
+        # the journal's ok-record rows (records.py), journaled as sent
+        return memoryview(encode_rows(successes))[1:-1], failures, duration
     except TypeError:
         pass
     parts = []
