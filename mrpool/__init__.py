@@ -35,6 +35,7 @@ API_NAMES = (
     "list_jobs",
     "iter_results",
     "iter_result_lines",
+    "iter_result_blocks",
     "reduce_output",
     "open_dlq",
     "export_dlq",

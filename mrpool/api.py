@@ -22,25 +22,21 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .crashes import crash_limit
 from .dlq import DeadLetterQueue
-from .errors import CorruptStateError, MrpoolError, StorageError, UsageError
-from .executor import LocalExecutor
+from .errors import MrpoolError, StorageError, UsageError
 from .fsutil import atomic_write_chunks
 from .gc_policy import fewer_collections
-from .items import indices_of, ingest, iter_item_lines, read_ids
+from .items import indices_of, ingest, iter_item_blocks, read_ids
 from .joblog import exit_fields, iter_attempts
 from .journal import JournalWriter, read_records, started_attempts
 from .lock import JobLock, clear_stale, live_holder, unlock
-from .planner import PlanOptions, ResumePlan, plan_session
 from .reduce import read_reduce_output, run_reduce
-from .slots import SLOTS_FILE, crash_evidence, discard
+from .results import jsonl_blocks, result_pairs
 from .spec import (
     ExecutorSpec,
     JobSpec,
@@ -59,8 +55,11 @@ from .store import (
     validate_job_id,
     write_job_file,
 )
-from .supervisor import Session, SessionOptions, SessionReport
-from .worker import WorkerConfig
+
+if TYPE_CHECKING:  # the running side is imported by the functions that run items: reading
+    # commands (status, results, events, dlq list) need neither the executor nor psutil
+    from .planner import PlanOptions, ResumePlan
+    from .supervisor import SessionReport
 
 __all__ = [
     "run_job",
@@ -71,6 +70,7 @@ __all__ = [
     "list_jobs",
     "iter_results",
     "iter_result_lines",
+    "iter_result_blocks",
     "reduce_output",
     "open_dlq",
     "export_dlq",
@@ -80,6 +80,15 @@ __all__ = [
     "unlock_job",
     "SessionReport",
 ]
+
+
+def __getattr__(name: str):
+    """``api.SessionReport``: imported with the running side, on first use."""
+    if name == "SessionReport":
+        from .supervisor import SessionReport
+
+        return SessionReport
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- starting and continuing work ------------------------------------------------
@@ -102,6 +111,8 @@ def run_job(
     called the moment the job exists (the CLI prints the id there). ``stop``: see
     ``resume_job``.
     """
+    from .planner import PlanOptions
+
     spec = _as_spec(job, base_dir)
     if workers is not None:
         spec = _with_workers(spec, workers)
@@ -179,6 +190,8 @@ def resume_job(
     session stops as on Ctrl-C -- attempts killed, kept pending, report state
     ``"interrupted"`` -- and ``resume`` continues it later.
     """
+    from .planner import PlanOptions
+
     store = JobStore.open(state_root(state_dir), job_id)
     with JobLock(store.dir, command=f"mrpool resume {job_id}").acquire(wait):
         options = PlanOptions(include_dlq=not no_dlq, crash_limit=_crash_limit(store))
@@ -211,6 +224,8 @@ def retry_dlq(
 ) -> SessionReport:
     """Re-run DLQ items (all, or those named); each success leaves the DLQ (``stop``: see
     ``resume_job``)."""
+    from .planner import PlanOptions
+
     store = JobStore.open(state_root(state_dir), job_id)
     with JobLock(store.dir, command=f"mrpool dlq retry {job_id}").acquire(wait):
         only = None
@@ -239,6 +254,9 @@ def plan_resume(
     job_id: str, *, state_dir: str | os.PathLike | None = None, no_dlq: bool = False
 ) -> ResumePlan:
     """The plan ``resume`` would run now, without running (or locking) anything."""
+    from .planner import PlanOptions, plan_session
+    from .slots import crash_evidence
+
     store = JobStore.open(state_root(state_dir), job_id)
     state = store.load_state(store.info().total)
     options = PlanOptions(include_dlq=not no_dlq, crash_limit=_crash_limit(store))
@@ -258,6 +276,8 @@ def run_held_session(
     """One session of a job whose lock is already held for it -- by ``mrpool.map``'s
     calling process, which runs this in a forked child (a POSIX lock is not inherited,
     so the child cannot take it, and must not need to)."""
+    from .planner import PlanOptions
+
     options = PlanOptions(include_dlq=include_dlq, crash_limit=_crash_limit(store))
     return _run_session(store, command, options, workers=workers, progress=progress)
 
@@ -275,6 +295,10 @@ def _run_session(
     executor: str | None = None,
     stop: threading.Event | None = None,
 ) -> SessionReport:
+    from .planner import plan_session
+    from .slots import crash_evidence, discard
+    from .supervisor import Session, SessionOptions
+
     store.sweep()
     info = store.info()
     spec = info.spec
@@ -363,6 +387,10 @@ def _executor_choice(spec: JobSpec, option: str | None) -> ExecutorSpec:
 
 
 def _new_executor(store: JobStore, spec: JobSpec, workers: int, choice: ExecutorSpec, items: int):
+    from .executor import LocalExecutor
+    from .slots import SLOTS_FILE
+    from .worker import WorkerConfig
+
     config = WorkerConfig(
         store.job_id, spec.base_dir, spec.map.command, spec.map.callable, spec.map.timeout
     )
@@ -412,6 +440,8 @@ def _discard_evidence_unless_needed(store: JobStore, total: int) -> None:
     """After a storage error (a full disk): the slot file stays only if the journal on
     disk still has an open attempt, which the next session settles from it. (What is
     in memory may be ahead of the disk: the failed write's records are lost.)"""
+    from .slots import discard
+
     try:
         still_open = store.load_state(total).open_count
     except (MrpoolError, OSError):
@@ -421,6 +451,8 @@ def _discard_evidence_unless_needed(store: JobStore, total: int) -> None:
 
 
 def _nothing_left(job_id: str, state, plan: ResumePlan) -> SessionReport:
+    from .supervisor import SessionReport
+
     return SessionReport(
         job_id,
         state.finished_state(),
@@ -454,6 +486,8 @@ def _reduce(
 
 
 def _crash_limit(store: JobStore) -> int:
+    from .crashes import crash_limit
+
     return crash_limit(store.info().spec.map.retries)
 
 
@@ -501,37 +535,41 @@ def list_jobs(*, state_dir: str | os.PathLike | None = None) -> list[dict[str, A
     return rows
 
 
-def iter_results(
-    job_id: str, *, state_dir: str | os.PathLike | None = None
-) -> Iterator[dict[str, Any]]:
-    """``{"id", "result"}`` for every success, in input order, each id once."""
-    for raw_id, result in _results_by_raw_id(job_id, state_dir):
-        yield {"id": orjson.loads(raw_id), "result": orjson.loads(result)}
-
-
 def iter_result_lines(
     job_id: str, *, state_dir: str | os.PathLike | None = None
 ) -> Iterator[bytes]:
     """``iter_results`` as JSONL bytes, ``{"id":...,"result":...}`` LF per success (what
     ``mrpool results`` prints), made from the stored bytes: neither the ids nor the
     results are decoded, so memory does not grow with a result beyond about its size."""
-    for raw_id, result in _results_by_raw_id(job_id, state_dir):
+    for raw_id, result in result_pairs(*_results_source(job_id, state_dir)):
         yield b'{"id":%b,"result":%b}\n' % (raw_id, result)
 
 
-def _results_by_raw_id(job_id: str, state_dir) -> Iterator[tuple[bytes, bytes | memoryview]]:
-    """``(id as stored: compact JSON, result as stored JSON)`` per success, in input order."""
+def iter_result_blocks(
+    job_id: str, *, state_dir: str | os.PathLike | None = None
+) -> Iterator[bytes | memoryview]:
+    """``iter_result_lines`` in pieces to write one after another: blocks of whole rows,
+    and a large row as three pieces (its result is a view of the stored bytes, not a
+    copy). What ``mrpool results`` writes; memory stays about one journal record."""
+    return jsonl_blocks(*_results_source(job_id, state_dir))
+
+
+def iter_results(
+    job_id: str, *, state_dir: str | os.PathLike | None = None
+) -> Iterator[dict[str, Any]]:
+    """``{"id", "result"}`` for every success, in input order, each id once."""
+    for raw_id, result in result_pairs(*_results_source(job_id, state_dir)):
+        yield {"id": orjson.loads(raw_id), "result": orjson.loads(result)}
+
+
+def _results_source(job_id: str, state_dir) -> tuple[Path, int, Iterator[list[bytes]]]:
+    """What results.py reads: the journal, the item count and items.jsonl's verified
+    blocks; the job's state is loaded first, which refuses a journal that lost records
+    or whose prefix is damaged."""
     store = JobStore.open(state_root(state_dir), job_id)
     total = store.info().total
-    store.load_state(total)  # refuses a journal that lost records or a damaged prefix
-    lines = iter_item_lines(store.dir)  # checksum-verified, and exactly `total` lines
-    position = 0
-    for index, result in store.iter_result_json(total):
-        line = next(islice(lines, index - position, None), None)
-        if line is None:  # (the verified reader raises first; never a StopIteration)
-            raise CorruptStateError(f"{store.dir / 'items.jsonl'}: fewer lines than items")
-        position = index + 1
-        yield line[: line.index(b"\t")], result
+    store.load_state(total)
+    return store.journal_path, total, iter_item_blocks(store.dir)
 
 
 def reduce_output(job_id: str, *, state_dir: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -19,7 +19,6 @@ forwards lines to workers without parsing them.
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
 import shutil
 import signal
@@ -240,6 +239,8 @@ class _Helper:
     """A forked process validating the input's bytes ``start`` to ``stop``."""
 
     def __init__(self, path: Path, start: int, stop: int, id_field: str, rows_path: Path) -> None:
+        import multiprocessing  # (here: commands that only read items need none of it)
+
         self.path, self.start, self.stop, self.rows_path = path, start, stop, rows_path
         ctx = multiprocessing.get_context("fork")
         self._receiver, sender = ctx.Pipe(duplex=False)

@@ -58,15 +58,17 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import fasteners
 import orjson
-import psutil
 
 from . import failpoints
 from .errors import LockedError
 from .fsutil import atomic_write, fsync_dir, open_private
+
+if TYPE_CHECKING:  # imported where used: a job without lock files (what status and
+    # results mostly see) needs neither
+    import fasteners
 
 __all__ = ["JobLock", "live_holder", "describe_holder", "clear_stale", "unlock", "UnlockRefused"]
 
@@ -126,6 +128,8 @@ class JobLock:
             return None
 
     def _write_holder(self) -> dict[str, Any]:
+        import psutil
+
         me = psutil.Process()
         holder = {
             "v": 1,
@@ -283,6 +287,8 @@ def _lock_now(job_dir: Path) -> fasteners.InterProcessLock | None:
     not hold the job: on a refusal the descriptor is closed at once (not left for the
     garbage collector), which would drop a lock this process held on that file.
     """
+    import fasteners
+
     path = job_dir / LOCK_FILE
     os.close(open_private(path, os.O_RDWR | os.O_CREAT))
     lock = fasteners.InterProcessLock(str(path))
@@ -327,6 +333,8 @@ def _is_live(holder: dict[str, Any]) -> bool:
     if pid == os.getpid():
         with _REGISTRY_GUARD:
             return any(lock.holder == holder for lock in _REGISTRY.values())
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
