@@ -65,6 +65,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from . import records
 from .containment import Containment, Unit
 from .slots import RUNNING, SlotTable
 from .worker import WorkerConfig, worker_main
@@ -319,7 +320,7 @@ class LocalExecutor:
         for fd, is_death in ((parent_end.fileno(), False), (worker.death_fd, True)):
             self._by_fd[fd] = (worker, is_death)
             self._poller.register(fd, select.POLLIN)
-        self.events.append({"k": "worker", "ev": "started", "pid": process.pid, "slot": slot})
+        self.events.append(records.worker_started(process.pid, slot))
         return worker
 
     def _forget(self, w: _Worker) -> None:
@@ -568,34 +569,16 @@ class LocalExecutor:
                 outcomes.failed.append(Failure(index, attempt, line, error, ran))
             else:  # started (its outcome died with the worker): a new attempt; else the same one
                 outcomes.requeued.append((index, 0 if position < started else attempt, line))
-        self.events.append(
-            {
-                "k": "worker",
-                "ev": "died",
-                "pid": w.pid,
-                "slot": w.slot,
-                "exitcode": code,
-                "reason": w.kill_reason,
-            }
-        )
+        self.events.append(records.worker_died(w.pid, w.slot, code, w.kill_reason))
         self._forget(w)
         self._spawn(w.slot)
 
     def _death_error(self, w: _Worker, code: int | None) -> dict[str, Any]:
         if w.kill_reason == "timeout":
-            return {
-                "kind": "timeout",
-                "msg": f"timed out after {self._timeout:g} s",
-                "tail": "",
-                "pid": w.pid,
-            }
+            return records.error("timeout", f"timed out after {self._timeout:g} s", pid=w.pid)
         if w.kill_reason == "hung":
-            return {
-                "kind": "hung",
-                "msg": f"worker hung: no heartbeat for {HUNG_AFTER:g} s",
-                "tail": "",
-                "pid": w.pid,
-            }
+            message = f"worker hung: no heartbeat for {HUNG_AFTER:g} s"
+            return records.error("hung", message, pid=w.pid)
         if code is not None and code < 0:
             try:
                 name = signal.Signals(-code).name
@@ -604,13 +587,9 @@ class LocalExecutor:
             msg = f"worker died: signal {-code} ({name})"
         else:
             msg = f"worker died: exit status {code}"
-        return {
-            "kind": "worker_died",
-            "msg": msg,
-            "tail": "",
-            "pid": w.pid,
-            "signal": -code if code and code < 0 else None,
-        }
+        return records.error(
+            "worker_died", msg, pid=w.pid, signal=-code if code and code < 0 else None
+        )
 
     def _check_deadlines(self) -> None:
         """Kill a worker whose attempt outran its timeout, or that stopped heartbeating."""

@@ -54,6 +54,7 @@ from .journal import (
     read_records,
     scan_journal,
 )
+from .records import succeeded_indices
 from .spec import JobSpec, spec_from_stored
 
 __all__ = [
@@ -158,7 +159,7 @@ class JobState:
                 if attempt > attempts[index]:
                     attempts[index] = attempt
         elif kind == "ok":  # hot: one per outcome batch
-            self.succeeded([entry[0] for entry in record["b"]])
+            self.succeeded(succeeded_indices(record))
         elif kind == "f":
             index = record["i"]
             if self.opened[index]:
