@@ -41,6 +41,7 @@ API_NAMES = (
     "export_dlq",
     "purge_dlq",
     "iter_events",
+    "iter_event_lines",
     "iter_joblog",
     "unlock_job",
     "SessionReport",

@@ -32,7 +32,7 @@ from .dlq import DeadLetterQueue
 from .errors import MrpoolError, StorageError, UsageError
 from .fsutil import atomic_write_chunks
 from .gc_policy import fewer_collections
-from .items import indices_of, ingest, iter_item_blocks, read_ids
+from .items import indices_of, ingest, iter_item_data, iter_item_lines
 from .joblog import exit_fields, iter_attempts
 from .journal import JournalWriter, read_records
 from .lock import JobLock, clear_stale, live_holder, unlock
@@ -78,6 +78,7 @@ __all__ = [
     "export_dlq",
     "purge_dlq",
     "iter_events",
+    "iter_event_lines",
     "iter_joblog",
     "unlock_job",
     "SessionReport",
@@ -546,14 +547,14 @@ def iter_results(
         yield {"id": orjson.loads(raw_id), "result": orjson.loads(result)}
 
 
-def _results_source(job_id: str, state_dir) -> tuple[Path, int, Iterator[list[bytes]]]:
+def _results_source(job_id: str, state_dir) -> tuple[Path, int, Iterator[bytes]]:
     """What results.py reads: the journal, the item count and items.jsonl's verified
     blocks; the job's state is loaded first, which refuses a journal that lost records
     or whose prefix is damaged."""
     store = JobStore.open(state_root(state_dir), job_id)
     total = store.info().total
     store.load_state(total)
-    return store.journal_path, total, iter_item_blocks(store.dir)
+    return store.journal_path, total, iter_item_data(store.dir)
 
 
 def reduce_output(job_id: str, *, state_dir: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -656,21 +657,77 @@ def iter_events(
     job_id: str, *, state_dir: str | os.PathLike | None = None, follow: bool = False
 ) -> Iterator[dict[str, Any]]:
     """The job's event log, one dict per event; ``follow`` tails it while a holder lives."""
+    for record, ids, command in _event_records(job_id, state_dir, follow):
+        yield from _events_of(record, ids, command)
+
+
+def iter_event_lines(
+    job_id: str, *, state_dir: str | os.PathLike | None = None, follow: bool = False
+) -> Iterator[bytes]:
+    """``iter_events`` as JSONL (what ``mrpool events`` prints), a record's events at a
+    time: the events of attempts started and succeeded -- nearly all of them -- are
+    formatted from the stored id bytes a run at a time, not built as dicts and encoded
+    one by one; the bytes are what encoding ``iter_events``' dicts gives."""
+    for record, ids, command in _event_records(job_id, state_dir, follow):
+        kind = record["k"]
+        if kind == "s" or kind == "ok":
+            yield _attempt_lines(record, ids.raw, command)
+        else:
+            yield b"".join(orjson.dumps(e) + b"\n" for e in _events_of(record, ids, command))
+
+
+def _event_records(job_id: str, state_dir, follow: bool) -> Iterator[tuple[dict, _Ids, bool]]:
     store = JobStore.open(state_root(state_dir), job_id)
     store.load_state(store.info().total)  # refuses a journal that lost records
-    ids = read_ids(store.dir)
+    ids = _Ids([line[: line.index(b"\t")] for line in iter_item_lines(store.dir)])
     command = store.info().spec.map.command is not None
     offset = 0
     while True:
         for _, end, record in read_records(store.journal_path, offset):
-            yield from _events_of(record, ids, command)
+            yield record, ids, command
             offset = end
         if not follow or not live_holder(store.dir):
             if follow:  # the holder just ended: drain its last records
                 for _, _end, record in read_records(store.journal_path, offset):
-                    yield from _events_of(record, ids, command)
+                    yield record, ids, command
             return
         time.sleep(0.2)
+
+
+class _Ids:
+    """Item ids by index, kept as their stored bytes (compact JSON), decoded when asked."""
+
+    def __init__(self, raw: list[bytes]) -> None:
+        self.raw = raw
+
+    def __getitem__(self, index: int) -> Any:
+        return orjson.loads(self.raw[index])
+
+
+def _attempt_lines(record: dict[str, Any], ids: list[bytes], command: bool) -> bytes:
+    """The events of an ``s`` or ``ok`` record as JSONL, exactly as ``_events_of`` gives
+    them encoded: ``{"t":..,"event":..,"id":..,"attempt":..[,"duration":..,..]}``."""
+    head = b'{"t":%b,"event":"item_%b","id":' % (
+        orjson.dumps(record.get("t")),
+        b"started" if record["k"] == "s" else b"succeeded",
+    )
+    if record["k"] == "s":
+        parts = []
+        for first, count, attempt in record.get("r", ()):
+            tail = b',"attempt":%d}\n' % attempt
+            parts.append(head + (tail + head).join(ids[first : first + count]) + tail)
+        parts += [b'%b%b,"attempt":%d}\n' % (head, ids[i], a) for i, a in record.get("b", ())]
+        return b"".join(parts)
+    ended = b',"exit_code":0,"signal":null}\n' if command else b"}\n"
+    rows = success_rows(record)
+    if not rows:
+        return b""
+    indices, attempts, durations, _results = zip(*rows)
+    parts = [head, b"", b',"attempt":', b"", b',"duration":', b"", ended] * len(rows)
+    parts[1::7] = [ids[i] for i in indices]
+    parts[3::7] = orjson.dumps(attempts)[1:-1].split(b",")  # (what orjson writes of each)
+    parts[5::7] = orjson.dumps(durations)[1:-1].split(b",")
+    return b"".join(parts)
 
 
 def _events_of(

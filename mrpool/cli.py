@@ -603,10 +603,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "events":
         _write_lines(
-            (
-                orjson.dumps(e) + b"\n"
-                for e in api.iter_events(args.job_id, state_dir=state_dir, follow=args.follow)
-            ),
+            api.iter_event_lines(args.job_id, state_dir=state_dir, follow=args.follow),
             live=args.follow,
         )
         return 0

@@ -60,19 +60,17 @@ def result_json(journal: Path, total: int) -> Iterator[tuple[int, Result]]:
 
 
 def result_pairs(
-    journal: Path, total: int, lines: Iterable[list[bytes]]
+    journal: Path, total: int, lines: Iterable[bytes]
 ) -> Iterator[tuple[bytes, Result]]:
     """``(id as stored, result as stored)`` of every success, in input order; ``lines``
-    are the verified blocks of ``items.jsonl`` (exactly ``total`` lines)."""
+    are the verified blocks of ``items.jsonl``, as bytes (exactly ``total`` lines)."""
     ids = _Ids(iter(lines), journal.parent / "items.jsonl", total)
     for start, results in _segments(journal, total):
         yield from zip(ids.take(start, len(results)), results)
     ids.finish()
 
 
-def jsonl_blocks(
-    journal: Path, total: int, lines: Iterable[list[bytes]]
-) -> Iterator[bytes | memoryview]:
+def jsonl_blocks(journal: Path, total: int, lines: Iterable[bytes]) -> Iterator[bytes | memoryview]:
     """``result_pairs`` as ``{"id":ID,"result":R}`` LF rows: a run of rows a block, a
     large row in three pieces (its stored result is not copied)."""
     ids = _Ids(iter(lines), journal.parent / "items.jsonl", total)
@@ -105,11 +103,12 @@ class _Index:
     (-1: none); ``spots[number]`` its (offset, length); ``runs`` [(start, count,
     number)] of the records that own a run, in file order.
 
-    Not ``exact``, a record of small rows is not decoded: its row heads
-    (``[[index,`` or ``],[index,``) are found by one regex search, and if they are
-    consecutive the record is taken to own that run -- a result holding such bytes
-    could make that wrong, so pass 2 checks each run when it decodes the record,
-    and on a mismatch (``_Mismatch``) the index is built again, ``exact``."""
+    Not ``exact``, a record of small rows is not decoded: its first row's index,
+    its last row's (after the last ``],[``) and its row count (``],[`` counted)
+    are read from the bytes, and if they make a run the record is taken to own it
+    -- a result holding such bytes could make that wrong, so pass 2 checks each
+    run when it decodes the record, and on a mismatch (``_Mismatch``) the index is
+    built again, ``exact``."""
 
     def __init__(self, journal: Path, total: int, exact: bool = False) -> None:
         self.first = first = array("i", [-1]) * total
@@ -139,11 +138,20 @@ class _Index:
         return [index for index, _start, _end in spans]
 
     def _owns_guess(self, line: bytes, number: int) -> bool:
-        heads = _ROW_HEAD.findall(line, 9)
-        if not heads:
+        head = _FIRST_ROW.match(line, 9)
+        if head is None:
             return False
-        start = int(heads[0])
-        return int(heads[-1]) == start + len(heads) - 1 and self._owns(start, len(heads), number)
+        start = int(head.group(1))
+        last_at = line.rfind(b"],[")
+        if last_at < 0:
+            return self._owns(start, 1, number)
+        tail = _ROW_INDEX.match(line, last_at + 3)
+        count = line.count(b"],[") + 1
+        return (
+            tail is not None
+            and int(tail.group(1)) == start + count - 1
+            and (self._owns(start, count, number))
+        )
 
     def _owns(self, start: int, count: int, number: int, indices: list[int] | None = None) -> bool:
         """Record ``number`` owns ``start`` to ``start + count`` if none of them has an
@@ -158,7 +166,8 @@ class _Index:
         return True
 
 
-_ROW_HEAD = re.compile(rb"(?:\[\[|\],\[)(\d+),")
+_FIRST_ROW = re.compile(rb'\{"k":"ok","b":\[\[(\d+),')
+_ROW_INDEX = re.compile(rb"(\d+),")
 
 
 class _Mismatch(Exception):
@@ -281,10 +290,10 @@ class _Records:
 
 
 class _Ids:
-    """The stored id bytes of items by index, from ``items.jsonl``'s verified blocks,
-    asked for in increasing order."""
+    """The stored id bytes of items by index, from ``items.jsonl``'s verified blocks
+    (``items.iter_item_data``), asked for in increasing order."""
 
-    def __init__(self, blocks: Iterator[list[bytes]], path: Path, total: int) -> None:
+    def __init__(self, blocks: Iterator[bytes], path: Path, total: int) -> None:
         self.blocks, self.path, self.total = blocks, path, total
         self.base = 0  # index of ids[0]
         self.ids: list[bytes] = []
@@ -309,9 +318,26 @@ class _Ids:
             raise CorruptStateError(f"{self.path}: fewer lines than the {self.total} items")
 
     def _more(self) -> bool:
-        block = next(self.blocks, None)
-        if block is None:
+        data = next(self.blocks, None)
+        if data is None:
             return False
         self.base += len(self.ids)
-        self.ids = [line[: line.index(b"\t")] for line in block]
+        self.ids = _ids_of(data, self.path)
         return True
+
+
+def _ids_of(data: bytes, path: Path) -> list[bytes]:
+    """The id part of each ``id TAB item LF`` line of ``data`` (verified bytes: one TAB a
+    line, which ingest writes and the reader checks of files without checksums)."""
+    lines = data.count(b"\n")
+    if len(data) > 256 * lines:  # long items: find each TAB rather than copy every item
+        ids, at = [], 0
+        for _ in range(lines):
+            tab = data.index(b"\t", at)
+            ids.append(data[at:tab])
+            at = data.index(b"\n", tab) + 1
+        return ids
+    parts = data.replace(b"\t", b"\n").split(b"\n")  # id, item, id, item, ..., b""
+    if len(parts) != 2 * lines + 1:
+        raise CorruptStateError(f"{path}: a line without exactly one TAB (damaged)")
+    return parts[0:-1:2]

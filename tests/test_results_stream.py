@@ -91,7 +91,10 @@ def test_jsonl_blocks_are_the_rows_iter_result_lines_gives(tmp_path):
     path = tmp_path / "journal.log"
     write_journal(path, batches)
     ids = [b'"a"', b"17", b'"c\\u0001"', b"4"]
-    lines = [[b"%s\t{}\n" % i for i in ids[:2]], [b"%s\t{}\n" % i for i in ids[2:]]]
+    lines = [
+        b"".join(b"%s\t{}\n" % i for i in ids[:2]),
+        b"%s\t%s\n" % (ids[2], b"x" * 999) + ids[3] + b"\t{}\n",
+    ]
     pieces = list(results.jsonl_blocks(path, 4, lines))
     rows = [b'{"id":%b,"result":%b}\n' % (ids[i], r) for i, r in expected(batches, 4)]
     assert b"".join(pieces) == b"".join(rows)
