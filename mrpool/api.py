@@ -36,6 +36,7 @@ from .items import indices_of, ingest, iter_item_data, iter_item_lines
 from .joblog import exit_fields, iter_attempts
 from .journal import JournalWriter, read_records
 from .lock import JobLock, clear_stale, live_holder, unlock
+from .progress import mode_of
 from .records import PARK, RETRY, Recorder, started_attempts, success_rows
 from .reduce import read_reduce_output, run_reduce
 from .results import jsonl_blocks, result_pairs
@@ -103,7 +104,7 @@ def run_job(
     workers: int | None = None,
     state_dir: str | os.PathLike | None = None,
     on_created: Callable[[str], None] | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
     base_dir: str | os.PathLike | None = None,
     executor: str | None = None,
     stop: threading.Event | None = None,
@@ -112,10 +113,14 @@ def run_job(
 
     Everything is validated before any state exists; ``on_created(job_id)`` is
     called the moment the job exists (the CLI prints the id there). ``stop``: see
-    ``resume_job``.
+    ``resume_job``. ``progress``: ``True`` draws a live line on stderr when it is a
+    terminal; ``"auto"`` (the CLI's default) also writes a heartbeat line every
+    ``$MRPOOL_PROGRESS_SECONDS`` when it is not; ``"always"`` draws the line anyway
+    (mrpool/progress.py).
     """
     from .planner import PlanOptions
 
+    _progress_mode(progress)
     spec = _as_spec(job, base_dir)
     if workers is not None:
         spec = _with_workers(spec, workers)
@@ -168,7 +173,7 @@ def resume_job(
     reset_failed: bool = False,
     max_additional_retries: int | None = None,
     wait: float = 0.0,
-    progress: bool = False,
+    progress: bool | str = False,
     on_plan: Callable[[ResumePlan], None] | None = None,
     executor: str | None = None,
     stop: threading.Event | None = None,
@@ -211,7 +216,7 @@ def retry_dlq(
     state_dir: str | os.PathLike | None = None,
     workers: int | None = None,
     wait: float = 0.0,
-    progress: bool = False,
+    progress: bool | str = False,
     on_plan: Callable[[ResumePlan], None] | None = None,
     executor: str | None = None,
     stop: threading.Event | None = None,
@@ -265,7 +270,7 @@ def run_held_session(
     *,
     include_dlq: bool = True,
     workers: int | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> SessionReport:
     """One session of a job whose lock is already held for it -- by ``mrpool.map``'s
     calling process, which runs this in a forked child (a POSIX lock is not inherited,
@@ -282,7 +287,7 @@ def _run_session(
     plan_options: PlanOptions,
     *,
     workers: int | None,
-    progress: bool,
+    progress: bool | str,
     reset_failed: bool = False,
     additional: int | None = None,
     on_plan: Callable[[ResumePlan], None] | None = None,
@@ -293,6 +298,7 @@ def _run_session(
     from .slots import crash_evidence, discard
     from .supervisor import Session, SessionOptions
 
+    _progress_mode(progress)
     store.sweep()
     info = store.info()
     spec = info.spec
@@ -301,6 +307,9 @@ def _run_session(
     state = store.load_state(info.total)
     journal = JournalWriter(store.journal_path, state.offset)
     try:
+        if state.journal_total < info.total:  # an extension's record lost to a crash
+            extension = records.extend(state.journal_total, info.total, info.duplicates_in_input)
+            Recorder(journal, state).record(extension)
         _close_remote_crash(state, journal)
         plan = plan_session(store.dir, state, plan_options, crash_evidence(store.dir, state))
         if on_plan:
@@ -358,6 +367,13 @@ def _run_session(
         raise
     journal.close()
     return report
+
+
+def _progress_mode(progress: bool | str) -> str:
+    try:
+        return mode_of(progress)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _executor_choice(spec: JobSpec, option: str | None) -> ExecutorSpec:
@@ -650,6 +666,7 @@ _EVENT_NAMES = {
     "reset": "attempts_reset",
     "purge": "dlq_purged",
     "salvage": "journal_salvaged",
+    "extend": "job_extended",
 }
 
 
