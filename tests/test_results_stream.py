@@ -6,10 +6,12 @@ results whose bytes mimic row heads, large rows, items without a success."""
 from __future__ import annotations
 
 import random
+import subprocess
 from pathlib import Path
 
 import orjson
 import pytest
+from conftest import PY, write_job
 
 from mrpool import results
 from mrpool.journal import encode_record
@@ -102,3 +104,24 @@ def test_jsonl_blocks_are_the_rows_iter_result_lines_gives(tmp_path):
     assert [(raw_id, bytes(r)) for raw_id, r in results.result_pairs(path, 4, lines)] == [
         (ids[i], r) for i, r in expected(batches, 4)
     ]
+
+
+def test_reading_commands_import_neither_psutil_nor_the_executor(mrpool, tmp_path):
+    """status / results / events start without the running side (its imports were ~40 %
+    of a reading command's start-up): they may run while the job runs, many times."""
+    job = write_job(tmp_path / "job", [{"id": 1}, {"id": 2}], {"callable": "builtins:str"})
+    assert mrpool.run("run", str(job), "--job-id", "reads").returncode == 0
+    probe = (
+        "import sys\n"
+        "from mrpool.cli import main\n"
+        "for argv in sys.argv[1:]:\n"
+        "    assert main(argv.split()) == 0, argv\n"
+        "heavy = ('psutil', 'fasteners', 'multiprocessing', 'mrpool.executor',\n"
+        "         'mrpool.supervisor', 'mrpool.worker', 'mrpool.slots')\n"
+        "print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)\n"
+    )
+    commands = ["status reads", "status reads --json", "status", "results reads", "events reads"]
+    r = subprocess.run(
+        [PY, "-c", probe, *commands], env=mrpool.env(), capture_output=True, text=True
+    )
+    assert r.returncode == 0 and r.stderr.splitlines()[-1] == "[]", r.stderr
