@@ -32,6 +32,7 @@ from .dlq import DeadLetterQueue
 from .errors import MrpoolError, StorageError, UsageError
 from .fsutil import atomic_write_chunks
 from .gc_policy import fewer_collections
+from .isotime import iso, with_iso
 from .items import indices_of, ingest, iter_item_data, iter_item_lines
 from .joblog import exit_fields, iter_attempts
 from .journal import JournalWriter, read_records
@@ -213,6 +214,8 @@ def retry_dlq(
     job_id: str,
     item_ids: list[str] | None = None,
     *,
+    signature: str | None = None,
+    kind: str | None = None,
     state_dir: str | os.PathLike | None = None,
     workers: int | None = None,
     wait: float = 0.0,
@@ -221,23 +224,21 @@ def retry_dlq(
     executor: str | None = None,
     stop: threading.Event | None = None,
 ) -> SessionReport:
-    """Re-run DLQ items (all, or those named); each success leaves the DLQ (``stop``: see
-    ``resume_job``)."""
+    """Re-run DLQ items (all, or those named), narrowed to an error ``signature`` (or a
+    prefix of one) and a failure ``kind`` when given; each success leaves the DLQ
+    (``stop``: see ``resume_job``). Filters that match nothing run nothing and say so."""
     from .planner import PlanOptions
 
     store = JobStore.open(state_root(state_dir), job_id)
     with JobLock(store.dir, command=f"mrpool dlq retry {job_id}").acquire(wait):
-        only = None
-        if item_ids:
-            state = store.load_state(store.info().total)
-            only = frozenset(_indices_in_dlq(store, state, item_ids))
+        only = _retry_selection(store, item_ids, signature, kind)
         options = PlanOptions(
             include_pending=False,
             include_failed=False,
             only_indices=only,
             crash_limit=_crash_limit(store),
         )
-        return _run_session(
+        report = _run_session(
             store,
             "dlq retry",
             options,
@@ -247,6 +248,34 @@ def retry_dlq(
             executor=executor,
             stop=stop,
         )
+        if only is not None and not only:
+            report.message = (
+                f"no item in the DLQ of job {job_id} matches {_filters(signature, kind)}"
+            )
+        return report
+
+
+def _retry_selection(
+    store: JobStore, item_ids: list[str] | None, signature: str | None, kind: str | None
+) -> frozenset[int] | None:
+    """The indices ``dlq retry`` may run: the named items (each must be in the DLQ),
+    narrowed by the filters; None: the whole DLQ."""
+    if not item_ids and signature is None and kind is None:
+        return None
+    state = store.load_state(store.info().total)
+    named = _indices_in_dlq(store, state, item_ids) if item_ids else None
+    if signature is None and kind is None:
+        return frozenset(named or ())
+    return frozenset(e.index for e in DeadLetterQueue(store, state).select(signature, kind, named))
+
+
+def _filters(signature: str | None, kind: str | None) -> str:
+    words = []
+    if signature is not None:
+        words.append(f"--signature {signature}")
+    if kind is not None:
+        words.append(f"--kind {kind}")
+    return " ".join(words)
 
 
 def plan_resume(
@@ -521,9 +550,14 @@ def job_status(job_id: str, *, state_dir: str | os.PathLike | None = None) -> di
         **summary,
         "duplicates_in_input": info.duplicates_in_input,
         "created_at": info.created_at,
+        "created_at_iso": iso(info.created_at),
         "lock": None
         if not holder
-        else {k: holder.get(k) for k in ("pid", "hostname", "acquired_at", "command")},
+        else with_iso(
+            {k: holder.get(k) for k in ("pid", "hostname", "acquired_at", "command")},
+            "acquired_at",
+        ),
+        "has_reduce": info.spec.reduce is not None,
         "reduce": None
         if state.reduce is None
         else {"ok": state.reduce.get("ok"), "error": state.reduce.get("error")},
@@ -542,30 +576,33 @@ def list_jobs(*, state_dir: str | os.PathLike | None = None) -> list[dict[str, A
 
 
 def iter_result_lines(
-    job_id: str, *, state_dir: str | os.PathLike | None = None
+    job_id: str, *, state_dir: str | os.PathLike | None = None, with_item: bool = False
 ) -> Iterator[bytes]:
     """``iter_results`` as JSONL bytes, ``{"id":...,"result":...}`` LF per success (what
-    ``mrpool results`` prints), made from the stored bytes: neither the ids nor the
-    results are decoded, so memory does not grow with a result beyond about its size."""
-    for raw_id, result in result_pairs(*_results_source(job_id, state_dir)):
+    ``mrpool results`` prints; ``with_item``: ``{"id":...,"item":...,"result":...}``),
+    made from the stored bytes: neither the ids nor the results are decoded, so memory
+    does not grow with a result beyond about its size."""
+    source = _results_source(job_id, state_dir)
+    for raw_id, result in result_pairs(*source, with_item=with_item):
         yield b'{"id":%b,"result":%b}\n' % (raw_id, result)
 
 
 def iter_result_blocks(
-    job_id: str, *, state_dir: str | os.PathLike | None = None
+    job_id: str, *, state_dir: str | os.PathLike | None = None, with_item: bool = False
 ) -> Iterator[bytes | memoryview]:
     """``iter_result_lines`` in pieces to write one after another: blocks of whole rows,
     and a large row as three pieces (its result is a view of the stored bytes, not a
     copy). What ``mrpool results`` writes; memory stays about one journal record."""
-    return jsonl_blocks(*_results_source(job_id, state_dir))
+    return jsonl_blocks(*_results_source(job_id, state_dir), with_item=with_item)
 
 
 def iter_results(
-    job_id: str, *, state_dir: str | os.PathLike | None = None
+    job_id: str, *, state_dir: str | os.PathLike | None = None, with_item: bool = False
 ) -> Iterator[dict[str, Any]]:
-    """``{"id", "result"}`` for every success, in input order, each id once."""
-    for raw_id, result in result_pairs(*_results_source(job_id, state_dir)):
-        yield {"id": orjson.loads(raw_id), "result": orjson.loads(result)}
+    """``{"id", "result"}`` for every success, in input order, each id once;
+    ``with_item``: ``{"id", "item", "result"}``, the item as the job holds it."""
+    for line in iter_result_lines(job_id, state_dir=state_dir, with_item=with_item):
+        yield orjson.loads(line)
 
 
 def _results_source(job_id: str, state_dir) -> tuple[Path, int, Iterator[bytes]]:
@@ -678,9 +715,11 @@ _EVENT_NAMES = {
 def iter_events(
     job_id: str, *, state_dir: str | os.PathLike | None = None, follow: bool = False
 ) -> Iterator[dict[str, Any]]:
-    """The job's event log, one dict per event; ``follow`` tails it while a holder lives."""
+    """The job's event log, one dict per event (``t`` epoch seconds, then ``t_iso``);
+    ``follow`` tails it while a holder lives."""
     for record, ids, command in _event_records(job_id, state_dir, follow):
-        yield from _events_of(record, ids, command)
+        for event in _events_of(record, ids, command):
+            yield with_iso(event, "t")
 
 
 def iter_event_lines(
@@ -695,7 +734,9 @@ def iter_event_lines(
         if kind == "s" or kind == "ok":
             yield _attempt_lines(record, ids.raw, command)
         else:
-            yield b"".join(orjson.dumps(e) + b"\n" for e in _events_of(record, ids, command))
+            yield b"".join(
+                orjson.dumps(with_iso(e, "t")) + b"\n" for e in _events_of(record, ids, command)
+            )
 
 
 def _event_records(job_id: str, state_dir, follow: bool) -> Iterator[tuple[dict, _Ids, bool]]:
@@ -729,8 +770,12 @@ class _Ids:
 def _attempt_lines(record: dict[str, Any], ids: list[bytes], command: bool) -> bytes:
     """The events of an ``s`` or ``ok`` record as JSONL, exactly as ``_events_of`` gives
     them encoded: ``{"t":..,"event":..,"id":..,"attempt":..[,"duration":..,..]}``."""
+    t = record.get("t")
+    stamp = orjson.dumps(t)
+    if isinstance(t, (int, float)) and not isinstance(t, bool):  # isotime.with_iso's twin
+        stamp += b',"t_iso":' + orjson.dumps(iso(t))
     head = b'{"t":%b,"event":"item_%b","id":' % (
-        orjson.dumps(record.get("t")),
+        stamp,
         b"started" if record["k"] == "s" else b"succeeded",
     )
     if record["k"] == "s":

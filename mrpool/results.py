@@ -60,20 +60,25 @@ def result_json(journal: Path, total: int) -> Iterator[tuple[int, Result]]:
 
 
 def result_pairs(
-    journal: Path, total: int, lines: Iterable[bytes]
+    journal: Path, total: int, lines: Iterable[bytes], with_item: bool = False
 ) -> Iterator[tuple[bytes, Result]]:
     """``(id as stored, result as stored)`` of every success, in input order; ``lines``
-    are the verified blocks of ``items.jsonl``, as bytes (exactly ``total`` lines)."""
-    ids = _Ids(iter(lines), journal.parent / "items.jsonl", total)
+    are the verified blocks of ``items.jsonl``, as bytes (exactly ``total`` lines).
+    ``with_item``: the first part is ``ID,"item":ITEM`` (what follows ``{"id":`` in a
+    row that carries the item)."""
+    ids = _Ids(iter(lines), journal.parent / "items.jsonl", total, with_item)
     for start, results in _segments(journal, total):
         yield from zip(ids.take(start, len(results)), results)
     ids.finish()
 
 
-def jsonl_blocks(journal: Path, total: int, lines: Iterable[bytes]) -> Iterator[bytes | memoryview]:
-    """``result_pairs`` as ``{"id":ID,"result":R}`` LF rows: a run of rows a block, a
-    large row in three pieces (its stored result is not copied)."""
-    ids = _Ids(iter(lines), journal.parent / "items.jsonl", total)
+def jsonl_blocks(
+    journal: Path, total: int, lines: Iterable[bytes], with_item: bool = False
+) -> Iterator[bytes | memoryview]:
+    """``result_pairs`` as ``{"id":ID,"result":R}`` LF rows (``with_item``:
+    ``{"id":ID,"item":ITEM,"result":R}``): a run of rows a block, a large row in three
+    pieces (its stored result is not copied)."""
+    ids = _Ids(iter(lines), journal.parent / "items.jsonl", total, with_item)
     for start, results in _segments(journal, total):
         raw_ids = ids.take(start, len(results))
         if max(map(len, results)) < BIG_ROW:
@@ -293,8 +298,8 @@ class _Ids:
     """The stored id bytes of items by index, from ``items.jsonl``'s verified blocks
     (``items.iter_item_data``), asked for in increasing order."""
 
-    def __init__(self, blocks: Iterator[bytes], path: Path, total: int) -> None:
-        self.blocks, self.path, self.total = blocks, path, total
+    def __init__(self, blocks: Iterator[bytes], path: Path, total: int, with_item: bool) -> None:
+        self.blocks, self.path, self.total, self.with_item = blocks, path, total, with_item
         self.base = 0  # index of ids[0]
         self.ids: list[bytes] = []
 
@@ -322,15 +327,16 @@ class _Ids:
         if data is None:
             return False
         self.base += len(self.ids)
-        self.ids = _ids_of(data, self.path)
+        self.ids = _ids_of(data, self.path, self.with_item)
         return True
 
 
-def _ids_of(data: bytes, path: Path) -> list[bytes]:
+def _ids_of(data: bytes, path: Path, with_item: bool = False) -> list[bytes]:
     """The id part of each ``id TAB item LF`` line of ``data`` (verified bytes: one TAB a
-    line, which ingest writes and the reader checks of files without checksums)."""
+    line, which ingest writes and the reader checks of files without checksums), or
+    ``with_item`` ``id,"item":item``."""
     lines = data.count(b"\n")
-    if len(data) > 256 * lines:  # long items: find each TAB rather than copy every item
+    if len(data) > 256 * lines and not with_item:  # long items: find each TAB, copy none
         ids, at = [], 0
         for _ in range(lines):
             tab = data.index(b"\t", at)
@@ -340,4 +346,6 @@ def _ids_of(data: bytes, path: Path) -> list[bytes]:
     parts = data.replace(b"\t", b"\n").split(b"\n")  # id, item, id, item, ..., b""
     if len(parts) != 2 * lines + 1:
         raise CorruptStateError(f"{path}: a line without exactly one TAB (damaged)")
+    if with_item:
+        return list(map(b',"item":'.join, zip(parts[0:-1:2], parts[1::2])))
     return parts[0:-1:2]
