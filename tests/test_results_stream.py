@@ -104,6 +104,12 @@ def test_jsonl_blocks_are_the_rows_iter_result_lines_gives(tmp_path):
     assert [(raw_id, bytes(r)) for raw_id, r in results.result_pairs(path, 4, lines)] == [
         (ids[i], r) for i, r in expected(batches, 4)
     ]
+    items = [b"{}", b"{}", b"x" * 999, b"{}"]
+    with_items = [
+        b'{"id":%b,"item":%b,"result":%b}\n' % (ids[i], items[i], r)
+        for i, r in expected(batches, 4)
+    ]
+    assert b"".join(results.jsonl_blocks(path, 4, lines, with_item=True)) == b"".join(with_items)
 
 
 def test_reading_commands_import_neither_psutil_nor_the_executor(mrpool, tmp_path):
