@@ -15,7 +15,9 @@ per line, in input order, to a file; the output files are compared byte for byte
 
 Rounds are interleaved (one run of each per round); the ratio is script seconds /
 mrpool seconds in the same round (higher is better for mrpool; 1.0 = as fast),
-median with its range. Also ``results`` alone against ``cat`` of a file of the
+median with its range; "cpu s" is the user + system CPU of every process of each
+side (workers included), and "cpu ratio" script CPU / mrpool CPU: on a shared machine
+the figure a busy neighbour moves least. Also ``results`` alone against ``cat`` of a file of the
 same size (the output file itself), to /dev/null.
 """
 
@@ -28,7 +30,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from _common import REPO, compile_bytecode, report, scratch, timed_process
+from _common import REPO, compile_bytecode, report, scratch, timed_process, timed_process_cpu
 
 SCRIPT = """
 import sys, orjson
@@ -88,20 +90,21 @@ def measure(work: Path, n: int, workers: int, repeats: int, env: dict) -> list[d
     times: dict[str, list[float]] = {"mrpool": [], "script": [], "run": [], "results": []}
     alone: dict[str, list[float]] = {"results > /dev/null": [], "cat > /dev/null": []}
     peaks: dict[str, list[int]] = {"run": [], "results": [], "script": []}
+    cpu: dict[str, list[float]] = {name: [] for name in times}  # all processes, user + sys
     for round_no in range(repeats):
         state = work / f"state{round_no}"
         mine_out, theirs_out = work / "mine.jsonl", work / "theirs.jsonl"
-        run_s, run_rss = timed_process(
+        run_s, run_rss, run_cpu = timed_process_cpu(
             [py, "-m", "mrpool", "run", str(job), "--state-dir", str(state), "--job-id", "e2e"],
             env=env,
         )
         with open(mine_out, "wb") as out:
-            results_s, results_rss = timed_process(
+            results_s, results_rss, results_cpu = timed_process_cpu(
                 [py, "-m", "mrpool", "results", "e2e", "--state-dir", str(state)],
                 env=env,
                 stdout=out,
             )
-        script_s, script_rss = timed_process(
+        script_s, script_rss, script_cpu = timed_process_cpu(
             [py, str(script), str(job.parent / "items.jsonl"), str(theirs_out), str(workers)],
             env=env,
         )
@@ -114,6 +117,10 @@ def measure(work: Path, n: int, workers: int, repeats: int, env: dict) -> list[d
         peaks["run"].append(run_rss)
         peaks["results"].append(results_rss)
         peaks["script"].append(script_rss)
+        cpu["run"].append(run_cpu)
+        cpu["results"].append(results_cpu)
+        cpu["mrpool"].append(run_cpu + results_cpu)
+        cpu["script"].append(script_cpu)
         with open("/dev/null", "wb") as null:
             alone["results > /dev/null"].append(
                 timed_process(
@@ -128,6 +135,7 @@ def measure(work: Path, n: int, workers: int, repeats: int, env: dict) -> list[d
         shutil.rmtree(state)
     size = (work / "mine.jsonl").stat().st_size
     ratios = [s / m for s, m in zip(times["script"], times["mrpool"])]
+    cpu_ratios = [s / m for s, m in zip(cpu["script"], cpu["mrpool"])]
     rows = []
     for name, values in times.items():
         rows.append(
@@ -139,6 +147,8 @@ def measure(work: Path, n: int, workers: int, repeats: int, env: dict) -> list[d
                 "seconds": statistics.median(values),
                 "range s": f"{min(values):.3f}-{max(values):.3f}",
                 "peak MB": statistics.median(peaks[name]) / 1e6 if name in peaks else "",
+                "cpu s": statistics.median(cpu[name]),
+                "cpu ratio": statistics.median(cpu_ratios) if name == "mrpool" else "",
                 "MB/s": "",
                 "script s / mrpool s": statistics.median(ratios) if name == "mrpool" else "",
                 "ratio range": f"{min(ratios):.2f}-{max(ratios):.2f}" if name == "mrpool" else "",
@@ -152,6 +162,8 @@ def measure(work: Path, n: int, workers: int, repeats: int, env: dict) -> list[d
                 "seconds": statistics.median(values),
                 "range s": f"{min(values):.3f}-{max(values):.3f}",
                 "peak MB": "",
+                "cpu s": "",
+                "cpu ratio": "",
                 "MB/s": size / statistics.median(values) / 1e6,
                 "script s / mrpool s": "",
                 "ratio range": "",
