@@ -247,3 +247,39 @@ def test_in_tmux_at_50_columns_the_screen_holds_one_progress_line(mrpool, tmp_pa
         assert len(progress) <= 1, shot
         assert all(len(line) < 50 and "/60 ok" in line for line in progress), shot
     assert any("60/60 ok" in line for line in screens[-1]), screens[-1]
+
+
+class GoneStream:
+    """A stderr whose reader went away: every write fails as on a closed pipe."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        GoneStream.writes += 1
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def test_a_stderr_that_went_away_ends_the_display_not_the_session(mrpool, tmp_path):
+    """``mrpool run ... 2>&1 | head -1``: once head exits, every heartbeat would raise
+    EPIPE. The display stops after the first failed write; the job runs to the end."""
+    clock = FakeClock()
+    beat = Heartbeat(ProgressModel("j", 5, 5, clock=clock), GoneStream(), 1.0)
+    for _ in range(5):
+        clock.now += 1.5
+        beat.refresh()  # does not raise
+    beat.close()
+    assert GoneStream.writes == 1 and not beat.live
+    job = slow_job(tmp_path, 10)
+    proc = mrpool.start(
+        "run", str(job), "--job-id", "gone", env=mrpool.env(**{HEARTBEAT_ENV: "0.05"})
+    )
+    proc.stderr.close()  # the reader is gone before the first heartbeat
+    proc.wait(timeout=60)
+    proc.stdout.close()
+    assert mrpool.status("gone")["succeeded"] == 10
