@@ -120,7 +120,15 @@ class _Index:
         self.spots: list[tuple[int, int]] = []
         self.runs: list[tuple[int, int, int]] = []
         self.spans: dict[int, list[tuple[int, int, int]]] = {}  # of records of large rows
-        for offset, end, line in read_payloads(journal, kind="ok"):
+        reruns = False
+        for offset, end, line in read_payloads(journal):
+            if not line.startswith(_OK_PREFIX, 9):
+                if line.startswith(_RERUN_PREFIX, 9):  # mrpool rerun: the next success counts
+                    for index in orjson.loads(memoryview(line)[9:-1])["b"]:
+                        if 0 <= index < total:
+                            first[index] = -1
+                    reruns = True
+                continue
             number = len(self.spots)
             self.spots.append((offset, end - offset))
             if not exact and _small_rows(line) and self._owns_guess(line, number):
@@ -132,6 +140,11 @@ class _Index:
             for index in indices:
                 if 0 <= index < total and first[index] < 0:
                     first[index] = number
+        if reruns:  # a run is owned only where no rerun took an item of it back
+            self.runs = [run for run in self.runs if self._still_owned(*run)]
+
+    def _still_owned(self, start: int, count: int, number: int) -> bool:
+        return self.first[start : start + count].count(number) == count
 
     def _indices(self, line: bytes, number: int) -> list[int]:
         """The indices of record ``number``'s rows (of large rows: their spans kept)."""
@@ -171,6 +184,7 @@ class _Index:
         return True
 
 
+_OK_PREFIX, _RERUN_PREFIX = b'{"k":"ok"', b'{"k":"rerun"'  # records are written k first
 _FIRST_ROW = re.compile(rb'\{"k":"ok","b":\[\[(\d+),')
 _ROW_INDEX = re.compile(rb"(\d+),")
 

@@ -46,12 +46,13 @@ from typing import Any
 
 from . import failpoints, records
 from .crashes import clear_abort_marks, mark_aborted
-from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, DlqFullError
+from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, DlqFullError, HaltedError
 from .executor import Batch, Executor, Failure, HandBack, Outcomes, Successes
 from .journal import JournalWriter
 from .planner import PlanCursor, ResumePlan
 from .progress import ProgressModel, open_progress
 from .records import Recorder
+from .spec import HaltSpec
 from .store import DLQ, PURGED, SUCCEEDED, JobState, JobStore
 
 __all__ = ["SessionOptions", "SessionReport", "Session"]
@@ -72,6 +73,7 @@ class SessionOptions:
     progress: bool | str = False  # a progress.open_progress mode (True: "tty")
     command: str = "run"
     stop: threading.Event | None = None  # set: stop like Ctrl-C (any thread can set it)
+    halt: HaltSpec | None = None  # stop once this many items were parked (halt: / --halt)
 
 
 @dataclass
@@ -129,9 +131,35 @@ class Session:
         )
         self._count_progress()
         self.kept_failed = 0  # items not parked because the DLQ was full (keep_failed)
+        self.parked_here = 0  # items this session parked in the DLQ (for halt)
+        self.finished_here = 0  # items this session settled: succeeded or parked (for halt)
 
     # -- the loop ----------------------------------------------------------
     def run(self) -> None:
+        """Open the session, run the loop until the plan is done or a stop is asked, then
+        close it. An exception ends it through ``_abort`` (and is raised)."""
+        self._open()
+        previous = self._install_signal_handlers()
+        try:
+            self._record_all(self.executor.start())
+            self._loop()
+            if self.stop_signal is not None or self.stop_error is not None:
+                self._interrupt()
+        except BaseException as cause:
+            self._abort(cause)
+            raise
+        else:
+            self.executor.shutdown()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self._count_progress()
+            self.progress.close()
+        self._close()
+
+    def _open(self) -> None:
+        """The ``open`` record (settling what the last session left open, from its crash
+        evidence), the plan, poison parked; written before the executor starts."""
         evidence = self.plan.evidence
         self._record(
             records.session_open(
@@ -151,36 +179,28 @@ class Session:
         if self.plan.after_abort:  # the marker has done its work once this open is durable
             self.journal.sync(force=True)
             clear_abort_marks(self.store.dir)
-        previous = self._install_signal_handlers()
-        try:
-            self._record_all(self.executor.start())
-            while self._stop_not_asked():
-                self._release_due_retries()
-                self._dispatch()
-                if self._finished():
-                    break
-                outcomes = self.executor.wait(self._wait_timeout())
-                self._settle(outcomes)
-                self.journal.sync()
-                self._count_progress()
-                self.progress.refresh()
-                self._maybe_checkpoint()
-            if self.stop_signal is not None or self.stop_error is not None:
-                self._interrupt()
-        except BaseException as cause:
-            self._abort(cause)
-            raise
-        else:
-            self.executor.shutdown()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+
+    def _loop(self) -> None:
+        """Dispatch what there is room for, wait for outcomes, record them; repeat."""
+        while self._stop_not_asked():
+            self._release_due_retries()
+            self._dispatch()
+            if self._finished():
+                return
+            outcomes = self.executor.wait(self._wait_timeout())
+            self._settle(outcomes)
+            self.journal.sync()
             self._count_progress()
-            self.progress.close()
+            self.progress.refresh()
+            self._maybe_checkpoint()
+
+    def _close(self) -> None:
+        """The ``close`` record, durable, then a checkpoint. If the record cannot be
+        written, the abort marker says the session ended (crashes.py, rule 5)."""
         try:
             self._record(records.close(self._close_reason(), self._cut))
             self.journal.sync(force=True)
-        except Exception:  # the end is not on disk: still, no crash (crashes.py, rule 5)
+        except Exception:
             mark_aborted(self.store.dir, self.journal.offset)
             raise
         self.state.offset = self.journal.offset
@@ -291,6 +311,7 @@ class Session:
                 self._cut.append(failure.index)
         for done in outcomes.ok:
             self._record_successes(done)
+        self._check_halt()
         if failpoints.ENABLED and len(outcomes):
             self.journal.write()
             failpoints.hit("supervisor.after_outcome")
@@ -329,8 +350,28 @@ class Session:
             retry = (index, NEXT, failure.line)
             heapq.heappush(self.delayed, (time.monotonic() + delay, index, retry))
             return
-        self._record(self._failed_record(failure, self._park_or_keep(index)))
+        next_ = self._park_or_keep(index)
+        self._record(self._failed_record(failure, next_))
         self.progress.model.session_settled += 1
+        if next_ == records.PARK:
+            self.parked_here += 1
+            self.finished_here += 1
+
+    def _check_halt(self) -> None:
+        """``halt: {fail: N | "X%"}``: once this session parked that many items, stop it
+        as a full DLQ does -- in-flight attempts cut (kept pending), exit 1 -- with a
+        ``halt`` record saying why (``status`` shows it)."""
+        halt = self.options.halt
+        if halt is None or self.stop_error is not None or self.stop_signal is not None:
+            return
+        if not halt.reached(self.parked_here, self.finished_here):
+            return
+        reason = (
+            f"halted: {self.parked_here} of the {self.finished_here} item(s) this session "
+            f"finished were parked in the DLQ (halt: {halt.text()}); the rest are pending"
+        )
+        self.stop_error = HaltedError(reason)
+        self._record(records.halt(halt.text(), self.parked_here, self.finished_here, reason))
 
     @staticmethod
     def _failed_record(failure: Failure, next_: str) -> dict[str, Any]:
@@ -393,6 +434,7 @@ class Session:
     def _record_successes(self, done: Successes) -> None:
         self.recorder.successes(done.indices, done.rows)
         self.progress.model.session_settled += len(done.indices)
+        self.finished_here += len(done.indices)
 
     def _count_progress(self) -> None:
         """The job-wide counts and this session's in-flight attempts, for the display."""

@@ -131,3 +131,20 @@ def test_reading_commands_import_neither_psutil_nor_the_executor(mrpool, tmp_pat
         [PY, "-c", probe, *commands], env=mrpool.env(), capture_output=True, text=True
     )
     assert r.returncode == 0 and r.stderr.splitlines()[-1] == "[]", r.stderr
+
+
+def test_after_a_rerun_record_the_next_success_counts(tmp_path):
+    """``mrpool rerun`` writes a ``rerun`` record: the items it names take their first
+    success after it, also items of a run an earlier record owned."""
+    first_batch = [(i, f"old{i}") for i in range(6)]
+    records = [{"k": "job", "v": 1, "t": 1.0, "job_id": "j", "total": 6}]
+    rows = [[i, 1, 0.1, r] for i, r in first_batch]
+    records.append({"k": "ok", "b": orjson.Fragment(orjson.dumps(rows)), "t": 2.0})
+    records.append({"k": "rerun", "b": [2, 4], "t": 3.0})
+    rows = [[4, 2, 0.1, "new4"], [2, 2, 0.1, "new2"]]
+    records.append({"k": "ok", "b": orjson.Fragment(orjson.dumps(rows)), "t": 4.0})
+    path = tmp_path / "journal.log"
+    path.write_bytes(b"".join(map(encode_record, records)))
+    want = [(i, orjson.dumps(f"old{i}")) for i in (0, 1, 3, 5)]
+    want += [(2, b'"new2"'), (4, b'"new4"')]
+    assert read(path, 6) == sorted(want)
