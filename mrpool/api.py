@@ -526,6 +526,8 @@ def rerun_items(
     it shows. A crash after it leaves them pending for ``resume``. An id the job does
     not have, or of an item that has not succeeded, is refused (exit 2) naming it.
     Other options as for ``resume_job``."""
+    from .planner import PlanOptions
+
     if not item_ids:
         raise UsageError("rerun: name the item(s) to run again")
     store = JobStore.open(state_root(state_dir), job_id)
