@@ -22,6 +22,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,8 @@ def run_job(
     *,
     job_id: str | None = None,
     workers: int | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
     state_dir: str | os.PathLike | None = None,
     on_created: Callable[[str], None] | None = None,
     progress: bool = False,
@@ -99,12 +102,17 @@ def run_job(
     """Create a job from a job file (path), a job dict or a ``JobSpec``, and run it.
 
     Everything is validated before any state exists; ``on_created(job_id)`` is
-    called the moment the job exists (the CLI prints the id there). ``stop``: see
-    ``resume_job``.
+    called the moment the job exists (the CLI prints the id there). ``concurrency``
+    and ``rate`` (``"20/s"``) replace the job file's ``map.concurrency`` and ``rate``,
+    and are stored with the job like it. ``stop``: see ``resume_job``.
     """
     spec = _as_spec(job, base_dir)
     if workers is not None:
         spec = _with_workers(spec, workers)
+    if concurrency is not None:
+        spec = replace(spec, map=replace(spec.map, concurrency=_checked_concurrency(concurrency)))
+    if rate is not None:
+        spec = replace(spec, rate=_rate_option(rate))
     _executor_choice(spec, executor)  # a bad --executor fails before the job exists
     check_callables(spec)
     job_id = validate_job_id(job_id) if job_id is not None else _new_job_id(spec.name)
@@ -159,6 +167,8 @@ def resume_job(
     *,
     state_dir: str | os.PathLike | None = None,
     workers: int | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
     no_dlq: bool = False,
     reset_failed: bool = False,
     max_additional_retries: int | None = None,
@@ -171,7 +181,8 @@ def resume_job(
     """Run what is left of a job: pending + failed + DLQ items, each once.
 
     ``executor`` ("local", "dask", "dask://HOST:PORT") overrides the job file's for
-    this session (a cluster's address may change between sessions).
+    this session (a cluster's address may change between sessions); so do
+    ``workers``, ``concurrency`` and ``rate`` (``"20/s"``).
 
     Any thread may call this (and ``run_job``, ``retry_dlq``), one job per thread. On
     the main thread SIGINT/SIGTERM stop the session; on another thread Python cannot
@@ -187,6 +198,8 @@ def resume_job(
             "resume",
             options,
             workers=workers,
+            concurrency=concurrency,
+            rate=rate,
             progress=progress,
             reset_failed=reset_failed,
             additional=max_additional_retries,
@@ -203,6 +216,8 @@ def retry_dlq(
     *,
     state_dir: str | os.PathLike | None = None,
     workers: int | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
     wait: float = 0.0,
     progress: bool = False,
     on_plan: Callable[[ResumePlan], None] | None = None,
@@ -228,6 +243,8 @@ def retry_dlq(
             "dlq retry",
             options,
             workers=workers,
+            concurrency=concurrency,
+            rate=rate,
             progress=progress,
             on_plan=on_plan,
             executor=executor,
@@ -269,6 +286,8 @@ def _run_session(
     *,
     workers: int | None,
     progress: bool,
+    concurrency: int | None = None,
+    rate: str | None = None,
     reset_failed: bool = False,
     additional: int | None = None,
     on_plan: Callable[[ResumePlan], None] | None = None,
@@ -278,7 +297,15 @@ def _run_session(
     store.sweep()
     info = store.info()
     spec = info.spec
+    if concurrency is not None:  # this session's, not stored
+        spec = replace(spec, map=replace(spec.map, concurrency=_checked_concurrency(concurrency)))
+    per_second = _rate_option(rate) if rate is not None else spec.rate
     choice = _executor_choice(spec, executor)
+    if choice.kind != "local" and spec.map.concurrency > 1:
+        raise UsageError(
+            f"map.concurrency ({spec.map.concurrency}) applies to the local executor only; "
+            "a Dask cluster runs as many attempts at once as it has worker threads"
+        )
     check_callables(spec)
     state = store.load_state(info.total)
     journal = JournalWriter(store.journal_path, state.offset)
@@ -317,6 +344,8 @@ def _run_session(
                 progress=progress,
                 command=command,
                 stop=stop,
+                rate=per_second,
+                concurrency=spec.map.concurrency,
             ),
         )
         session.run()
@@ -364,7 +393,12 @@ def _executor_choice(spec: JobSpec, option: str | None) -> ExecutorSpec:
 
 def _new_executor(store: JobStore, spec: JobSpec, workers: int, choice: ExecutorSpec, items: int):
     config = WorkerConfig(
-        store.job_id, spec.base_dir, spec.map.command, spec.map.callable, spec.map.timeout
+        store.job_id,
+        spec.base_dir,
+        spec.map.command,
+        spec.map.callable,
+        spec.map.timeout,
+        spec.map.concurrency,
     )
     if choice.kind == "dask":
         from .dask_executor import DaskExecutor
@@ -737,9 +771,24 @@ def _as_spec(job: Any, base_dir: Any) -> JobSpec:
     return load_job_file(job)
 
 
-def _with_workers(spec: JobSpec, workers: int) -> JobSpec:
-    from dataclasses import replace
+def _checked_concurrency(concurrency: int) -> int:
+    from .spec import MAX_CONCURRENCY
 
+    if not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise UsageError(f"--concurrency must be from 1 to {MAX_CONCURRENCY}, got {concurrency}")
+    return concurrency
+
+
+def _rate_option(text: str) -> float:
+    from .rate import parse_rate
+
+    try:
+        return parse_rate(text)
+    except ValueError as e:
+        raise UsageError(f"--rate {e}") from None
+
+
+def _with_workers(spec: JobSpec, workers: int) -> JobSpec:
     from .spec import MAX_WORKERS
 
     if not 1 <= workers <= MAX_WORKERS:

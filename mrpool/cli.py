@@ -67,6 +67,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("jobfile")
     p.add_argument("--job-id")
     p.add_argument("--workers", type=_positive_int)
+    _pace_options(p)
     _executor_option(p)
     p.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
 
@@ -85,6 +86,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="attempts for failed and DLQ items in this resume",
     )
     p.add_argument("--workers", type=_positive_int)
+    _pace_options(p)
     _executor_option(p)
     p.add_argument(
         "--wait",
@@ -169,6 +171,7 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("job_id")
     d.add_argument("item_ids", nargs="*")
     d.add_argument("--workers", type=_positive_int)
+    _pace_options(d)
     _executor_option(d)
     d.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS")
     d.add_argument("--json", action="store_true")
@@ -188,6 +191,20 @@ def _executor_option(p: argparse.ArgumentParser) -> None:
         "--executor",
         metavar="local|dask|dask://HOST:PORT",
         help="where attempts run in this session (overrides the job file's executor)",
+    )
+
+
+def _pace_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        metavar="K",
+        help="attempts each worker runs at once (overrides map.concurrency)",
+    )
+    p.add_argument(
+        "--rate",
+        metavar="N/s|N/min|N/h",
+        help="at most this many attempt starts across the job (overrides rate)",
     )
 
 
@@ -256,6 +273,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             args.jobfile,
             job_id=args.job_id,
             workers=args.workers,
+            concurrency=args.concurrency,
+            rate=args.rate,
             state_dir=state_dir,
             on_created=_print_job_id,
             progress=True,
@@ -267,6 +286,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             args.job_id,
             state_dir=state_dir,
             workers=args.workers,
+            concurrency=args.concurrency,
+            rate=args.rate,
             no_dlq=args.no_dlq,
             reset_failed=args.reset_failed,
             max_additional_retries=args.max_additional_retries,
@@ -370,6 +391,8 @@ def _dlq(args: argparse.Namespace, state_dir: str | None) -> int:
             args.item_ids or None,
             state_dir=state_dir,
             workers=args.workers,
+            concurrency=args.concurrency,
+            rate=args.rate,
             wait=args.wait,
             progress=True,
             on_plan=_print_plan,

@@ -19,6 +19,8 @@ class Progress:
         self.enabled = enabled and sys.stderr.isatty()
         self.succeeded = 0
         self.failed = 0
+        self.in_flight = 0  # attempts handed to workers, not yet back (the supervisor's count)
+        self.show_in_flight = False  # shown when workers run several attempts each
         self._start = time.monotonic()
         self._last = 0.0
 
@@ -36,7 +38,8 @@ class Progress:
         width = 24
         filled = int(width * done / self.total) if self.total else width
         bar = "#" * filled + "-" * (width - filled)
-        line = f"\r[{bar}] {done}/{self.total} ok {self.succeeded} parked {self.failed}  {rate:,.1f}/s  ETA {_clock(eta)} "
+        flying = f" in flight {self.in_flight}" if self.show_in_flight else ""
+        line = f"\r[{bar}] {done}/{self.total} ok {self.succeeded} parked {self.failed}{flying}  {rate:,.1f}/s  ETA {_clock(eta)} "
         sys.stderr.write(line)
         sys.stderr.flush()
 

@@ -24,6 +24,7 @@ import orjson
 
 from .errors import JobSpecError
 from .fsutil import NotRegularFileError, open_regular_file
+from .rate import parse_rate
 
 __all__ = [
     "MapSpec",
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 MAX_WORKERS = 1024  # one process each: beyond this a typo, not a plan
+MAX_CONCURRENCY = 1024  # attempts in flight per worker (threads, tasks or child processes)
 _TOP_KEYS = {
     "name",
     "input",
@@ -50,8 +52,9 @@ _TOP_KEYS = {
     "reduce",
     "dlq",
     "executor",
+    "rate",
 }
-_MAP_KEYS = {"command", "callable", "timeout", "retries", "backoff"}
+_MAP_KEYS = {"command", "callable", "timeout", "retries", "backoff", "concurrency"}
 _REDUCE_KEYS = {"command", "callable", "timeout"}
 _DLQ_KEYS = {"max_items", "on_full"}
 _EXECUTOR_KEYS = {"kind", "address"}
@@ -69,6 +72,7 @@ class MapSpec:
     timeout: float | None = None
     retries: int = 0
     backoff: float = 0.0
+    concurrency: int = 1  # attempts one worker runs at once (see worker.py)
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ class JobSpec:
     reduce: ReduceSpec | None = None
     dlq: DlqSpec = field(default_factory=DlqSpec)
     executor: ExecutorSpec = field(default_factory=ExecutorSpec)
+    rate: float | None = None  # attempt starts per second across the job (rate.py); None: no cap
     source: str = ""  # the job file it came from, for messages
 
     def to_dict(self) -> dict[str, Any]:
@@ -262,6 +267,12 @@ def spec_from_dict(
     reduce_spec = None if data.get("reduce") is None else _reduce_spec(where, data["reduce"])
     dlq_spec = _dlq_spec(where, data.get("dlq"))
     executor_spec = _executor_spec(where, data.get("executor"))
+    rate = None
+    if data.get("rate") is not None:
+        try:
+            rate = parse_rate(data["rate"])
+        except ValueError as e:
+            raise where.error("rate", str(e)) from None
     return JobSpec(
         name=name.strip(),
         input=str(input_path),
@@ -273,6 +284,7 @@ def spec_from_dict(
         reduce=reduce_spec,
         dlq=dlq_spec,
         executor=executor_spec,
+        rate=rate,
         source=str(source),
     )
 
@@ -291,6 +303,7 @@ def spec_from_stored(data: dict[str, Any]) -> JobSpec:
         reduce=ReduceSpec(**reduce) if reduce else None,
         dlq=DlqSpec(**data.get("dlq", {})),
         executor=ExecutorSpec(**data.get("executor", {})),
+        rate=data.get("rate"),
         source=data.get("source", ""),
     )
 
@@ -489,6 +502,9 @@ def _map_spec(where: _Where, data: Any) -> MapSpec:
     backoff = data.get("backoff", 0.0)
     if not _is_number(backoff) or backoff < 0:
         raise where.error("map.backoff", "must be a number of seconds >= 0")
+    concurrency = data.get("concurrency", 1)
+    if not _is_int(concurrency) or not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise where.error("map.concurrency", f"must be a whole number from 1 to {MAX_CONCURRENCY}")
     return MapSpec(
         command=_command(where, "map.command", data["command"])
         if data.get("command") is not None
@@ -499,6 +515,7 @@ def _map_spec(where: _Where, data: Any) -> MapSpec:
         timeout=_timeout(where, "map.timeout", data.get("timeout")),
         retries=retries,
         backoff=float(backoff),
+        concurrency=concurrency,
     )
 
 

@@ -51,6 +51,7 @@ from .executor import Batch, Executor, Failure, Outcomes, Successes
 from .journal import JournalWriter
 from .planner import ResumePlan
 from .progress import Progress
+from .rate import TokenBucket
 from .store import DLQ, JobState, JobStore
 
 __all__ = ["SessionOptions", "SessionReport", "Session"]
@@ -70,6 +71,8 @@ class SessionOptions:
     progress: bool = False
     command: str = "run"
     stop: threading.Event | None = None  # set: stop like Ctrl-C (any thread can set it)
+    rate: float | None = None  # attempt starts a second across the job (rate.py); None: no cap
+    concurrency: int = 1  # attempts a worker runs at once (the progress line shows in-flight)
 
 
 @dataclass
@@ -124,6 +127,9 @@ class Session:
         )
         self._last_checkpoint = time.monotonic()
         self.progress = Progress(plan.total, enabled=options.progress)
+        self.progress.show_in_flight = options.concurrency > 1
+        self.bucket = TokenBucket(options.rate) if options.rate else None
+        self._rate_bound = False  # the last dispatch sent fewer than there was room for
         self.kept_failed = 0  # items not parked because the DLQ was full (keep_failed)
 
     # -- the loop ----------------------------------------------------------
@@ -201,9 +207,12 @@ class Session:
         return self._fresh_done and not self.ready and not self.delayed and self.in_flight == 0
 
     def _wait_timeout(self) -> float:
+        timeout = 0.05
         if self.delayed:
-            return max(0.0, min(0.05, self.delayed[0][0] - time.monotonic()))
-        return 0.05
+            timeout = max(0.0, min(timeout, self.delayed[0][0] - time.monotonic()))
+        if self._rate_bound:  # the rate held starts back: the next one is due then
+            timeout = min(timeout, self.bucket.next_in())
+        return timeout
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.stop_signal = signum
@@ -245,6 +254,11 @@ class Session:
 
     def _dispatch(self) -> None:
         room = self.executor.capacity()
+        self._rate_bound = False
+        if self.bucket is not None and room > 0:
+            allowed = self.bucket.available()  # the job's rate: every start counts
+            self._rate_bound = allowed < room
+            room = min(room, allowed)
         if room <= 0:
             return
         indices: list[int] = []
@@ -275,7 +289,10 @@ class Session:
         self._record(record)
         self.journal.write()  # the start is on disk before the worker sees the item
         self.executor.submit(Batch(indices, numbers, lines))
+        if self.bucket is not None:
+            self.bucket.take(len(indices))
         self.in_flight += len(indices)
+        self.progress.in_flight = self.in_flight
         if failpoints.ENABLED:
             failpoints.hit("supervisor.after_dispatch")
 
@@ -299,6 +316,7 @@ class Session:
     # -- outcomes ----------------------------------------------------------
     def _settle(self, outcomes: Outcomes) -> None:
         self.in_flight -= len(outcomes)
+        self.progress.in_flight = self.in_flight
         self._hand_back(outcomes.requeued)
         for failure in outcomes.failed:
             if self.stop_signal is None:
