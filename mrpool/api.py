@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from . import records
 from .crashes import crash_limit
 from .dlq import DeadLetterQueue
 from .errors import CorruptStateError, MrpoolError, StorageError, UsageError
@@ -37,9 +38,10 @@ from .fsutil import atomic_write_chunks
 from .gc_policy import fewer_collections
 from .items import indices_of, ingest, iter_item_lines, read_ids
 from .joblog import exit_fields, iter_attempts
-from .journal import JournalWriter, read_records, started_attempts
+from .journal import JournalWriter, read_records
 from .lock import JobLock, clear_stale, live_holder, unlock
 from .planner import PlanOptions, ResumePlan, plan_session
+from .records import PARK, RETRY, Recorder, started_attempts, success_rows
 from .reduce import read_reduce_output, run_reduce
 from .slots import SLOTS_FILE, crash_evidence, discard
 from .spec import (
@@ -124,17 +126,8 @@ def run_job(
         write_job_file(
             tmp, job_id, spec, report.total, report.duplicates, report.id_mode, report.items_table
         )
-        header = {
-            "k": "job",
-            "v": 1,
-            "t": time.time(),
-            "job_id": job_id,
-            "total": report.total,
-            "duplicates_in_input": report.duplicates,
-            "id_mode": report.id_mode,
-        }
         journal = JournalWriter(tmp / "journal.log", 0)
-        journal.append(header)
+        journal.append(records.job(job_id, report.total, report.duplicates, report.id_mode))
         journal.close()
         lock.job_dir = tmp
         lock.acquire()
@@ -422,16 +415,11 @@ def _close_remote_crash(state, journal: JournalWriter | None) -> None:
     kind = (state.executor or {}).get("kind", "local")
     if not state.open_count or kind == "local":
         return
-    record = {
-        "k": "close",
-        "t": time.time(),
-        "reason": f"crashed; closed by the next session (a {kind} session leaves no record "
-        "of which attempts ran: each counts, none gets a crash streak)",
-        "cut": state.open_indices(),
-    }
-    if journal is not None:
-        journal.append(record)
-    state.apply(record)
+    reason = (
+        f"crashed; closed by the next session (a {kind} session leaves no record "
+        "of which attempts ran: each counts, none gets a crash streak)"
+    )
+    Recorder(journal, state).record(records.close(reason, state.open_indices()))
 
 
 def _close_quietly(journal: JournalWriter) -> None:
@@ -468,9 +456,7 @@ def _nothing_left(job_id: str, state, plan: ResumePlan) -> SessionReport:
 def _reset_attempts(journal: JournalWriter, state, plan: ResumePlan) -> None:
     indices = [i for i, s in enumerate(state.status) if s in (FAILED, DLQ) and plan.selection[i]]
     if indices:
-        record = {"k": "reset", "t": time.time(), "b": indices}
-        journal.append(record)
-        state.apply(record)
+        Recorder(journal, state).record(records.reset(indices))
 
 
 def _reduce(
@@ -478,9 +464,7 @@ def _reduce(
 ) -> dict[str, Any]:
     results = [result for _, result in store.iter_results(total)]
     outcome = run_reduce(spec, results, store.dir)
-    record = {"k": "reduce", "t": time.time(), "ok": outcome["ok"], "error": outcome.get("error")}
-    journal.append(record)
-    state.apply(record)
+    Recorder(journal, state).record(records.reduce(outcome["ok"], outcome.get("error")))
     journal.sync(force=True)
     state.offset = journal.offset  # the checkpoint proves the reduce record was there
     store.write_checkpoint(state)
@@ -639,7 +623,8 @@ def purge_dlq(
         journal = JournalWriter(store.journal_path, state.offset)
         try:
             dlq = DeadLetterQueue(store, state)
-            count = dlq.purge(indices if indices is not None else dlq.indices(), journal)
+            victims = indices if indices is not None else dlq.indices()
+            count = dlq.purge(victims, Recorder(journal, state))
             journal.sync(force=True)
             state.offset = journal.offset  # the checkpoint proves the purge was recorded
             store.write_checkpoint(state)
@@ -697,7 +682,7 @@ def _events_of(
             yield {"t": t, "event": "item_started", "id": ids[index], "attempt": attempt}
     elif kind == "ok":
         ended = {"exit_code": 0, "signal": None} if command else {}
-        for index, attempt, duration, _result in record["b"]:
+        for index, attempt, duration, _result in success_rows(record):
             yield {
                 "t": t,
                 "event": "item_succeeded",
@@ -707,7 +692,7 @@ def _events_of(
                 **ended,
             }
     elif kind == "f":
-        name = {"retry": "item_retrying", "dlq": "item_parked"}.get(record["next"], "item_failed")
+        name = {RETRY: "item_retrying", PARK: "item_parked"}.get(record["next"], "item_failed")
         yield {
             "t": t,
             "event": name,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import shlex
 import signal
 import sys
+import textwrap
 from datetime import datetime
 from typing import Any
 
@@ -29,14 +31,88 @@ REFERENCE = "docs/reference.md"  # in the mrpool repository: every job-file key 
 class _Parser(argparse.ArgumentParser):
     """No abbreviated options: ``--worker 3`` must be an error, not ``--workers 3`` --
     an abbreviation that works today would silently change meaning once a new option
-    shares its prefix."""
+    shares its prefix. Descriptions and epilogs keep their line breaks (examples)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["allow_abbrev"] = False
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # one line, exit 2 (the contract)
         raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that in descriptions and epilogs an indented line
+    (an example command) is kept as written, and an exit-status line ("  3  the job
+    is ...") wraps under its text. Plain lines are filled into paragraphs."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out: list[str] = []
+        paragraph: list[str] = []
+        for line in [*text.splitlines(), ""]:
+            if line and not line.startswith(" "):
+                paragraph.append(line)
+                continue
+            if paragraph:
+                out.append(
+                    textwrap.fill(
+                        " ".join(paragraph), width, initial_indent=indent, subsequent_indent=indent
+                    )
+                )
+                paragraph = []
+            code = re.match(r"  \d+ +", line)
+            if code and len(line) > width:
+                hang = indent + " " * code.end()
+                out.append(
+                    textwrap.fill(line, width, initial_indent=indent, subsequent_indent=hang)
+                )
+            elif line or out:
+                out.append(indent + line if line else "")
+        return "\n".join(out).rstrip("\n")
+
+
+# What each exit status means, as a command's --help lists it (errors.py decides them).
+_EXITS = {
+    2: "usage error (a bad option or id, an invalid job file or input); nothing was done",
+    3: "the job is locked by another live process (its pid, host and since when are named)",
+    4: "no such job",
+    5: "the job's state files are damaged (see 'mrpool fsck')",
+    130: "interrupted (Ctrl-C or SIGTERM); the state is saved and 'resume' continues it",
+}
+_SESSION_EXITS = {
+    0: "every item succeeded (and the reduce step, if any)",
+    1: "finished, but some items are in the DLQ or failed, or the reduce step failed",
+}
+
+
+def _command(
+    sub,
+    name: str,
+    summary: str,
+    description: str,
+    examples: list[str],
+    exits: dict[int, str],
+    common: list[argparse.ArgumentParser],
+):
+    """One subcommand's parser: its one-line summary (in ``mrpool --help``), what it
+    does, examples and its exit statuses (in ``mrpool NAME --help``)."""
+    codes = {**exits, **{code: _EXITS[code] for code in _EXITS if code not in exits}}
+    shown = sorted(code for code, text in codes.items() if text)
+    width = max(len(str(code)) for code in shown)
+    epilog = "examples:\n" + "".join(f"  {line}\n" for line in examples)
+    epilog += "\nexit status:\n" + "".join(f"  {c:<{width}}  {codes[c]}\n" for c in shown)
+    epilog += f"\nEvery command and option: {REFERENCE} in the mrpool repository."
+    return sub.add_parser(
+        name, parents=common, help=summary, description=description, epilog=epilog
+    )
+
+
+def _only(*codes: int) -> dict[int, str]:
+    """The standard meanings of ``codes`` (the others are left out of the help)."""
+    table = {code: "" for code in _EXITS}
+    table.update({code: _EXITS[code] for code in codes})
+    return table
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -44,153 +120,379 @@ def _build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--state-dir",
         default=argparse.SUPPRESS,
-        help="where job state lives (default: $MRPOOL_HOME, else ~/.local/state/mrpool)",
+        metavar="DIR",
+        help="where job state lives (default: $MRPOOL_HOME, else $XDG_STATE_HOME/mrpool, "
+        "else ~/.local/state/mrpool)",
     )
     parser = _Parser(
         prog="mrpool",
-        description="A local MapReduce job runner that never loses work.",
-        epilog=f"The job file's keys, every command and option, exit codes and guarantees: "
+        description="A local MapReduce job runner that never loses work: every outcome is "
+        "journaled, failing items are parked in a dead letter queue (DLQ), and an "
+        "interrupted job resumes exactly where it stopped.",
+        epilog="start with:\n  mrpool run examples/wordcount/job.yaml\n  mrpool COMMAND --help\n\n"
+        f"The job file's keys, every command and option, exit codes and guarantees: "
         f"{REFERENCE} in the mrpool repository.",
         parents=[common],
     )
     from . import __version__
 
     parser.add_argument("-V", "--version", action="version", version=f"mrpool {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    p = sub.add_parser(
-        "run",
-        parents=[common],
-        help="start a new job from a job file",
-        epilog=f"Job-file keys (input, map, retries, dlq, reduce, ...): {REFERENCE}.",
+    sub = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
     )
-    p.add_argument("jobfile")
-    p.add_argument("--job-id")
-    p.add_argument("--workers", type=_positive_int)
+    for build in (
+        _run_parser,
+        _resume_parser,
+        _status_parser,
+        _results_parser,
+        _events_parser,
+        _joblog_parser,
+        _dlq_parser,
+        _unlock_parser,
+        _fsck_parser,
+    ):
+        build(sub, [common])
+    return parser
+
+
+def _run_parser(sub, common) -> None:
+    p = _command(
+        sub,
+        "run",
+        "start a new job from a job file",
+        "Validates the job file and the whole input, creates the job, prints its id on the "
+        "first line of stdout, and runs every item. Nothing exists until the id is printed: "
+        "a refused or killed-before-that run can simply be repeated.",
+        [
+            "mrpool run examples/wordcount/job.yaml",
+            "JOB=$(mrpool run jobs/thumbs.yaml --workers 8 | head -1)",
+        ],
+        _only(130)
+        | _SESSION_EXITS
+        | {
+            2: "usage error (a bad option, an invalid job file or input, an existing --job-id); "
+            "nothing was created"
+        },
+        common,
+    )
+    p.add_argument(
+        "jobfile",
+        metavar="JOBFILE",
+        help=f"the job file (YAML or JSON; its keys: {REFERENCE})",
+    )
+    p.add_argument(
+        "--job-id",
+        metavar="ID",
+        help="the new job's id (default: its name, a timestamp and 4 random hex digits)",
+    )
+    _workers_option(p)
     _pace_options(p)
     _executor_option(p)
     p.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
 
-    p = sub.add_parser("resume", parents=[common], help="run what is left of a job")
-    p.add_argument("job_id")
+
+def _resume_parser(sub, common) -> None:
+    p = _command(
+        sub,
+        "resume",
+        "run what is left of a job",
+        "Runs the job's pending, failed and DLQ items, each once (priority pending > failed > "
+        "DLQ), holding the job's lock for its whole life. Nothing left: says so, exits 0.",
+        [
+            "mrpool resume thumbs",
+            "mrpool resume thumbs --no-dlq --wait 10",
+            "mrpool resume thumbs --max-additional-retries 3 --reset-failed",
+        ],
+        _SESSION_EXITS,
+        common,
+    )
+    _job_id_argument(p)
     p.add_argument("--no-dlq", action="store_true", help="leave DLQ items parked")
     p.add_argument(
         "--reset-failed",
         action="store_true",
-        help="restart attempt numbers of failed and DLQ items at 1",
+        help="restart the attempt numbers of failed and DLQ items at 1",
     )
     p.add_argument(
         "--max-additional-retries",
         type=_positive_int,
         metavar="N",
-        help="attempts for failed and DLQ items in this resume",
+        help="attempts for failed and DLQ items in this resume (default: 1 + map.retries)",
     )
-    p.add_argument("--workers", type=_positive_int)
+    _workers_option(p)
     _pace_options(p)
     _executor_option(p)
+    _wait_option(p)
+    p.add_argument(
+        "--json", action="store_true", help="print the plan and final report as JSON on stdout"
+    )
+
+
+def _status_parser(sub, common) -> None:
+    p = _command(
+        sub,
+        "status",
+        "a job's counts and state, or a table of all jobs",
+        "One job's counts (succeeded, DLQ, failed, pending, purged), state, lock holder and "
+        "reduce step; without JOB_ID, one row per job in the state dir.",
+        ["mrpool status", "mrpool status thumbs", "mrpool status thumbs --json | jq .state"],
+        _only(2, 4, 5) | {0: "printed"},
+        common,
+    )
+    p.add_argument("job_id", nargs="?", metavar="JOB_ID", help="the job (default: all jobs)")
+    p.add_argument("--json", action="store_true", help="one JSON object (all jobs: an array)")
+
+
+def _results_parser(sub, common) -> None:
+    p = _command(
+        sub,
+        "results",
+        "successful results as JSONL, in input order",
+        'Prints {"id": ..., "result": ...} per succeeded item, in input order, each id once.',
+        ["mrpool results thumbs > results.jsonl", "mrpool results thumbs --reduce"],
+        _only(2, 4, 5) | {0: "printed", 1: "--reduce: the reduce step failed, or has not run yet"},
+        common,
+    )
+    _job_id_argument(p)
+    p.add_argument("--reduce", action="store_true", help="print the reduce step's output instead")
+
+
+def _events_parser(sub, common) -> None:
+    p = _command(
+        sub,
+        "events",
+        "the job's event log as JSONL",
+        "One JSON object per event (job_created, session_started, item_started, "
+        "item_succeeded, item_parked, ...), each with t (epoch seconds).",
+        [
+            "mrpool events thumbs",
+            "mrpool events thumbs --follow | jq -c 'select(.event == \"item_parked\")'",
+        ],
+        _only(2, 4, 5) | {0: "printed"},
+        common,
+    )
+    _job_id_argument(p)
+    p.add_argument(
+        "--follow", action="store_true", help="keep printing until the job has no live holder"
+    )
+
+
+def _joblog_parser(sub, common) -> None:
+    p = _command(
+        sub,
+        "joblog",
+        "one row per attempt (id, attempt, host, start, duration, exit code, signal, outcome)",
+        "One JSONL row per attempt, in the order attempts ended; streams the journal.",
+        ["mrpool joblog thumbs", "mrpool joblog thumbs --tsv | column -t"],
+        _only(2, 4, 5) | {0: "printed"},
+        common,
+    )
+    _job_id_argument(p)
+    p.add_argument(
+        "--tsv", action="store_true", help="GNU parallel's --joblog columns, with a header"
+    )
+
+
+def _unlock_parser(sub, common) -> None:
+    p = _command(
+        sub,
+        "unlock",
+        "remove the lock files of a holder that is gone (--force: one on another host)",
+        "Removes lock / holder.json left by a holder provably dead on this host. Refused "
+        "while a live process holds the job.",
+        ["mrpool unlock thumbs", "mrpool unlock thumbs --force"],
+        _only(2, 4)
+        | {
+            0: "removed, or there was nothing to remove",
+            3: "a live process holds the job, or (without --force) the holder is on another host",
+        },
+        common,
+    )
+    _job_id_argument(p)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="also remove a holder recorded on another host (it cannot be checked from here)",
+    )
+
+
+def _fsck_parser(sub, common) -> None:
+    p = _command(
+        sub,
+        "fsck",
+        "check every file of a job; --salvage rebuilds a readable job from what verifies",
+        "Checks job.json, items.jsonl, the journal record by record and the derived files; "
+        "prints one line per finding.",
+        ["mrpool fsck thumbs", "mrpool fsck thumbs || mrpool fsck thumbs --salvage"],
+        _only(2, 4)
+        | {
+            0: "sound (notes, such as a torn tail a crash left, are harmless), or --salvage "
+            "made it readable again (what was lost is printed and kept in its event log)",
+            3: "--salvage: the job is locked by another live process",
+            5: "damaged (with --salvage: not repairable; job.json and items.jsonl have no "
+            "second copy)",
+        },
+        common,
+    )
+    _job_id_argument(p)
+    p.add_argument(
+        "--salvage", action="store_true", help="cut the journal at the damage, under the lock"
+    )
+
+
+def _dlq_parser(sub, common) -> None:
+    p = sub.add_parser(
+        "dlq",
+        parents=common,
+        help="inspect, retry, purge or export the dead letter queue",
+        description="Items whose every attempt failed are parked in the job's dead letter "
+        "queue (DLQ) until retried or purged.",
+        epilog="examples:\n  mrpool dlq list thumbs\n  mrpool dlq retry thumbs\n\n"
+        "'mrpool dlq COMMAND --help' for each command's options and exit status.",
+    )
+    dsub = p.add_subparsers(
+        dest="dlq_command", required=True, parser_class=_Parser, metavar="COMMAND"
+    )
+    for build in (
+        _dlq_list_parser,
+        _dlq_show_parser,
+        _dlq_stats_parser,
+        _dlq_retry_parser,
+        _dlq_purge_parser,
+        _dlq_export_parser,
+    ):
+        build(dsub, common)
+
+
+def _dlq_list_parser(sub, common) -> None:
+    d = _command(
+        sub,
+        "list",
+        "DLQ items: id, attempts, last error, signature",
+        "A table of the parked items (id, attempts, error signature, last error), in input "
+        "order; the count goes to stderr.",
+        ["mrpool dlq list thumbs", "mrpool dlq list thumbs --json | jq -r '.[].id'"],
+        _only(2, 4, 5) | {0: "printed"},
+        common,
+    )
+    _job_id_argument(d)
+    d.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+
+
+def _dlq_show_parser(sub, common) -> None:
+    d = _command(
+        sub,
+        "show",
+        "one DLQ item whole, with its failure history",
+        "The item's data and every failed attempt, as indented JSON.",
+        ["mrpool dlq show thumbs sku-123"],
+        _only(4, 5) | {0: "printed", 2: "ITEM_ID is not in the DLQ, or a bad id"},
+        common,
+    )
+    _job_id_argument(d)
+    d.add_argument("item_id", metavar="ITEM_ID", help="the item's id (compared as text)")
+
+
+def _dlq_stats_parser(sub, common) -> None:
+    d = _command(
+        sub,
+        "stats",
+        "DLQ counts by error signature",
+        "One line per error signature (failures that differ only in numbers, paths or ids "
+        "share one), largest group first, with an example error.",
+        ["mrpool dlq stats thumbs", "mrpool dlq stats thumbs --json"],
+        _only(2, 4, 5) | {0: "printed"},
+        common,
+    )
+    _job_id_argument(d)
+    d.add_argument("--json", action="store_true", help="a JSON array instead of lines")
+
+
+def _dlq_retry_parser(sub, common) -> None:
+    d = _command(
+        sub,
+        "retry",
+        "re-run DLQ items (all, or those named)",
+        "Runs DLQ items again under the job's lock, 1 + map.retries attempts each; every "
+        "success leaves the DLQ.",
+        ["mrpool dlq retry thumbs", "mrpool dlq retry thumbs sku-123 sku-456 --wait 10"],
+        _SESSION_EXITS | {2: "usage error (a bad option or id, an ITEM_ID not in the DLQ)"},
+        common,
+    )
+    _job_id_argument(d)
+    d.add_argument(
+        "item_ids", nargs="*", metavar="ITEM_ID", help="the items to retry (default: all)"
+    )
+    _workers_option(d)
+    _pace_options(d)
+    _executor_option(d)
+    _wait_option(d)
+    d.add_argument(
+        "--json", action="store_true", help="print the plan and final report as JSON on stdout"
+    )
+
+
+def _dlq_purge_parser(sub, common) -> None:
+    d = _command(
+        sub,
+        "purge",
+        "drop DLQ items for good (needs --yes)",
+        "Removes DLQ items from the job (all, or those named): they no longer count in its "
+        "total, and status reports them as purged.",
+        ["mrpool dlq purge thumbs sku-123 --yes", "mrpool dlq purge thumbs --yes"],
+        _only(3, 4, 5)
+        | {0: "purged", 2: "usage error (no --yes, a bad option or id, an ITEM_ID not in the DLQ)"},
+        common,
+    )
+    _job_id_argument(d)
+    d.add_argument(
+        "item_ids", nargs="*", metavar="ITEM_ID", help="the items to drop (default: all)"
+    )
+    d.add_argument("--yes", action="store_true", help="really drop them (required)")
+    _wait_option(d)
+
+
+def _dlq_export_parser(sub, common) -> None:
+    d = _command(
+        sub,
+        "export",
+        "DLQ items as JSONL",
+        "One 'dlq show' object per line: each item's data and failure history.",
+        ["mrpool dlq export thumbs > parked.jsonl", "mrpool dlq export thumbs -o parked.jsonl"],
+        _only(4, 5)
+        | {0: "exported", 2: "usage error (a bad option or id, -o naming no regular file)"},
+        common,
+    )
+    _job_id_argument(d)
+    d.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write into FILE (0600, put in place whole) instead of stdout",
+    )
+
+
+# -- arguments several commands share ----------------------------------------------------
+def _job_id_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job_id", metavar="JOB_ID", help="the job's id (printed by 'mrpool run')")
+
+
+def _workers_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="worker processes for this session (1 to 1024; default: the job file's workers)",
+    )
+
+
+def _wait_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--wait",
         type=_seconds,
         default=0.0,
         metavar="SECONDS",
-        help="wait this long for the job's lock",
-    )
-    p.add_argument(
-        "--json", action="store_true", help="print the plan and final report as JSON on stdout"
-    )
-
-    p = sub.add_parser(
-        "status", parents=[common], help="a job's counts and state, or a table of all jobs"
-    )
-    p.add_argument("job_id", nargs="?")
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser(
-        "results", parents=[common], help="successful results as JSONL, in input order"
-    )
-    p.add_argument("job_id")
-    p.add_argument("--reduce", action="store_true", help="print the reduce step's output instead")
-
-    for name, what, flag, flag_help in (
-        (
-            "events",
-            "the job's event log as JSONL",
-            "--follow",
-            "keep printing until the job has no live holder",
-        ),
-        (
-            "joblog",
-            "one row per attempt (id, attempt, host, start, duration, exit code, signal, outcome)",
-            "--tsv",
-            "GNU parallel's --joblog columns, with a header",
-        ),
-        (
-            "unlock",
-            "remove the lock files of a holder that is gone (--force: one on another host)",
-            "--force",
-            "also remove a holder recorded on another host (it cannot be checked from here)",
-        ),
-    ):
-        p = sub.add_parser(name, parents=[common], help=what)
-        p.add_argument("job_id")
-        p.add_argument(flag, action="store_true", help=flag_help)
-
-    p = sub.add_parser(
-        "fsck",
-        parents=[common],
-        help="check every file of a job; --salvage rebuilds a readable job from what verifies",
-        description="Exit status: 0 the job is sound (notes, such as a torn tail a crash "
-        "left, are printed but harmless), or --salvage made it readable again (what was lost "
-        "is printed and kept in its event log); 3 locked by another live process (--salvage); "
-        "4 no such job; 5 damaged (and, with --salvage, not repairable: job.json or "
-        "items.jsonl have no second copy).",
-    )
-    p.add_argument("job_id")
-    p.add_argument(
-        "--salvage", action="store_true", help="cut the journal at the damage, under the lock"
-    )
-
-    p = sub.add_parser(
-        "dlq", parents=[common], help="inspect, retry, purge or export the dead letter queue"
-    )
-    dsub = p.add_subparsers(dest="dlq_command", required=True, parser_class=_Parser)
-    d = dsub.add_parser(
-        "list", parents=[common], help="DLQ items: id, attempts, last error, signature"
-    )
-    d.add_argument("job_id")
-    d.add_argument("--json", action="store_true")
-    d = dsub.add_parser(
-        "show", parents=[common], help="one DLQ item whole, with its failure history"
-    )
-    d.add_argument("job_id")
-    d.add_argument("item_id")
-    d = dsub.add_parser("stats", parents=[common], help="DLQ counts by error signature")
-    d.add_argument("job_id")
-    d.add_argument("--json", action="store_true")
-    d = dsub.add_parser("retry", parents=[common], help="re-run DLQ items (all, or those named)")
-    d.add_argument("job_id")
-    d.add_argument("item_ids", nargs="*")
-    d.add_argument("--workers", type=_positive_int)
-    _pace_options(d)
-    _executor_option(d)
-    d.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS")
-    d.add_argument("--json", action="store_true")
-    d = dsub.add_parser("purge", parents=[common], help="drop DLQ items for good (needs --yes)")
-    d.add_argument("job_id")
-    d.add_argument("item_ids", nargs="*")
-    d.add_argument("--yes", action="store_true", help="really drop them")
-    d.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS")
-    d = dsub.add_parser("export", parents=[common], help="DLQ items as JSONL")
-    d.add_argument("job_id")
-    d.add_argument("-o", "--output", metavar="FILE")
-    return parser
-
-
-def _executor_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--executor",
-        metavar="local|dask|dask://HOST:PORT",
-        help="where attempts run in this session (overrides the job file's executor)",
+        help="wait up to this long for the job's lock instead of exiting 3",
     )
 
 
@@ -199,12 +501,20 @@ def _pace_options(p: argparse.ArgumentParser) -> None:
         "--concurrency",
         type=_positive_int,
         metavar="K",
-        help="attempts each worker runs at once (overrides map.concurrency)",
+        help="attempts each worker runs at once (overrides map.concurrency; default 1)",
     )
     p.add_argument(
         "--rate",
         metavar="N/s|N/min|N/h",
-        help="at most this many attempt starts across the job (overrides rate)",
+        help="at most this many attempt starts across the job (overrides the job file's rate)",
+    )
+
+
+def _executor_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--executor",
+        metavar="local|dask|dask://HOST:PORT",
+        help="where attempts run in this session (overrides the job file's executor)",
     )
 
 

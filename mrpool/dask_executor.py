@@ -43,6 +43,7 @@ from typing import Any
 
 import orjson
 
+from . import records
 from .errors import ExecutorError
 from .executor import Batch, Failure, Outcomes, Successes
 from .remote_helper import Helper, HelperError, HelperGone, lost_slice
@@ -129,14 +130,9 @@ class DaskExecutor:
         self._threads = sum(self._client.nthreads().values())
         self._next_renew = time.monotonic() + RENEW_EVERY
         self.events.append(
-            {
-                "k": "executor",
-                "kind": "dask",
-                "address": self._client.scheduler.address,
-                "cluster": self._kind,
-                "workers": workers,
-                "threads": self._threads,
-            }
+            records.executor(
+                "dask", self._client.scheduler.address, self._kind, workers, self._threads
+            )
         )
 
     def _check_no_retries(self) -> None:
@@ -257,15 +253,11 @@ class DaskExecutor:
         problem = future.exception() if future.status == "error" else None
         if problem is not None and not isinstance(problem, distributed.KilledWorker):
             raise ExecutorError(f"a Dask task of this session failed: {problem}")
-        error = {
-            "kind": "worker_died",
-            "msg": f"Dask worker died: {problem or 'task lost'}",
-            "tail": "",
-        }
+        error = records.error("worker_died", f"Dask worker died: {problem or 'task lost'}")
         failed, requeued = lost_slice(task.batch.indices, task.batch.attempts, running, error)
         summary = {"ok": [], "failed": failed, "requeued": requeued}
         self._file(task.batch, summary, b"[]", outcomes)
-        self.events.append({"k": "worker", "ev": "died", "task": future.key, "error": str(problem)})
+        self.events.append(records.task_lost(future.key, str(problem)))
 
     def _file(self, batch: Batch, summary: dict, rows: bytes, outcomes: Outcomes) -> None:
         if summary["ok"]:
@@ -548,7 +540,7 @@ def _run_slice(
             return orjson.dumps(
                 {"ok": [], "failed": [], "requeued": [[i, 0] for i in indices]}
             ), b"[]"
-        error = {"kind": "worker_died", "msg": "mrpool helper process died", "tail": ""}
+        error = records.error("worker_died", "mrpool helper process died")
         failed, requeued = lost_slice(indices, attempts, gone.running, error)
         return orjson.dumps({"ok": [], "failed": failed, "requeued": requeued}), b"[]"
     record.give_back(helper)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -38,16 +37,17 @@ from typing import Any
 
 import orjson
 
+from . import records
 from .errors import UsageError
 from .fsutil import atomic_write
 from .items import identity_text, indices_of, iter_item_lines, split_line
 from .journal import FORMAT_VERSION, decode_line, encode_record, read_records
+from .records import Recorder
 from .store import DLQ, FAILED, JobState, JobStore
 
 __all__ = ["DlqEntry", "DeadLetterQueue", "error_signature", "normalise_message"]
 
 SNAPSHOT_FILE = "dlq.json"
-_HISTORY_KEYS = ("a", "t", "kind", "msg", "tail", "dur", "pid", "code", "signal")
 _NORMALISERS = [
     (
         re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"),
@@ -164,14 +164,12 @@ class DeadLetterQueue:
             yield orjson.dumps(entry.full()) + b"\n"
 
     # -- writing (lock holder only) ------------------------------------------
-    def purge(self, indices: Iterable[int], journal) -> int:
-        """Drop parked items for good: one ``purge`` record. Returns how many."""
+    def purge(self, indices: Iterable[int], recorder: Recorder) -> int:
+        """Drop parked items for good: one ``purge`` record, through ``recorder`` (this
+        DLQ's state and the job's journal; the caller makes it durable). Returns how many."""
         victims = sorted(i for i in set(indices) if self.state.status[i] == DLQ)
         if victims:
-            record = {"k": "purge", "b": victims}
-            journal.append({**record, "t": time.time()})
-            self.state.apply(record)
-            journal.sync(force=True)
+            recorder.record(records.purge(victims))
         return len(victims)
 
     def save_snapshot(self) -> None:
@@ -229,12 +227,10 @@ class DeadLetterQueue:
             if kind == "f":
                 index = record["i"]
                 if want is None or index in want:
-                    histories.setdefault(index, []).append(
-                        {k: record[k] for k in _HISTORY_KEYS if k in record}
-                    )
+                    histories.setdefault(index, []).append(records.failure_history(record))
             elif kind == "ok":
-                for entry in record["b"]:
-                    histories.pop(entry[0], None)
+                for index in records.succeeded_indices(record):
+                    histories.pop(index, None)
             elif kind == "purge":
                 for index in record["b"]:
                     histories.pop(index, None)

@@ -65,6 +65,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from . import records
 from .containment import Containment, Unit
 from .slots import RUNNING, SlotTable
 from .worker import WorkerConfig, worker_main
@@ -336,7 +337,7 @@ class LocalExecutor:
         for fd, is_death in ((parent_end.fileno(), False), (worker.death_fd, True)):
             self._by_fd[fd] = (worker, is_death)
             self._poller.register(fd, select.POLLIN)
-        self.events.append({"k": "worker", "ev": "started", "pid": process.pid, "slot": slot})
+        self.events.append(records.worker_started(process.pid, slot))
         return worker
 
     def _forget(self, w: _Worker) -> None:
@@ -600,16 +601,7 @@ class LocalExecutor:
         if not self._reaped(w, 2.0):
             self._kill(w)
             self._reaped(w, 5.0)
-        self.events.append(
-            {
-                "k": "worker",
-                "ev": "died",
-                "pid": w.pid,
-                "slot": w.slot,
-                "exitcode": w.process.exitcode,
-                "reason": "retired",
-            }
-        )
+        self.events.append(records.worker_died(w.pid, w.slot, w.process.exitcode, "retired"))
         self._forget(w)
         self._spawn(w.slot)
 
@@ -655,16 +647,7 @@ class LocalExecutor:
             self._lanes_lost(w, code, running, outcomes)
         else:
             self._slot_lost(w, code, view, outcomes)
-        self.events.append(
-            {
-                "k": "worker",
-                "ev": "died",
-                "pid": w.pid,
-                "slot": w.slot,
-                "exitcode": code,
-                "reason": w.kill_reason,
-            }
-        )
+        self.events.append(records.worker_died(w.pid, w.slot, code, w.kill_reason))
         self._forget(w)
         self._spawn(w.slot)
 
@@ -702,27 +685,16 @@ class LocalExecutor:
 
     def _death_error(self, w: _Worker, code: int | None, index: int = -1) -> dict[str, Any]:
         if w.kill_reason == "timeout" and index != w.kill_item and w.inflight is not None:
-            return {
-                "kind": "worker_died",
-                "msg": f"worker killed: another of its attempts outran its timeout "
-                f"by over {LANE_TIMEOUT_GRACE:g} s without yielding",
-                "tail": "",
-                "pid": w.pid,
-            }
+            message = (
+                "worker killed: another of its attempts outran its timeout "
+                f"by over {LANE_TIMEOUT_GRACE:g} s without yielding"
+            )
+            return records.error("worker_died", message, pid=w.pid)
         if w.kill_reason == "timeout":
-            return {
-                "kind": "timeout",
-                "msg": f"timed out after {self._timeout:g} s",
-                "tail": "",
-                "pid": w.pid,
-            }
+            return records.error("timeout", f"timed out after {self._timeout:g} s", pid=w.pid)
         if w.kill_reason == "hung":
-            return {
-                "kind": "hung",
-                "msg": f"worker hung: no heartbeat for {HUNG_AFTER:g} s",
-                "tail": "",
-                "pid": w.pid,
-            }
+            message = f"worker hung: no heartbeat for {HUNG_AFTER:g} s"
+            return records.error("hung", message, pid=w.pid)
         if code is not None and code < 0:
             try:
                 name = signal.Signals(-code).name
@@ -731,13 +703,9 @@ class LocalExecutor:
             msg = f"worker died: signal {-code} ({name})"
         else:
             msg = f"worker died: exit status {code}"
-        return {
-            "kind": "worker_died",
-            "msg": msg,
-            "tail": "",
-            "pid": w.pid,
-            "signal": -code if code and code < 0 else None,
-        }
+        return records.error(
+            "worker_died", msg, pid=w.pid, signal=-code if code and code < 0 else None
+        )
 
     def _check_deadlines(self) -> None:
         """Kill a worker whose attempt outran its timeout, or that stopped heartbeating."""

@@ -35,6 +35,7 @@ from typing import Any
 
 import orjson
 
+from . import records
 from .checksums import verified_item_blocks
 from .errors import CorruptStateError, MrpoolError
 from .fsutil import TEMP_MARK, fsync_dir, open_private, sweep_temp_files
@@ -311,13 +312,13 @@ def _salvage(store: JobStore, report: FsckReport, info: JobInfo | None, journal)
     extra: list[dict[str, Any]] = []
     if any(f.file == REDUCE_FILE for f in report.findings):
         (store.dir / REDUCE_FILE).unlink()
-        extra.append({"k": "reduce", "ok": False, "error": "reduce output lost (fsck --salvage)"})
+        extra.append(records.reduce(False, "reduce output lost (fsck --salvage)"))
         report.repaired.append(f"removed {REDUCE_FILE}; resume runs the reduce step again")
     if journal.cut is not None:
         extra.insert(0, _salvage_record(store, info, report, journal))
         kept = _replay_prefix(store, journal.cut, info.total)
         if kept.open_count:  # attempts the lost part closed: they count, none crashed
-            extra.append({"k": "close", "reason": "fsck --salvage", "cut": None})
+            extra.append(records.close("fsck --salvage", None))
         report.repaired.append(
             (
                 f"cut {JOURNAL_FILE} to its first {journal.cut} bytes (its last good record)"
@@ -334,8 +335,7 @@ def _salvage(store: JobStore, report: FsckReport, info: JobInfo | None, journal)
 def _salvage_record(store, info: JobInfo, report: FsckReport, journal) -> dict[str, Any]:
     lines = [f.line() for f in report.findings if f.damage and f.file == JOURNAL_FILE]
     summary = f"journal cut at byte {journal.cut} of {journal.scan.size}; " + " | ".join(lines)
-    return {"k": "salvage", "cut_at": journal.cut, "size_was": journal.scan.size,
-            "damaged": journal.scan.damaged, "summary": summary}  # fmt: skip
+    return records.salvage(journal.cut, journal.scan.size, journal.scan.damaged, summary)
 
 
 def _rewrite_journal(store: JobStore, info: JobInfo, cut: int | None, extra) -> None:
@@ -346,10 +346,7 @@ def _rewrite_journal(store: JobStore, info: JobInfo, cut: int | None, extra) -> 
     now = time.time()
     tail = []
     if keep == 0:  # the first record was lost: it is rebuilt from job.json
-        tail.append(
-            {"k": "job", "v": 1, "job_id": info.job_id, "total": info.total,
-             "duplicates_in_input": info.duplicates_in_input, "id_mode": info.id_mode}
-        )  # fmt: skip
+        tail.append(records.job(info.job_id, info.total, info.duplicates_in_input, info.id_mode))
     tail.extend(extra)
     tmp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
     fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)

@@ -52,7 +52,8 @@ from typing import Any
 import orjson
 
 from .items import ITEMS_FILE
-from .journal import read_records, started_attempts
+from .journal import read_records
+from .records import started_attempts
 
 __all__ = ["TSV_HEADER", "exit_fields", "iter_attempts", "tsv_line"]
 

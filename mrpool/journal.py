@@ -17,7 +17,8 @@ address, workers), ``ckpt``, ``reduce``, ``close`` (a session ended cleanly).
 An ``s`` record names its attempts as ``b``, ``[[index, attempt], ...]``, and/or
 as ``r``, ``[[first, count, attempt], ...]``: runs of consecutive items starting
 the same attempt number (most of a fresh run), so that a dispatch costs no
-per-item encoding; ``started_attempts`` reads both.
+per-item encoding; ``records.started_attempts`` reads both. What each kind's
+fields are, and their constructors: records.py.
 
 Reading
 -------
@@ -77,7 +78,6 @@ __all__ = [
     "result_spans",
     "scan_journal",
     "crc_of_bytes",
-    "started_attempts",
     "JournalWriter",
 ]
 
@@ -116,15 +116,6 @@ def _decoded(payload: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
-
-
-def started_attempts(record: dict[str, Any]) -> Iterator[tuple[int, int]]:
-    """``(index, attempt)`` of each attempt an ``s`` record starts, runs expanded."""
-    for first, count, attempt in record.get("r", ()):
-        for index in range(first, first + count):
-            yield index, attempt
-    for index, attempt in record.get("b", ()):
-        yield index, attempt
 
 
 _SKIPPED: dict[str, Any] = {}

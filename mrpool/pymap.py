@@ -43,7 +43,6 @@ import os
 import re
 import signal
 import sys
-import time
 import traceback
 from array import array
 from collections.abc import Callable, Iterable, Iterator
@@ -54,6 +53,7 @@ from typing import Any
 
 import orjson
 
+from . import records
 from .errors import CorruptStateError, InputError, MrpoolError, UsageError
 from .gc_policy import fewer_collections
 from .items import ITEMS_FILE, content_id, identity_text, ingest, read_ids
@@ -402,17 +402,7 @@ def _create(
         made.update(total=total, positions=positions)
         write_job_file(tmp, call.job, spec, total, duplicates, id_mode)
         journal = JournalWriter(tmp / JOURNAL_FILE, 0)
-        journal.append(
-            {
-                "k": "job",
-                "v": 1,
-                "t": time.time(),
-                "job_id": call.job,
-                "total": total,
-                "duplicates_in_input": duplicates,
-                "id_mode": id_mode,
-            }
-        )
+        journal.append(records.job(call.job, total, duplicates, id_mode))
         journal.close()
         lock.job_dir = tmp
         lock.acquire()
@@ -668,7 +658,7 @@ class _JournalTail:
                     return rows
                 self.offset += len(line)
                 if record["k"] == "ok":
-                    rows.extend(record["b"])
+                    rows.extend(records.success_rows(record))
 
     def check_read_to_end(self) -> None:
         """After the session: everything was read (else a record in the middle is bad)."""

@@ -522,10 +522,6 @@ class CrashEvidence:
     began: list[int] | None
     running: list[int]
 
-    def record_fields(self) -> dict[str, list[int] | None]:
-        """The evidence as the next session's ``open`` record carries it (see store.py)."""
-        return {"cut": self.running, "began": self.began}
-
 
 UNKNOWN = CrashEvidence(began=None, running=[])  # charge every open attempt, streak none
 

@@ -57,6 +57,7 @@ from .journal import (
     result_spans,
     scan_journal,
 )
+from .records import succeeded_indices
 from .spec import JobSpec, spec_from_stored
 
 __all__ = [
@@ -161,7 +162,7 @@ class JobState:
                 if attempt > attempts[index]:
                     attempts[index] = attempt
         elif kind == "ok":  # hot: one per outcome batch
-            self.succeeded([entry[0] for entry in record["b"]])
+            self.succeeded(succeeded_indices(record))
         elif kind == "f":
             index = record["i"]
             if self.opened[index]:

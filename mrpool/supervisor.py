@@ -25,9 +25,10 @@ Actors:
   recorded so that the next session does not take it for a crash. What each way of
   ending costs an item (attempts, crash streaks, poison) is in crashes.py.
 
-Every record goes through ``Session._record``, which appends it to the journal
-and applies it to the in-memory state, so memory and disk cannot drift (``ok``
-records through ``_record_successes``: the same, from the executor's encoded rows).
+Every record is built by records.py and goes through the session's
+``records.Recorder``, which appends it to the journal and applies it to the
+in-memory state, so memory and disk cannot drift (``ok`` records too, from the
+executor's encoded rows).
 """
 
 from __future__ import annotations
@@ -42,9 +43,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
-from . import failpoints
+from . import failpoints, records
 from .crashes import clear_abort_marks, mark_aborted
 from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, DlqFullError
 from .executor import Batch, Executor, Failure, Outcomes, Successes
@@ -52,6 +51,7 @@ from .journal import JournalWriter
 from .planner import ResumePlan
 from .progress import Progress
 from .rate import TokenBucket
+from .records import Recorder
 from .store import DLQ, JobState, JobStore
 
 __all__ = ["SessionOptions", "SessionReport", "Session"]
@@ -104,6 +104,8 @@ class Session:
         self.plan = plan
         self.executor = executor
         self.options = options
+        self.recorder = Recorder(journal, state)
+        self._record = self.recorder.record  # journal and state together (records.py)
         # (index, attempt, line) to run before fresh items: hand-backs, and due retries
         # with attempt 0, "the next number" (one past the highest recorded)
         self.ready: deque[tuple[int, int, bytes]] = deque()
@@ -134,17 +136,18 @@ class Session:
 
     # -- the loop ----------------------------------------------------------
     def run(self) -> None:
+        evidence = self.plan.evidence
         self._record(
-            {
-                "k": "open",
-                "cmd": self.options.command,
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                **self.plan.evidence.record_fields(),
-                **({"after": "abort"} if self.plan.after_abort else {}),
-            }
+            records.session_open(
+                self.options.command,
+                os.getpid(),
+                socket.gethostname(),
+                evidence.running,
+                evidence.began,
+                self.plan.after_abort,
+            )
         )
-        self._record({"k": "plan", **self.plan.summary()})
+        self._record(records.plan(self.plan.summary()))
         self._park_poison()
         # The open record settles the crashed session's attempts from its slot file:
         # on disk before the executor replaces that file with this session's.
@@ -180,7 +183,7 @@ class Session:
             self.progress.close()
         self._flush_events()
         try:
-            self._record({"k": "close", "reason": self._close_reason(), "cut": self._cut})
+            self._record(records.close(self._close_reason(), self._cut))
             self.journal.sync(force=True)
         except Exception:  # the end is not on disk: still, no crash (crashes.py, rule 5)
             mark_aborted(self.store.dir, self.journal.offset)
@@ -270,23 +273,22 @@ class Session:
             indices.append(index)
             numbers.append(attempt or attempts[index] + 1)
             lines.append(line)
-        record: dict[str, Any] = {"k": "s"}
-        if indices:
-            record["b"] = list(zip(indices, numbers))
+        pairs = list(zip(indices, numbers))
+        runs = None
         if len(indices) < room and not self._fresh_done:
             fresh, fresh_lines = self._take_fresh(room - len(indices))
             if fresh:
                 fresh_numbers, run = self._next_attempts(fresh)
                 if run is not None:
-                    record["r"] = [run]
+                    runs = [run]
                 else:
-                    record["b"] = record.get("b", []) + list(zip(fresh, fresh_numbers))
+                    pairs += zip(fresh, fresh_numbers)
                 indices += fresh
                 numbers += fresh_numbers
                 lines += fresh_lines
         if not indices:
             return
-        self._record(record)
+        self._record(records.starts(pairs, runs))
         self.journal.write()  # the start is on disk before the worker sees the item
         self.executor.submit(Batch(indices, numbers, lines))
         if self.bucket is not None:
@@ -342,12 +344,11 @@ class Session:
             if attempt == 0 and self.stop_signal is None:  # 0: it had run
                 lost = self.lost[index] = self.lost.get(index, 0) + 1
                 if lost >= LOST_OUTCOME_LIMIT:
-                    error = {
-                        "kind": "worker_died",
-                        "msg": f"worker died after running it, before reporting the outcome "
+                    error = records.error(
+                        "worker_died",
+                        f"worker died after running it, before reporting the outcome "
                         f"({lost} times in this session)",
-                        "tail": "",
-                    }
+                    )
                     self._failed(Failure(index, self.state.attempts[index], line, error, 0.0))
                     continue
             again.append(entry)
@@ -356,52 +357,43 @@ class Session:
     def _failed(self, failure: Failure) -> None:
         index = failure.index
         tries = self.tries[index] = self.tries.get(index, 0) + 1
-        record = {
-            "k": "f",
-            "i": index,
-            "a": failure.attempt,
-            "dur": round(failure.duration, 6),
-            **{k: v for k, v in failure.error.items() if v is not None},
-        }
         if tries < self._budget(index):
-            record["next"] = "retry"
-            self._record(record)
+            self._record(self._failed_record(failure, records.RETRY))
             delay = self.options.backoff * 2.0 ** min(tries - 1, 32)  # no overflow at 1000s
             retry = (index, 0, failure.line)
             heapq.heappush(self.delayed, (time.monotonic() + delay, index, retry))
             return
-        record["next"] = self._park_or_keep(index)
-        self._record(record)
+        self._record(self._failed_record(failure, self._park_or_keep(index)))
         self.progress.failed += 1
+
+    @staticmethod
+    def _failed_record(failure: Failure, next_: str) -> dict[str, Any]:
+        return records.failed(
+            failure.index, failure.attempt, failure.error, next_, failure.duration
+        )
 
     def _park_or_keep(self, index: int) -> str:
         limit = self.options.dlq_max_items
         # an item already parked (retried from the DLQ) takes no new place in it
         parked = self.state.counts[DLQ] - (self.state.status[index] == DLQ)
         if limit is None or parked < limit:
-            return "dlq"
+            return records.PARK
         if self.options.dlq_on_full == "stop" and self.stop_error is None:
             self.stop_error = DlqFullError(
                 f"the DLQ is full (dlq.max_items = {limit}); stopped with the item kept as failed. "
                 f"Inspect with 'mrpool dlq list {self.store.job_id}', then purge or retry and resume"
             )
         self.kept_failed += 1
-        return "failed"
+        return records.KEEP
 
     def _park_poison(self) -> None:
         for index in self.plan.poison:
             streak = self.plan.crashes[index]  # the planner's count, this crash included
-            self._record(
-                {
-                    "k": "f",
-                    "i": index,
-                    "a": self.state.attempts[index],
-                    "kind": "crash_loop",
-                    "msg": f"in flight at {streak} crashes in a row; parked as a suspected poison item",
-                    "tail": "",
-                    "next": "dlq",
-                }
+            error = records.error(
+                "crash_loop",
+                f"in flight at {streak} crashes in a row; parked as a suspected poison item",
             )
+            self._record(records.failed(index, self.state.attempts[index], error, records.PARK))
 
     # -- the stop path -----------------------------------------------------
     def _interrupt(self) -> None:
@@ -426,24 +418,14 @@ class Session:
                 pass
         reason = f"aborted: {type(cause).__name__}: {cause}"
         try:
-            self._record({"k": "close", "reason": reason, "cut": None})
+            self._record(records.close(reason, None))
             self.journal.write()
         except Exception:  # noqa: BLE001 - the journal is past writing: say it another way
             mark_aborted(self.store.dir, self.journal.offset)
 
     # -- bookkeeping -------------------------------------------------------
-    def _record(self, record: dict[str, Any]) -> None:
-        record.setdefault("t", round(time.time(), 6))
-        self.journal.append(record)
-        self.state.apply(record)
-
     def _record_successes(self, done: Successes) -> None:
-        """``_record`` for an ``ok`` record, whose rows arrive encoded: the journal takes
-        them as they are, and the state the indices that came with them."""
-        self.journal.append(
-            {"k": "ok", "b": orjson.Fragment(done.rows), "t": round(time.time(), 6)}
-        )
-        self.state.succeeded(done.indices)
+        self.recorder.successes(done.indices, done.rows)
         self.progress.succeeded += len(done.indices)
 
     def _flush_events(self) -> None:
@@ -457,7 +439,7 @@ class Session:
         self.journal.sync(force=True)
         self.state.offset = self.journal.offset
         self.store.write_checkpoint(self.state)
-        self._record({"k": "ckpt", "off": self.state.offset})
+        self._record(records.checkpoint_mark(self.state.offset))
         self._last_checkpoint = time.monotonic()
 
     def report(self, job_id: str) -> SessionReport:

@@ -95,7 +95,8 @@ from crash_stress import (  # noqa: E402
 from mrpool import api  # noqa: E402
 from mrpool.crashes import crash_limit  # noqa: E402
 from mrpool.errors import MrpoolError  # noqa: E402
-from mrpool.journal import read_records, started_attempts  # noqa: E402
+from mrpool.journal import read_records  # noqa: E402
+from mrpool.records import started_attempts  # noqa: E402
 
 PHASES = ("run", "resume", "dlq-retry", "dlq-purge", "reduce")
 TARGETS = ("supervisor", "worker", "group")

@@ -30,8 +30,8 @@ from mrpool.journal import (
     decode_line,
     encode_record,
     read_records,
-    started_attempts,
 )
+from mrpool.records import started_attempts
 from mrpool.store import JobState, JobStore
 
 pytestmark = pytest.mark.timeout(240)

@@ -64,7 +64,7 @@ from conftest import (
 )
 
 from mrpool import api
-from mrpool.journal import started_attempts
+from mrpool.records import started_attempts
 
 pytestmark = pytest.mark.timeout(120)
 

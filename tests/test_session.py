@@ -13,6 +13,7 @@ import json
 import pytest
 from fake_executor import LOST, RAISE, FakeExecutor
 
+from mrpool import records
 from mrpool.errors import StorageError
 from mrpool.items import ingest
 from mrpool.journal import JournalWriter, read_records
@@ -36,7 +37,7 @@ def make_store(tmp_path, n: int = 6) -> JobStore:
             tmp, "j", spec, report.total, report.duplicates, report.id_mode, report.items_table
         )
         journal = JournalWriter(tmp / "journal.log", 0)
-        journal.append({"k": "job", "v": 1, "t": 0.0, "job_id": "j", "total": report.total})
+        journal.append(records.job("j", report.total, report.duplicates, report.id_mode))
         journal.close()
 
     return create_job_dir(tmp_path / "state", "j", build)

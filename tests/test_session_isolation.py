@@ -36,7 +36,7 @@ import psutil
 import pytest
 from conftest import journal_records, tagged_processes, wait_for, write_job
 
-from mrpool.journal import started_attempts
+from mrpool.records import started_attempts
 from mrpool.store import JobState
 
 ITEMS = 12

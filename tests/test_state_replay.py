@@ -17,7 +17,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mrpool.journal import decode_line
+from mrpool import records
+from mrpool.journal import decode_line, encode_record
 from mrpool.store import DLQ, FAILED, PENDING, PURGED, SUCCEEDED, JobState
 
 TOTAL = 24
@@ -85,11 +86,11 @@ def record(draw, model: Model) -> dict:
         first = draw(st.integers(0, TOTAL - 1))
         count = draw(st.integers(1, TOTAL - first))
         attempt = max(model.attempts[first : first + count]) + draw(st.integers(0, 1))
-        return {"k": "s", "r": [[first, count, max(attempt, 1)]]}
+        return records.starts(runs=[[first, count, max(attempt, 1)]])
     if kind == "pairs":
         indices = draw(st.lists(st.integers(0, TOTAL - 1), min_size=1, max_size=6, unique=True))
         pairs = [[i, max(1, model.attempts[i] + draw(st.integers(0, 1)))] for i in indices]
-        return {"k": "s", "b": pairs}
+        return records.starts(pairs)
     if kind == "ok-run":
         first = draw(st.integers(0, TOTAL - 1))
         count = draw(st.integers(1, TOTAL - first))
@@ -97,13 +98,14 @@ def record(draw, model: Model) -> dict:
     elif kind == "ok-some":
         indices = draw(st.lists(st.integers(0, TOTAL - 1), min_size=1, max_size=8, unique=True))
     if kind.startswith("ok"):
-        return {"k": "ok", "b": [[i, model.attempts[i], 0.0, None] for i in indices]}
+        rows = records.encode_rows([[i, model.attempts[i], 0.0, None] for i in indices])
+        return decode_line(encode_record(records.successes(rows)))  # as a reader sees it
     if kind == "f":
         index = draw(st.integers(0, TOTAL - 1))
-        nxt = draw(st.sampled_from(["retry", "dlq"]))
-        return {"k": "f", "i": index, "a": model.attempts[index], "next": nxt}
+        nxt = draw(st.sampled_from([records.RETRY, records.PARK]))
+        return records.failed(index, model.attempts[index], {}, nxt)
     if kind == "purge":
-        return {"k": "purge", "b": draw(st.lists(st.integers(0, TOTAL - 1), max_size=5))}
+        return records.purge(draw(st.lists(st.integers(0, TOTAL - 1), max_size=5)))
     open_items = sorted(model.open)
     some_open = st.lists(st.sampled_from(open_items), unique=True) if open_items else st.just([])
     cut = draw(st.none() | some_open)
