@@ -11,7 +11,10 @@ tokens): after an idle spell at most that many start at once. It starts with a
 single token, not full, so a run starts its first attempt at once and then
 keeps to the rate: in any window of T seconds at most ``rate * T`` starts, plus
 what the bucket held when the window opened (1 at a session's start, at most one
-second's worth after an idle spell). Starts that the executor
+second's worth after an idle spell). The bucket fills from the moment the
+workers are forked; attempts sent to a worker that is still starting up begin
+together once it is (at 50/s, two or three more than 50 in the first second).
+Starts that the executor
 hands back unrun (a worker lost before reaching them) spend a token again when
 they are sent again: the limit errs on the side of fewer starts.
 """

@@ -130,7 +130,7 @@ class Session:
         self._last_checkpoint = time.monotonic()
         self.progress = Progress(plan.total, enabled=options.progress)
         self.progress.show_in_flight = options.concurrency > 1
-        self.bucket = TokenBucket(options.rate) if options.rate else None
+        self.bucket: TokenBucket | None = None  # options.rate's, once the workers are up
         self._rate_bound = False  # the last dispatch sent fewer than there was room for
         self.kept_failed = 0  # items not parked because the DLQ was full (keep_failed)
 
@@ -158,6 +158,8 @@ class Session:
         previous = self._install_signal_handlers()
         try:
             self.executor.start()
+            if self.options.rate:  # from now: no tokens saved up while the workers forked
+                self.bucket = TokenBucket(self.options.rate)
             self._flush_events()
             while self._stop_not_asked():
                 self._release_due_retries()
