@@ -294,11 +294,6 @@ def _run_session(
         spec = replace(spec, map=replace(spec.map, concurrency=_checked_concurrency(concurrency)))
     per_second = _rate_option(rate) if rate is not None else spec.rate
     choice = _executor_choice(spec, executor)
-    if choice.kind != "local" and spec.map.concurrency > 1:
-        raise UsageError(
-            f"map.concurrency ({spec.map.concurrency}) applies to the local executor only; "
-            "a Dask cluster runs as many attempts at once as it has worker threads"
-        )
     check_callables(spec)
     state = store.load_state(info.total)
     journal = JournalWriter(store.journal_path, state.offset)
@@ -374,6 +369,11 @@ def _executor_choice(spec: JobSpec, option: str | None) -> ExecutorSpec:
             raise UsageError(f"--executor: {e}") from None
     else:
         choice = spec.executor
+    if choice.kind != "local" and spec.map.concurrency > 1:  # before the job exists, on run
+        raise UsageError(
+            f"map.concurrency ({spec.map.concurrency}) applies to the local executor only; "
+            "a Dask cluster runs as many attempts at once as it has worker threads"
+        )
     if choice.kind == "dask":
         try:
             import distributed  # noqa: F401 - the extra's package; the executor imports it too

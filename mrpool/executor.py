@@ -46,6 +46,16 @@ had started (their outcome died with it), with the same one for items it never
 reached -- and a replacement is started. What each worker incarnation starts is
 contained (containment.py): a killed or dead worker's leftovers are ended with
 it, and the session's close (in ``shutdown``) ends whatever is left.
+
+With ``concurrency`` K > 1 each worker has K lanes (worker.py, ``_Lanes``): it is
+sent up to 2K items, one by one as room frees, runs K at once and answers in
+any order, so what it holds is kept by item (``_Worker.inflight``), not in send
+order. Its death charges exactly the attempts its lanes show running; of the
+rest, those the begun table says it began take the next number, the others run
+again under theirs (``_lanes_lost``). Each lane's timeout is the worker's own;
+the supervisor's backstop is ``timeout + LANE_TIMEOUT_GRACE``. A worker that
+asks to retire (a plain callable's thread past its timeout cannot be stopped)
+is sent nothing more and is stopped and replaced once it holds nothing.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A worker process: runs the attempts the supervisor sends, one after another.
+"""A worker process: runs the attempts the supervisor sends, one after another (or K at once).
 
 Protocol on the worker's own pipe (``multiprocessing`` Connection, bytes):
 
@@ -15,6 +15,11 @@ Protocol on the worker's own pipe (``multiprocessing`` Connection, bytes):
   supervisor journals as they are, without decoding them. Outcomes are sent
   when a batch ends or 20 ms after the previous send, so fast items travel in
   bulk and a slow item is reported the moment it ends.
+* With ``concurrency`` K > 1 (``_Lanes``) a worker runs up to K attempts at
+  once, one per lane of its slot, and they end in any order: its header is
+  ``[count, duration, failures, ok, retire]``, ``ok`` the successes' indices in
+  the order of their rows, ``retire`` true once it asks to be replaced (an
+  attempt's thread it could not stop runs on in it).
 
 Before each attempt the worker writes the item into its shared slot, and a
 watchdog thread heartbeats every 0.1 s; if the supervisor disappears (its pid
