@@ -298,6 +298,9 @@ def _run_session(
     state = store.load_state(info.total)
     journal = JournalWriter(store.journal_path, state.offset)
     try:
+        if state.journal_total < info.total:  # an extension's record lost to a crash
+            extension = records.extend(state.journal_total, info.total, info.duplicates_in_input)
+            Recorder(journal, state).record(extension)
         _close_remote_crash(state, journal)
         plan = plan_session(store.dir, state, plan_options, crash_evidence(store.dir, state))
         if on_plan:
@@ -645,6 +648,7 @@ _EVENT_NAMES = {
     "reset": "attempts_reset",
     "purge": "dlq_purged",
     "salvage": "journal_salvaged",
+    "extend": "job_extended",
 }
 
 

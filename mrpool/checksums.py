@@ -18,6 +18,12 @@ Readers stream the file a chunk at a time and check each chunk before they
 hand out any line of it, then check the size and line count at the end: a
 reader never acts on an unverified item, and a lost LF, a cut or an emptied
 file are named, not met as a missing line deep inside a command.
+
+The file may be longer than the table's ``size``: ``mrpool.map(..., extend=True)``
+appends the new items' rows (fsynced) *before* it replaces ``job.json`` with the
+longer table, so a crash in between leaves rows no ``job.json`` names. Readers
+read only the ``size`` bytes the table covers -- the job is the old one, whole --
+and the next extension cuts the stray bytes before it appends (items.py).
 """
 
 from __future__ import annotations
@@ -51,12 +57,21 @@ def job_checksum(fields: dict[str, Any]) -> str:
 class ChunkedCrcWriter:
     """A write-only file wrapper that checksums what passes through, chunk by chunk."""
 
-    def __init__(self, out) -> None:
+    def __init__(self, out, table: dict[str, Any] | None = None) -> None:
+        """``table``: go on from the end of a file already checksummed by it (an
+        extension appends to ``items.jsonl``): its last, partial chunk is continued."""
         self.out = out
         self.size = 0
         self._crcs: list[int] = []
         self._crc = 0
         self._fill = 0  # bytes of the current chunk so far
+        if table is not None:
+            if table["chunk"] != ITEMS_CHUNK:
+                raise ValueError(f"a checksum table of {table['chunk']}-byte chunks")
+            self.size, self._fill = table["size"], table["size"] % ITEMS_CHUNK
+            self._crcs = list(table["crc"])
+            if self._fill:
+                self._crc = self._crcs.pop()
 
     def write(self, data) -> int:
         self.out.write(data)
@@ -83,7 +98,8 @@ def verified_item_blocks(
     path: Path, table: dict[str, Any] | None, lines: int | None, hint: str
 ) -> Iterator[list[bytes]]:
     """The lines of ``items.jsonl`` (LF kept) in blocks, each block's bytes verified
-    against ``table`` before it is yielded; ``table`` None (a job from mrpool <= 0.1):
+    against ``table`` before it is yielded, and only the ``size`` bytes it covers
+    (see the module docstring); ``table`` None (a job from mrpool <= 0.1):
     unverified, but the shape (whole lines, their count unless ``lines`` is None) is
     still checked.
     Raises ``CorruptStateError`` naming the file, the bytes and the line."""
@@ -95,7 +111,8 @@ def verified_item_blocks(
         raise CorruptStateError(f"{path}: missing; {hint}") from None
     with handle:
         carry, at, seen, number = b"", 0, 0, 0
-        while block := handle.read(chunk):
+        end = table["size"] if table else None
+        while block := handle.read(chunk if end is None else min(chunk, end - at)):
             if crcs is not None and (number >= len(crcs) or zlib.crc32(block) != crcs[number]):
                 raise CorruptStateError(
                     f"{path}: damaged at bytes {at}-{at + len(block) - 1} (from about line "
@@ -118,7 +135,7 @@ def verified_item_blocks(
                 yield found
     if table is not None and (at != table["size"] or number != len(crcs)):
         raise CorruptStateError(
-            f"{path}: {at} bytes, but {table['size']} were written (cut or grown); {hint}"
+            f"{path}: {at} bytes, but {table['size']} were written (cut); {hint}"
         )
     if carry or (lines is not None and seen != lines):
         raise CorruptStateError(

@@ -143,6 +143,13 @@ def _check_items(store: JobStore, info: JobInfo, report: FsckReport) -> list[Any
         detail = _reason(e) if isinstance(e, CorruptStateError) else f"an unreadable id ({e})"
         report.findings.append(Finding(ITEMS_FILE, "", f"{detail}; items from there on cannot run"))
         return None
+    size, table = path.stat().st_size, info.items_table
+    if table is not None and size > table["size"]:
+        report.findings.append(
+            Finding(ITEMS_FILE, f"bytes {table['size']}-{size - 1}", "rows of an extension "
+                    "that a crash cut short (job.json does not name them): ignored; the next "
+                    "extend=True call removes them", False)
+        )  # fmt: skip
     return ids
 
 
@@ -285,7 +292,10 @@ def _sound_checkpoint(store: JobStore, total: int) -> JobState | None:
         if record is None or record.get("k") != "checkpoint":
             return None
         state = JobState.from_checkpoint(record)
-        return state if state.total == total else None
+        if state.total > total:
+            return None
+        state.grow(total)  # the job was extended since
+        return state
     except (FileNotFoundError, ValueError, KeyError, TypeError, IndexError):
         return None
     except Exception:  # noqa: BLE001 - zlib.error and friends: a damaged derived file

@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 
 from .checksums import ChunkedCrcWriter, verified_item_blocks
-from .errors import InputError, JobSpecError, StorageError, fsck_hint
+from .errors import CorruptStateError, InputError, JobSpecError, StorageError, fsck_hint
 from .fsutil import NotRegularFileError, open_private, open_regular_file
 from .spec import JobSpec, printable
 
@@ -43,6 +43,8 @@ __all__ = [
     "identity_text",
     "read_ids",
     "indices_of",
+    "append_rows",
+    "items_table_of",
 ]
 
 ITEMS_FILE = "items.jsonl"
@@ -580,3 +582,46 @@ def indices_of(job_dir: Path, item_ids: Iterable[str]) -> dict[str, int]:
 def read_ids(job_dir: Path) -> list[Any]:
     """Every item's id value, by index (for commands that show ids)."""
     return [orjson.loads(line[: line.index(b"\t")]) for line in iter_item_lines(job_dir)]
+
+
+# -- extending a job (mrpool.map(..., extend=True)) --------------------------------
+class _NoOutput:
+    def write(self, data) -> int:
+        return len(data)
+
+
+def items_table_of(job_dir: Path, total: int) -> dict[str, Any]:
+    """The checksum table of the first ``total`` lines of a job's ``items.jsonl`` (a
+    job written without one: mrpool <= 0.1), read once."""
+    path = job_dir / ITEMS_FILE
+    summed, lines = ChunkedCrcWriter(_NoOutput()), 0
+    for block in verified_item_blocks(path, None, None, fsck_hint(job_dir)):
+        block = block[: total - lines]
+        summed.write(b"".join(block))
+        lines += len(block)
+        if lines == total:
+            break
+    if lines != total:
+        raise CorruptStateError(
+            f"{path}: holds {lines} lines, expected {total}; {fsck_hint(job_dir)}"
+        )
+    return summed.table(total)
+
+
+def append_rows(job_dir: Path, table: dict[str, Any], rows: bytes, total: int) -> dict[str, Any]:
+    """Append ``rows`` (whole ``items.jsonl`` lines) right after the bytes ``table``
+    covers, cutting first what a crashed extension left past them, and fsync; return
+    the table of the ``total`` lines the file then holds. ``job.json`` still names
+    the old table: replacing it is the caller's commit (checksums.py)."""
+    path = job_dir / ITEMS_FILE
+    try:
+        with open(path, "r+b", buffering=1 << 20) as out:
+            out.truncate(table["size"])
+            out.seek(table["size"])
+            summed = ChunkedCrcWriter(out, table)
+            summed.write(rows)
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as e:
+        raise StorageError(f"{path}: cannot add the new items: {e.strerror}") from None
+    return summed.table(total)

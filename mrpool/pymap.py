@@ -30,7 +30,10 @@ or the default: ``"id"`` when every item has one, else a content hash). A new
 job streams the iterable once to a scratch file, which ``items.ingest`` reads
 like any job's input; a later call with the same ``job`` streams the iterable
 again only to match its identities against the job's, and refuses a
-difference. Items and results travel as JSON: a tuple comes back as a list.
+difference -- except that ``extend=True`` adds the identities the job lacks
+(``_extend``: rows appended, then ``job.json`` replaced as the one commit, then
+an ``extend`` journal record). Items and results travel as JSON: a tuple comes
+back as a list.
 """
 
 from __future__ import annotations
@@ -53,10 +56,19 @@ from typing import Any
 
 import orjson
 
-from . import records
+from . import failpoints, records
+from .checksums import ChunkedCrcWriter
 from .errors import CorruptStateError, InputError, MrpoolError, UsageError
 from .gc_policy import fewer_collections
-from .items import ITEMS_FILE, content_id, identity_text, ingest, read_ids
+from .items import (
+    ITEMS_FILE,
+    append_rows,
+    content_id,
+    identity_text,
+    ingest,
+    items_table_of,
+    read_ids,
+)
 from .items import _item_id as checked_field_id
 from .journal import JOURNAL_FILE, JournalWriter, decode_line
 from .lock import JobLock
@@ -66,8 +78,10 @@ from .store import (
     JOB_FILE,
     PENDING,
     PURGED,
+    JobInfo,
     JobStore,
     create_job_dir,
+    rewrite_job_file,
     state_root,
     validate_job_id,
     write_job_file,
@@ -396,11 +410,13 @@ def _create(
     def build(tmp: Path) -> None:
         nonlocal id_mode
         if id_mode is None:
-            total, duplicates, id_mode, positions = _copy_by_ingest(call, spec, stream, tmp)
+            copied = _copy_by_ingest(call, spec, stream, tmp)
+            total, duplicates, id_mode, positions, table = copied
         else:
-            total, duplicates, positions = _copy_with_ids(stream, tmp, _id_maker(call, id_mode))
+            copied = _copy_with_ids(stream, tmp, _id_maker(call, id_mode))
+            total, duplicates, positions, table = copied
         made.update(total=total, positions=positions)
-        write_job_file(tmp, call.job, spec, total, duplicates, id_mode)
+        write_job_file(tmp, call.job, spec, total, duplicates, id_mode, table)
         journal = JournalWriter(tmp / JOURNAL_FILE, 0)
         journal.append(records.job(call.job, total, duplicates, id_mode))
         journal.close()
@@ -420,7 +436,7 @@ def _create(
 
 def _copy_by_ingest(
     call: _Call, spec: JobSpec, stream: Iterator, tmp: Path
-) -> tuple[int, int, str, array | None]:
+) -> tuple[int, int, str, array | None, dict[str, Any] | None]:
     """The items to a scratch ``.jsonl``, then ``items.ingest`` over it: the contract's
     identity rules, duplicate counting and fast paths, exactly as for a job file."""
     scratch = tmp / "iterable.jsonl"
@@ -435,18 +451,20 @@ def _copy_by_ingest(
         raise InputError(f"{call.where}: {message}") from None
     positions = None
     if report.duplicates:  # collapsed identities: which job item each position became
-        identify = _identifier(call, report.id_mode)
+        id_of = _raw_identifier(call, report.id_mode)
         index_of = _index_of_ids(read_ids(tmp))
         with open(scratch, "rb") as lines:
             items = (orjson.loads(line) for line in lines)
-            positions = array("q", (index_of[identify(p, x)] for p, x in enumerate(items)))
+            positions = array(
+                "q", (index_of[identity_text(id_of(p, x))] for p, x in enumerate(items))
+            )
     scratch.unlink()
-    return report.total, report.duplicates, report.id_mode, positions
+    return report.total, report.duplicates, report.id_mode, positions, report.items_table
 
 
 def _copy_with_ids(
     stream: Iterator, tmp: Path, id_of: Callable[[int, list[Any], list[bytes]], list[Any]]
-) -> tuple[int, int, array | None]:
+) -> tuple[int, int, array | None, dict[str, Any]]:
     """Write the job's ``items.jsonl`` rows (``id TAB item``, see items.py) with the ids
     ``id_of`` gives, the first item of each identity kept (the rule ``ingest`` follows).
     A chunk whose ids are all new is written in one join; positions are kept only
@@ -454,7 +472,8 @@ def _copy_with_ids(
     index_of: dict[str, int] = {}
     positions: array | None = None
     count = 0
-    with open(tmp / ITEMS_FILE, "wb", buffering=1 << 20) as out:
+    with open(tmp / ITEMS_FILE, "wb", buffering=1 << 20) as handle:
+        out = ChunkedCrcWriter(handle)
         for first, items, raws in stream:
             raw_ids = id_of(first, items, raws)
             texts = [identity_text(raw_id) for raw_id in raw_ids]
@@ -474,10 +493,10 @@ def _copy_with_ids(
                         out.write(orjson.dumps(raw_id) + b"\t" + raw + b"\n")
                     positions.append(index)
             count += len(items)
-        out.flush()
-        os.fsync(out.fileno())
+        handle.flush()
+        os.fsync(handle.fileno())
     total = len(index_of)
-    return total, count - total, positions
+    return total, count - total, positions, out.table(total)
 
 
 def _id_maker(call: _Call, id_mode: str) -> Callable[[int, list[Any], list[bytes]], list[Any]]:
@@ -512,14 +531,14 @@ def _key_id(call: _Call, position: int, item: Any) -> str | int:
     return value
 
 
-def _identifier(call: _Call, id_mode: str) -> Callable[[int, Any], str]:
-    """``identify(position, item)``: the item's identity text in a job of ``id_mode``."""
+def _raw_identifier(call: _Call, id_mode: str) -> Callable[[int, Any], Any]:
+    """``id_of(position, item)``: the item's id value in a job of ``id_mode``."""
     if id_mode == _KEY_CALLABLE:
-        return lambda position, item: identity_text(_key_id(call, position, item))
+        return lambda position, item: _key_id(call, position, item)
     if id_mode.startswith("field:"):
         name = id_mode[len("field:") :]
-        return lambda position, item: identity_text(
-            checked_field_id(f"{call.where}: item at position {position}", item, name, True)
+        return lambda position, item: checked_field_id(
+            f"{call.where}: item at position {position}", item, name, True
         )
     return lambda _position, item: content_id(item)
 
@@ -533,49 +552,87 @@ def _match(
 ) -> tuple[int, array | None, int]:
     """``(job's item count, positions, items in the iterable)`` for a job that exists.
 
-    The iterable must hold the job's items: the same identities, none new and none
-    missing (duplicates collapse as in the first call). Adding items to a job is not
-    supported yet (``extend=True`` says so): the job's item count is fixed in
-    ``job.json`` and every replay is sized by it."""
+    The iterable must hold every item of the job (duplicates collapse as in the
+    first call); an identity the job lacks is refused, or with ``extend=True``
+    added to the job (``_extend``) -- once the whole iterable has been matched, so
+    a refusal changes nothing."""
     info = store.info()
     _check_same_key(call, info.id_mode)
-    identify = _identifier(call, info.id_mode)
+    id_of = _raw_identifier(call, info.id_mode)
     ids = read_ids(store.dir)
     index_of = _index_of_ids(ids)
+    old_total = info.total
     positions = array("q")
-    seen = bytearray(info.total)
-    new: list[tuple[int, str]] = []
-    for first, items, _raws in stream:
-        for position, item in enumerate(items, first):
-            text = identify(position, item)
+    seen = bytearray(old_total)
+    new_rows: list[bytes] = []
+    first_new: tuple[int, str] | None = None
+    for first, items, raws in stream:
+        for position, item, raw in zip(itertools.count(first), items, raws):
+            raw_id = id_of(position, item)
+            text = identity_text(raw_id)
             index = index_of.get(text)
             if index is None:
-                new.append((position, text))
-                continue
-            seen[index] = 1
+                first_new = first_new or (position, text)
+                index = index_of[text] = len(index_of)
+                new_rows.append(orjson.dumps(raw_id) + b"\t" + raw + b"\n")
+            elif index < old_total:
+                seen[index] = 1
             positions.append(index)
-    if new:
-        position, text = new[0]
-        hint = (
-            "extend=True is not supported yet: adding items to an existing job is not built"
-            if extend
-            else "mrpool.map does not add items to an existing job; use a new job name"
-        )
+    if first_new and not extend:
+        position, text = first_new
         raise InputError(
-            f"{call.where}: {len(new)} item(s) are not in job {call.job} (first: position "
-            f"{position}, id {text!r}); {hint}"
+            f"{call.where}: {len(new_rows)} item(s) are not in job {call.job} (first: position "
+            f"{position}, id {text!r}); pass extend=True to add them, or use a new job name"
         )
     missing = seen.count(0)
     if missing:
         first = ids[seen.index(0)]
         raise InputError(
             f"{call.where}: job {call.job} holds {missing} item(s) the iterable lacks (first: "
-            f"id {first!r}); pass the same items as the first call, or use a new job name"
+            f"id {first!r}); pass every item of the job (extend=True only adds), or use a new "
+            "job name"
         )
+    total = old_total
+    if new_rows:
+        repeats = sum(1 for index in positions if index >= old_total) - len(new_rows)
+        total = _extend(store, info, new_rows, repeats).total
     count = len(positions)
-    if count == info.total and positions == array("q", range(count)):
-        return info.total, None, count
-    return info.total, positions, count
+    if count == total and positions == array("q", range(count)):
+        return total, None, count
+    return total, positions, count
+
+
+def _extend(store: JobStore, info: JobInfo, rows: list[bytes], repeats: int) -> JobInfo:
+    """Add ``rows`` (new items, as ``items.jsonl`` lines) to the job; the lock is held.
+
+    Crash-safe by order, with one commit point: (1) the rows are appended to
+    ``items.jsonl`` and fsynced -- readers read only the bytes ``job.json``'s
+    table covers, so they still see the old job whole; (2) ``job.json`` is
+    replaced (atomic rename) with the new item count and table: from now on every
+    reader -- resume, status, results, the DLQ -- sees the extended job, its new
+    items pending; (3) an ``extend`` record is journaled. A crash between (2) and
+    (3) leaves the record out; the next session writes it (api._run_session)."""
+    state = store.load_state(info.total)
+    journal = JournalWriter(store.journal_path, state.offset)  # (cuts a torn tail)
+    try:
+        table = info.items_table
+        if table is None:  # a job from before items.jsonl had checksums: give it them
+            table = items_table_of(store.dir, info.total)
+            info = rewrite_job_file(
+                store.dir, info, info.total, info.duplicates_in_input, table, failpoint=None
+            )
+        total = info.total + len(rows)
+        table = append_rows(store.dir, table, b"".join(rows), total)
+        if failpoints.ENABLED:
+            failpoints.hit("extend.after_items")
+        info = rewrite_job_file(store.dir, info, total, info.duplicates_in_input + repeats, table)
+        if failpoints.ENABLED:
+            failpoints.hit("extend.before_record")
+        extension = records.extend(state.journal_total, info.total, info.duplicates_in_input)
+        records.Recorder(journal, state).record(extension)
+    finally:
+        journal.close()
+    return info
 
 
 def _check_same_key(call: _Call, id_mode: str) -> None:

@@ -42,6 +42,10 @@ close      a session ended cleanly: ``reason``, ``cut`` items whose attempt was
            cut short and counts (null: every open attempt counts).
 salvage    ``mrpool fsck --salvage`` cut the journal: ``cut_at``, ``size_was``,
            ``damaged`` ``[[start, end], ...]``, ``summary``.
+extend     ``mrpool.map(..., extend=True)`` added items: ``from`` the item count the
+           last ``job`` / ``extend`` record named, ``total`` now (job.json's),
+           ``added``, ``duplicates_in_input`` now. Written after job.json's
+           replacement (the commit), or by the next session if a crash came between.
 =========  ======================================================================
 
 A failure (``error`` of ``executor.Failure``, the fields an ``f`` record carries
@@ -85,6 +89,7 @@ __all__ = [
     "reduce",
     "close",
     "salvage",
+    "extend",
     "started_attempts",
     "success_rows",
     "succeeded_indices",
@@ -234,6 +239,11 @@ def close(reason: str, cut: list[int] | None) -> Record:
 def salvage(cut_at: int, size_was: int, damaged: list[Any], summary: str) -> Record:
     return {"k": "salvage", "cut_at": cut_at, "size_was": size_was, "damaged": damaged,
             "summary": summary}  # fmt: skip
+
+
+def extend(journal_total: int, total: int, duplicates: int) -> Record:
+    return {"k": "extend", "from": journal_total, "total": total,
+            "added": total - journal_total, "duplicates_in_input": duplicates}  # fmt: skip
 
 
 # -- readers -------------------------------------------------------------------

@@ -140,6 +140,21 @@ class JobState:
         # checkpoint records so that readers can re-check the prefix they skip
         self.crc_offset, self.crc = 0, 0
         self.journal_stat: list[int] | None = None  # the journal's [size, mtime_ns] then
+        # the item count the journal's last ``job`` / ``extend`` record names: less than
+        # job.json's after a crash between an extension's commit and its record
+        self.journal_total = total
+
+    def grow(self, total: int) -> None:
+        """Make room for items added by an extension: pending, never attempted."""
+        more = total - self.total
+        if more <= 0:
+            return
+        self.status.extend(bytes(more))
+        self.attempts.frombytes(bytes(4 * more))
+        self.streak.extend(bytes(more))
+        self.opened.extend(bytes(more))
+        self.counts[PENDING] += more
+        self.total = total
 
     # -- transitions -----------------------------------------------------
     def set_status(self, index: int, new: int) -> None:
@@ -191,6 +206,12 @@ class JobState:
                     self.set_status(index, PURGED)
         elif kind == "reduce":
             self.reduce = record
+        elif kind == "job":
+            self.journal_total = record["total"]
+        elif kind == "extend":  # new items, pending (job.json, written first, sized us)
+            self.grow(record["total"])
+            self.journal_total = record["total"]
+            self.reduce = None  # of fewer results
 
     def succeeded(self, indices: list[int]) -> None:
         """The attempts of these items succeeded (an ``ok`` record)."""
@@ -317,6 +338,7 @@ class JobState:
                 **({"executor": self.executor} if self.executor else {}),
                 "journal_crc": self.crc if self.crc_offset == self.offset else None,
                 "journal_stat": self.journal_stat,
+                "journal_total": self.journal_total,
             }
         )
 
@@ -342,6 +364,7 @@ class JobState:
         crc = record.get("journal_crc")  # absent in checkpoints of mrpool <= 0.1
         state.crc_offset, state.crc = (state.offset, crc) if isinstance(crc, int) else (0, None)
         state.journal_stat = record.get("journal_stat")
+        state.journal_total = record.get("journal_total", state.total)  # absent before 0.2
         return state
 
 
@@ -472,8 +495,9 @@ class JobStore:
             if record is None or record.get("k") != "checkpoint":
                 raise ValueError("checksum or format mismatch")
             state = JobState.from_checkpoint(record)
-            if state.total != total:
+            if state.total > total:
                 raise ValueError("item count differs from job.json")
+            state.grow(total)  # the job was extended since
             size = self.journal_path.stat().st_size if self.journal_path.exists() else 0
         except (ValueError, KeyError, TypeError, zlib.error, OSError) as e:
             print(
@@ -680,12 +704,14 @@ def write_job_file(
     duplicates: int,
     id_mode: str,
     items_table: dict[str, Any] | None = None,
+    created_at: float | None = None,
+    failpoint: str | None = None,
 ) -> None:
     info = {
         "v": FORMAT_VERSION,
         "job_id": job_id,
         "name": spec.name,
-        "created_at": time.time(),
+        "created_at": time.time() if created_at is None else created_at,
         "total": total,
         "duplicates_in_input": duplicates,
         "id_mode": id_mode,
@@ -694,7 +720,33 @@ def write_job_file(
     if items_table is not None:
         info["items"] = items_table
     info["checksum"] = job_checksum(info)
-    atomic_write(tmp / JOB_FILE, orjson.dumps(info, option=orjson.OPT_INDENT_2))
+    data = orjson.dumps(info, option=orjson.OPT_INDENT_2)
+    atomic_write(tmp / JOB_FILE, data, failpoint=failpoint)
+
+
+def rewrite_job_file(
+    job_dir: Path,
+    info: JobInfo,
+    total: int,
+    duplicates: int,
+    items_table: dict[str, Any],
+    failpoint: str | None = "extend",
+) -> JobInfo:
+    """Replace ``job.json`` (atomically, durably) with one naming ``total`` items
+    whose copy ``items_table`` checksums -- an extension's commit point (the rows
+    are already in ``items.jsonl``, fsynced). Everything else stays as created."""
+    write_job_file(
+        job_dir,
+        info.job_id,
+        info.spec,
+        total,
+        duplicates,
+        info.id_mode,
+        items_table,
+        created_at=info.created_at,
+        failpoint=failpoint,
+    )
+    return read_job_file(job_dir)
 
 
 def sweep_stale_build_dirs(tmp_root: Path) -> None:

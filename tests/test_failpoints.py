@@ -94,6 +94,12 @@ def test_every_failpoint_is_exercised():
     # tested below, in test_run.py, and in test_power_loss.py (the skip of a directory fsync)
     others = {"retry.after_success", "worker.before_send", "fsutil.fsync_dir"}
     others |= {"dlq.purge.after_lock", "lock.after_holder_unlink"}  # in test_peers.py
+    others |= {  # in test_pymap.py
+        "extend.after_items",
+        "extend.before_replace",
+        "extend.after_replace",
+        "extend.before_record",
+    }
     assert {name for name, _ in KILL_POINTS} | others == set(POINTS)
 
 

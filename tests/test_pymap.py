@@ -20,6 +20,7 @@ from conftest import PY, default_sigint, wait_for
 
 import mrpool
 from mrpool.errors import InputError, MrpoolError, UsageError
+from mrpool.fsck import fsck
 
 SCRIPT = textwrap.dedent(
     """
@@ -102,7 +103,9 @@ SCRIPT = textwrap.dedent(
         elif mode == "module":
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             import workmod
-            print(json.dumps(mrpool.map(workmod.cube, range(int(sys.argv[3])), job=job, workers=2)))
+            extend = sys.argv[4:] == ["extend"]
+            print(json.dumps(mrpool.map(workmod.cube, range(int(sys.argv[3])), job=job, workers=2,
+                                        extend=extend)))
     except KeyboardInterrupt:
         print("INTERRUPTED", flush=True)
         sys.exit(130)
@@ -304,12 +307,14 @@ def test_items_that_differ_from_the_jobs_are_refused(tmp_path):
     state = tmp_path / "state"
     items = [{"id": n, "v": n} for n in range(6)]
     assert mrpool.map(_value, items, job="fixed", state_dir=state, workers=1) == list(range(6))
-    with pytest.raises(InputError, match=r"1 item\(s\) are not in job fixed .*id '9'"):
+    with pytest.raises(InputError, match=r"1 item\(s\) are not in job fixed .*id '9'.*extend=True"):
         mrpool.map(_value, [*items, {"id": 9, "v": 9}], job="fixed", state_dir=state)
-    with pytest.raises(InputError, match="extend=True is not supported yet"):
-        mrpool.map(_value, [{"id": 9, "v": 9}], job="fixed", state_dir=state, extend=True)
     with pytest.raises(InputError, match=r"holds 2 item\(s\) the iterable lacks"):
         mrpool.map(_value, items[:4], job="fixed", state_dir=state)
+    # extend=True adds, never drops: missing items are refused all the same, nothing added
+    with pytest.raises(InputError, match=r"holds 6 item\(s\) the iterable lacks"):
+        mrpool.map(_value, [{"id": 9, "v": 9}], job="fixed", state_dir=state, extend=True)
+    assert mrpool.job_status("fixed", state_dir=state)["total"] == 6
     # the same items (a duplicate collapses, as in the first call): all from the journal
     again = mrpool.map(_value, [*items, items[0]], job="fixed", state_dir=state)
     assert again == [*range(6), 0]
@@ -345,3 +350,84 @@ def test_closing_imap_early_stops_the_session_and_a_rerun_finishes(script):
     r = script.run("map", "early", "300", log="run2.log")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == [n * n for n in range(300)]
+
+
+# -- extend=True: new identities join the job ---------------------------------------
+def _logged_cube(n):
+    fd = os.open(os.environ["SIDE_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.write(fd, b"ok %d\n" % n)
+    os.close(fd)
+    return n**3
+
+
+def _extensions(job: str, state: Path) -> list[tuple[int, int, int]]:
+    events = mrpool.iter_events(job, state_dir=state)
+    return [(e["from"], e["total"], e["added"]) for e in events if e["event"] == "job_extended"]
+
+
+def test_extend_runs_only_the_new_items_and_every_reader_sees_them(tmp_path, monkeypatch):
+    state, log = tmp_path / "state", tmp_path / "side.log"
+    monkeypatch.setenv("SIDE_LOG", str(log))
+    # phase 1: a job of 20 items; a longer iterable is refused without extend=True
+    assert mrpool.map(_logged_cube, range(20), job="grow", state_dir=state, workers=2) == [
+        n**3 for n in range(20)
+    ]
+    with pytest.raises(InputError, match=r"10 item\(s\) are not in job grow"):
+        mrpool.map(_logged_cube, range(30), job="grow", state_dir=state)
+    # phase 2: extend=True adds the 10 new ones (in any order, a duplicate among them);
+    # only they run
+    log.unlink()
+    items = [*range(29, 19, -1), 25, *range(20)]
+    got = mrpool.map(_logged_cube, items, job="grow", state_dir=state, extend=True, workers=2)
+    assert got == [n**3 for n in items]
+    assert sorted(successes(log.read_text().splitlines())) == list(range(20, 30))
+    # phase 3: every reader sees the extended job; the journal says when it grew
+    status = mrpool.job_status("grow", state_dir=state)
+    assert (status["total"], status["succeeded"], status["state"]) == (30, 30, "completed")
+    assert status["duplicates_in_input"] == 1
+    results = [row["result"] for row in mrpool.iter_results("grow", state_dir=state)]
+    assert results == [n**3 for n in [*range(20), *range(29, 19, -1)]]  # the job's order
+    assert _extensions("grow", state) == [(20, 30, 10)]
+    assert not fsck("grow", state_dir=state).findings
+    # phase 4: the same call again runs nothing and adds nothing
+    assert mrpool.map(_logged_cube, items, job="grow", state_dir=state, extend=True) == got
+    assert len(log.read_text().splitlines()) == 10 and _extensions("grow", state) == [(20, 30, 10)]
+
+
+EXTEND_KILLS = [  # (failpoint, is the job extended once the process is dead?)
+    ("extend.after_items", False),
+    ("extend.before_replace", False),
+    ("extend.after_replace", True),
+    ("extend.before_record", True),
+]
+
+
+@pytest.mark.parametrize("point,extended", EXTEND_KILLS)
+def test_sigkill_during_extend_leaves_the_old_job_or_the_extended_one(script, point, extended):
+    # phase 1: 10 items done; then an extension to 16 is killed at the failpoint
+    assert script.run("module", "cut", "10").returncode == 0
+    killed = script.run(
+        "module", "cut", "16", "extend", log="run2.log", MRPOOL_FAILPOINTS=f"{point}=kill"
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert script.log("run2.log") == []  # it died before any new item ran
+    # phase 2: every reader sees one job -- the old one or the extended one, never a mix
+    state = script.mrpool.state_dir
+    status = mrpool.job_status("cut", state_dir=state)
+    total = 16 if extended else 10
+    assert (status["total"], status["succeeded"], status["pending"]) == (total, 10, total - 10)
+    results = [row["result"] for row in mrpool.iter_results("cut", state_dir=state)]
+    assert results == [n**3 for n in range(10)]
+    assert list(mrpool.open_dlq("cut", state_dir=state).entries()) == []
+    assert not [f for f in fsck("cut", state_dir=state).findings if f.damage]
+    # phase 3: the CLI's resume runs what the job holds; the call again finishes the rest
+    r = script.mrpool.run("resume", "cut", env=script.env("run3.log"))
+    assert r.returncode == 0, r.stderr
+    r = script.run("module", "cut", "16", "extend", log="run4.log")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [n**3 for n in range(16)]
+    reran = successes(script.log("run3.log") + script.log("run4.log"))
+    assert sorted(reran) == list(range(10, 16))  # each new item once; no recorded one again
+    # one record of the extension, also when the crash cut it off (the next session wrote it)
+    assert _extensions("cut", state) == [(10, 16, 6)]
+    assert not fsck("cut", state_dir=state).findings  # stray rows, temp files: all gone
