@@ -41,6 +41,7 @@ from .joblog import exit_fields, iter_attempts
 from .journal import JournalWriter, read_records
 from .lock import JobLock, clear_stale, live_holder, unlock
 from .planner import PlanOptions, ResumePlan, plan_session
+from .progress import mode_of
 from .records import PARK, RETRY, Recorder, started_attempts, success_rows
 from .reduce import read_reduce_output, run_reduce
 from .slots import SLOTS_FILE, crash_evidence, discard
@@ -96,7 +97,7 @@ def run_job(
     rate: str | None = None,
     state_dir: str | os.PathLike | None = None,
     on_created: Callable[[str], None] | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
     base_dir: str | os.PathLike | None = None,
     executor: str | None = None,
     stop: threading.Event | None = None,
@@ -104,10 +105,15 @@ def run_job(
     """Create a job from a job file (path), a job dict or a ``JobSpec``, and run it.
 
     Everything is validated before any state exists; ``on_created(job_id)`` is
-    called the moment the job exists (the CLI prints the id there). ``concurrency``
-    and ``rate`` (``"20/s"``) replace the job file's ``map.concurrency`` and ``rate``,
-    and are stored with the job like it. ``stop``: see ``resume_job``.
+    called the moment the job exists (the CLI prints the id there). ``stop``: see
+    ``resume_job``. ``concurrency`` and ``rate`` (``"20/s"``) replace the job
+    file's ``map.concurrency`` and ``rate``, and are stored with the job like it.
+    ``progress``: ``True`` draws a live line on stderr when it is a
+    terminal; ``"auto"`` (the CLI's default) also writes a heartbeat line every
+    ``$MRPOOL_PROGRESS_SECONDS`` when it is not; ``"always"`` draws the line anyway
+    (mrpool/progress.py).
     """
+    _progress_mode(progress)
     spec = _as_spec(job, base_dir)
     if workers is not None:
         spec = _with_workers(spec, workers)
@@ -166,7 +172,7 @@ def resume_job(
     reset_failed: bool = False,
     max_additional_retries: int | None = None,
     wait: float = 0.0,
-    progress: bool = False,
+    progress: bool | str = False,
     on_plan: Callable[[ResumePlan], None] | None = None,
     executor: str | None = None,
     stop: threading.Event | None = None,
@@ -212,7 +218,7 @@ def retry_dlq(
     concurrency: int | None = None,
     rate: str | None = None,
     wait: float = 0.0,
-    progress: bool = False,
+    progress: bool | str = False,
     on_plan: Callable[[ResumePlan], None] | None = None,
     executor: str | None = None,
     stop: threading.Event | None = None,
@@ -263,7 +269,7 @@ def run_held_session(
     *,
     include_dlq: bool = True,
     workers: int | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> SessionReport:
     """One session of a job whose lock is already held for it -- by ``mrpool.map``'s
     calling process, which runs this in a forked child (a POSIX lock is not inherited,
@@ -278,7 +284,7 @@ def _run_session(
     plan_options: PlanOptions,
     *,
     workers: int | None,
-    progress: bool,
+    progress: bool | str,
     concurrency: int | None = None,
     rate: str | None = None,
     reset_failed: bool = False,
@@ -287,6 +293,7 @@ def _run_session(
     executor: str | None = None,
     stop: threading.Event | None = None,
 ) -> SessionReport:
+    _progress_mode(progress)
     store.sweep()
     info = store.info()
     spec = info.spec
@@ -336,7 +343,6 @@ def _run_session(
                 command=command,
                 stop=stop,
                 rate=per_second,
-                concurrency=spec.map.concurrency,
             ),
         )
         session.run()
@@ -360,6 +366,13 @@ def _run_session(
         raise
     journal.close()
     return report
+
+
+def _progress_mode(progress: bool | str) -> str:
+    try:
+        return mode_of(progress)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _executor_choice(spec: JobSpec, option: str | None) -> ExecutorSpec:

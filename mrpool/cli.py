@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, MrpoolError, UsageError
+from .progress import HEARTBEAT_ENV
 from .spec import printable
 
 __all__ = ["main"]
@@ -189,6 +190,7 @@ def _run_parser(sub, common) -> None:
     _pace_options(p)
     _executor_option(p)
     p.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
+    _progress_options(p)
 
 
 def _resume_parser(sub, common) -> None:
@@ -226,6 +228,7 @@ def _resume_parser(sub, common) -> None:
     p.add_argument(
         "--json", action="store_true", help="print the plan and final report as JSON on stdout"
     )
+    _progress_options(p)
 
 
 def _status_parser(sub, common) -> None:
@@ -430,6 +433,7 @@ def _dlq_retry_parser(sub, common) -> None:
     d.add_argument(
         "--json", action="store_true", help="print the plan and final report as JSON on stdout"
     )
+    _progress_options(d)
 
 
 def _dlq_purge_parser(sub, common) -> None:
@@ -510,6 +514,29 @@ def _pace_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _progress_options(p: argparse.ArgumentParser) -> None:
+    """``--progress`` / ``--quiet``; neither: a live line on a terminal, else a heartbeat
+    line every $MRPOOL_PROGRESS_SECONDS (mrpool/progress.py)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--progress",
+        action="store_const",
+        const="always",
+        dest="progress",
+        default="auto",
+        help="draw the live progress line even when stderr is not a terminal (default: "
+        f"the line on a terminal, else one status line every ${HEARTBEAT_ENV} seconds, "
+        "default 10)",
+    )
+    group.add_argument(
+        "--quiet",
+        action="store_const",
+        const="off",
+        dest="progress",
+        help="no progress line, heartbeat or plan line; the final summary and errors still print",
+    )
+
+
 def _executor_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--executor",
@@ -587,7 +614,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             rate=args.rate,
             state_dir=state_dir,
             on_created=_print_job_id,
-            progress=True,
+            progress=args.progress,
             executor=args.executor,
         )
         return _finish(report, args.json, state_dir)
@@ -602,8 +629,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             reset_failed=args.reset_failed,
             max_additional_retries=args.max_additional_retries,
             wait=args.wait,
-            progress=True,
-            on_plan=_print_plan,
+            progress=args.progress,
+            on_plan=_plan_printer(args),
             executor=args.executor,
         )
         return _finish(report, args.json, state_dir)
@@ -704,8 +731,8 @@ def _dlq(args: argparse.Namespace, state_dir: str | None) -> int:
             concurrency=args.concurrency,
             rate=args.rate,
             wait=args.wait,
-            progress=True,
-            on_plan=_print_plan,
+            progress=args.progress,
+            on_plan=_plan_printer(args),
             executor=args.executor,
         )
         return _finish(report, args.json, state_dir)
@@ -803,6 +830,10 @@ def _status(args: argparse.Namespace, state_dir: str | None) -> int:
 # -- output helpers ----------------------------------------------------------------
 def _print_job_id(job_id: str) -> None:
     _out(job_id.encode() + b"\n")
+
+
+def _plan_printer(args: argparse.Namespace):
+    return None if args.progress == "off" else _print_plan
 
 
 def _print_plan(plan) -> None:

@@ -473,6 +473,12 @@ class LocalExecutor:
     def capacity(self) -> int:
         return sum(self._room(w) for w in self.workers if w is not None)
 
+    def running(self) -> int:
+        """Attempts running now, for the progress line: a worker with lanes holds up to
+        2K, of which at most K run (all K while any waits: it starts one as a lane frees)."""
+        cap = self.lanes if self.lanes > 1 else 1
+        return sum(min(w.held, cap) for w in self.workers if w is not None)
+
     def submit(self, batch: Batch) -> None:
         """Hand ``batch`` out to workers with room, in order, one message per worker batch.
 

@@ -49,10 +49,10 @@ from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, DlqFullError
 from .executor import Batch, Executor, Failure, Outcomes, Successes
 from .journal import JournalWriter
 from .planner import ResumePlan
-from .progress import Progress
+from .progress import ProgressModel, open_progress
 from .rate import TokenBucket
 from .records import Recorder
-from .store import DLQ, JobState, JobStore
+from .store import DLQ, PURGED, SUCCEEDED, JobState, JobStore
 
 __all__ = ["SessionOptions", "SessionReport", "Session"]
 
@@ -68,11 +68,10 @@ class SessionOptions:
     additional_retries: int | None = None  # attempts for failed/DLQ items instead of 1 + retries
     dlq_max_items: int | None = None
     dlq_on_full: str = "stop"
-    progress: bool = False
+    progress: bool | str = False  # a progress.open_progress mode (True: "tty")
     command: str = "run"
     stop: threading.Event | None = None  # set: stop like Ctrl-C (any thread can set it)
     rate: float | None = None  # attempt starts a second across the job (rate.py); None: no cap
-    concurrency: int = 1  # attempts a worker runs at once (the progress line shows in-flight)
 
 
 @dataclass
@@ -128,8 +127,10 @@ class Session:
             else options.additional_retries
         )
         self._last_checkpoint = time.monotonic()
-        self.progress = Progress(plan.total, enabled=options.progress)
-        self.progress.show_in_flight = options.concurrency > 1
+        self.progress = open_progress(
+            ProgressModel(store.job_id, state.total, plan.total), options.progress
+        )
+        self._count_progress()
         self.bucket: TokenBucket | None = None  # options.rate's, once the workers are up
         self._rate_bound = False  # the last dispatch sent fewer than there was room for
         self.kept_failed = 0  # items not parked because the DLQ was full (keep_failed)
@@ -170,7 +171,8 @@ class Session:
                 self._settle(outcomes)
                 self._flush_events()
                 self.journal.sync()
-                self.progress.update()
+                self._count_progress()
+                self.progress.refresh()
                 self._maybe_checkpoint()
             if self.stop_signal is not None or self.stop_error is not None:
                 self._interrupt()
@@ -182,6 +184,7 @@ class Session:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            self._count_progress()
             self.progress.close()
         self._flush_events()
         try:
@@ -296,7 +299,6 @@ class Session:
         if self.bucket is not None:
             self.bucket.take(len(indices))
         self.in_flight += len(indices)
-        self.progress.in_flight = self.in_flight
         if failpoints.ENABLED:
             failpoints.hit("supervisor.after_dispatch")
 
@@ -320,7 +322,6 @@ class Session:
     # -- outcomes ----------------------------------------------------------
     def _settle(self, outcomes: Outcomes) -> None:
         self.in_flight -= len(outcomes)
-        self.progress.in_flight = self.in_flight
         self._hand_back(outcomes.requeued)
         for failure in outcomes.failed:
             if self.stop_signal is None:
@@ -361,12 +362,13 @@ class Session:
         tries = self.tries[index] = self.tries.get(index, 0) + 1
         if tries < self._budget(index):
             self._record(self._failed_record(failure, records.RETRY))
+            self.progress.model.retries += 1
             delay = self.options.backoff * 2.0 ** min(tries - 1, 32)  # no overflow at 1000s
             retry = (index, 0, failure.line)
             heapq.heappush(self.delayed, (time.monotonic() + delay, index, retry))
             return
         self._record(self._failed_record(failure, self._park_or_keep(index)))
-        self.progress.failed += 1
+        self.progress.model.session_settled += 1
 
     @staticmethod
     def _failed_record(failure: Failure, next_: str) -> dict[str, Any]:
@@ -428,7 +430,15 @@ class Session:
     # -- bookkeeping -------------------------------------------------------
     def _record_successes(self, done: Successes) -> None:
         self.recorder.successes(done.indices, done.rows)
-        self.progress.succeeded += len(done.indices)
+        self.progress.model.session_settled += len(done.indices)
+
+    def _count_progress(self) -> None:
+        """The job-wide counts and this session's in-flight attempts, for the display."""
+        counts, shown = self.state.counts, self.progress.model
+        shown.set_counts(counts[SUCCEEDED], counts[DLQ], self.state.total - counts[PURGED])
+        # an executor that queues attempts ahead in its workers knows what really runs
+        running = getattr(self.executor, "running", None)
+        shown.in_flight = self.in_flight if running is None else running()
 
     def _flush_events(self) -> None:
         events = self.executor.events
