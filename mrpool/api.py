@@ -44,7 +44,7 @@ from .planner import PlanOptions, ResumePlan, plan_session
 from .progress import mode_of
 from .records import PARK, RETRY, Recorder, started_attempts, success_rows
 from .reduce import read_reduce_output, run_reduce
-from .slots import SLOTS_FILE, crash_evidence, discard
+from .slots import SLOTS_FILE
 from .spec import (
     ExecutorSpec,
     JobSpec,
@@ -125,7 +125,7 @@ def run_job(
     check_callables(spec)
     job_id = validate_job_id(job_id) if job_id is not None else _new_job_id(spec.name)
     root = state_root(state_dir)
-    lock = JobLock(Path("."), command=f"mrpool run {job_id}")
+    held: list[JobLock] = []  # taken in the build directory; follows it when it is renamed
 
     def build(tmp: Path) -> None:
         report = ingest(spec, tmp)
@@ -135,12 +135,11 @@ def run_job(
         journal = JournalWriter(tmp / "journal.log", 0)
         journal.append(records.job(job_id, report.total, report.duplicates, report.id_mode))
         journal.close()
-        lock.job_dir = tmp
-        lock.acquire()
+        held.append(JobLock(tmp, command=f"mrpool run {job_id}").acquire())
 
     try:
         store = create_job_dir(root, job_id, build)
-        lock.relocate(store.dir)
+        held[0].relocate(store.dir)
         from . import failpoints
 
         if failpoints.ENABLED:
@@ -157,7 +156,8 @@ def run_job(
             stop=stop,
         )
     finally:
-        lock.release()
+        for lock in held:
+            lock.release()
 
 
 @fewer_collections()
@@ -258,8 +258,8 @@ def plan_resume(
     store = JobStore.open(state_root(state_dir), job_id)
     state = store.load_state(store.info().total)
     options = PlanOptions(include_dlq=not no_dlq, crash_limit=_crash_limit(store))
-    _close_remote_crash(state, None)
-    evidence = crash_evidence(store.dir, state, end_stragglers=False)  # no lock: touch nothing
+    evidence = _last_executor(state).crash_evidence(store.dir, state, end_stragglers=False)
+    # (no lock: end_stragglers=False touches nothing)
     return plan_session(store.dir, state, options, evidence)
 
 
@@ -293,6 +293,8 @@ def _run_session(
     executor: str | None = None,
     stop: threading.Event | None = None,
 ) -> SessionReport:
+    """Plan, run the map phase, then the reduce step and the DLQ snapshot, all under the
+    lock the caller holds. A storage error comes out with what to do about it."""
     _progress_mode(progress)
     store.sweep()
     info = store.info()
@@ -303,61 +305,35 @@ def _run_session(
     choice = _executor_choice(spec, executor)
     check_callables(spec)
     state = store.load_state(info.total)
+    previous = _last_executor(state)  # what it left open is settled by its evidence
     journal = JournalWriter(store.journal_path, state.offset)
     try:
         if state.journal_total < info.total:  # an extension's record lost to a crash
             extension = records.extend(state.journal_total, info.total, info.duplicates_in_input)
             Recorder(journal, state).record(extension)
-        _close_remote_crash(state, journal)
-        plan = plan_session(store.dir, state, plan_options, crash_evidence(store.dir, state))
+        plan = plan_session(
+            store.dir, state, plan_options, previous.crash_evidence(store.dir, state)
+        )
         if on_plan:
             on_plan(plan)
-        reduce_due = spec.reduce is not None and (
-            state.reduce is None or not state.reduce.get("ok")
-        )
-        if (
-            plan.total == 0
-            and not plan.poison
-            and not (reduce_due and state.finished_state() == "completed")
-        ):
+        if _nothing_to_do(info.spec, state, plan):
             journal.close()
             if not state.open_count:  # else a later session still needs the crash evidence
-                discard(store.dir)
+                previous.discard_evidence(store.dir)
             return _nothing_left(store.job_id, state, plan)
         if reset_failed:
             _reset_attempts(journal, state, plan)
+        options = _session_options(spec, command, additional, progress, stop, per_second)
         runner = _new_executor(store, spec, workers or spec.workers, choice, info.total)
-        session = Session(
-            store,
-            state,
-            journal,
-            plan,
-            runner,
-            SessionOptions(
-                retries=spec.map.retries,
-                backoff=spec.map.backoff,
-                additional_retries=additional,
-                dlq_max_items=spec.dlq.max_items,
-                dlq_on_full=spec.dlq.on_full,
-                progress=progress,
-                command=command,
-                stop=stop,
-                rate=per_second,
-            ),
-        )
+        session = Session(store, state, journal, plan, runner, options)
         session.run()
-        if choice.kind != "local":  # a local session's slot file, read by this one's plan
-            discard(store.dir)
+        previous.discard_evidence(store.dir)  # settled by this session's open record
         report = session.report(store.job_id)
-        if report.state == "completed" and spec.reduce is not None and (reduce_due or plan.total):
-            report.reduce = _reduce(store, spec, info.total, state, journal)
-            if not report.reduce["ok"]:
-                report.exit_code = 1
-                report.message = f"reduce failed: {report.reduce['error']}"
+        _reduce_if_due(store, info.total, state, journal, plan, report)
         DeadLetterQueue(store, state).save_snapshot()
     except StorageError as e:
         _close_quietly(journal)
-        _discard_evidence_unless_needed(store, info.total)
+        _discard_evidence_unless_needed(store, info.total, previous)
         raise StorageError(
             f"{e}; everything recorded before it is safe: free space, then 'mrpool resume {store.job_id}'"
         ) from None
@@ -366,6 +342,53 @@ def _run_session(
         raise
     journal.close()
     return report
+
+
+def _reduce_due(spec: JobSpec, state) -> bool:
+    return spec.reduce is not None and (state.reduce is None or not state.reduce.get("ok"))
+
+
+def _nothing_to_do(spec: JobSpec, state, plan: ResumePlan) -> bool:
+    """No item to run, no poison to park, and no reduce step owed by a completed job."""
+    owed = _reduce_due(spec, state) and state.finished_state() == "completed"
+    return plan.total == 0 and not plan.poison and not owed
+
+
+def _session_options(
+    spec: JobSpec,
+    command: str,
+    additional: int | None,
+    progress: bool | str,
+    stop,
+    rate: float | None = None,
+) -> SessionOptions:
+    return SessionOptions(
+        retries=spec.map.retries,
+        backoff=spec.map.backoff,
+        additional_retries=additional,
+        dlq_max_items=spec.dlq.max_items,
+        dlq_on_full=spec.dlq.on_full,
+        progress=progress,
+        command=command,
+        stop=stop,
+        rate=rate,
+    )
+
+
+def _reduce_if_due(
+    store: JobStore, total: int, state, journal: JournalWriter, plan, report: SessionReport
+) -> None:
+    """After a completed map phase: the reduce step, if it has not succeeded yet or this
+    session ran items (a session records no ``reduce`` record: due before is due now)."""
+    spec = store.info().spec
+    if report.state != "completed" or spec.reduce is None:
+        return
+    if not (_reduce_due(spec, state) or plan.total):
+        return
+    report.reduce = _reduce(store, spec, total, state, journal)
+    if not report.reduce["ok"]:
+        report.exit_code = 1
+        report.message = f"reduce failed: {report.reduce['error']}"
 
 
 def _progress_mode(progress: bool | str) -> str:
@@ -416,26 +439,14 @@ def _new_executor(store: JobStore, spec: JobSpec, workers: int, choice: Executor
     return LocalExecutor(config, workers, slots_path=store.dir / SLOTS_FILE, items=items)
 
 
-def _close_remote_crash(state, journal: JournalWriter | None) -> None:
-    """Settle the open attempts of a crashed session that ran on a remote executor.
+def _last_executor(state) -> type:
+    """The kind of executor the job's last session ran on (its ``executor`` record;
+    none: local), which answers what that session left behind (``crash_evidence``)."""
+    if (state.executor or {}).get("kind", "local") == "dask":
+        from .dask_executor import DaskExecutor
 
-    Such a session leaves no slot file (the crash evidence of local workers), so
-    which of its open attempts really ran is unknown. Each counts -- its number may
-    have run on the cluster and is never reused -- but none gets a crash streak: a
-    supervisor's crash is never a remote item's fault. Written as the ``close``
-    record the crashed session never wrote (``journal`` None: only in memory, for
-    a plan that runs nothing). This is what ``slots.crash_evidence`` answers when
-    there is no slot file, but a remote session does not replace the file an
-    earlier local session left: settling here first keeps that stale file from
-    being read as this session's evidence."""
-    kind = (state.executor or {}).get("kind", "local")
-    if not state.open_count or kind == "local":
-        return
-    reason = (
-        f"crashed; closed by the next session (a {kind} session leaves no record "
-        "of which attempts ran: each counts, none gets a crash streak)"
-    )
-    Recorder(journal, state).record(records.close(reason, state.open_indices()))
+        return DaskExecutor
+    return LocalExecutor
 
 
 def _close_quietly(journal: JournalWriter) -> None:
@@ -446,7 +457,7 @@ def _close_quietly(journal: JournalWriter) -> None:
         journal.abandon()
 
 
-def _discard_evidence_unless_needed(store: JobStore, total: int) -> None:
+def _discard_evidence_unless_needed(store: JobStore, total: int, previous: type) -> None:
     """After a storage error (a full disk): the slot file stays only if the journal on
     disk still has an open attempt, which the next session settles from it. (What is
     in memory may be ahead of the disk: the failed write's records are lost.)"""
@@ -455,7 +466,7 @@ def _discard_evidence_unless_needed(store: JobStore, total: int) -> None:
     except (MrpoolError, OSError):
         return  # unreadable now: keep the evidence, the next session decides
     if not still_open:
-        discard(store.dir)
+        previous.discard_evidence(store.dir)
 
 
 def _nothing_left(job_id: str, state, plan: ResumePlan) -> SessionReport:

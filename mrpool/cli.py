@@ -14,6 +14,7 @@ import shlex
 import signal
 import sys
 import textwrap
+import warnings
 from datetime import datetime
 from typing import Any
 
@@ -568,8 +569,10 @@ def _seconds(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM stops like Ctrl-C does
     try:
-        args = _parse(argv)
-        return _dispatch(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            args = _parse(argv)
+            return _dispatch(args)
     except MrpoolError as e:
         _say(f"mrpool: {e}")
         return e.exit_code
@@ -595,6 +598,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         prog = " ".join(w for w in words if w)
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (see '{prog} --help')")
     return args
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library warning (a damaged derived file being rebuilt) as one line, no source."""
+    _say(f"mrpool: {message}")
 
 
 def _terminate(signum: int, _frame: object) -> None:

@@ -18,7 +18,7 @@ How a ``Batch`` runs::
   because a silent re-run would reuse an attempt number behind the journal.
 * While a slice runs, its task reports the attempt running (``log_event``, at
   most every 50 ms). When a Dask worker dies (``KilledWorker``), that attempt is
-  failed as ``worker_died``; the rest of the slice comes back with attempt 0
+  failed as ``worker_died``; the rest of the slice is handed back as started
   (the next number: it may have run), see ``remote_helper.lost_slice``.
 * Timeouts, hung attempts and a map command's process tree are the helper's
   ``LocalExecutor``'s business, on the node, as locally.
@@ -45,8 +45,9 @@ import orjson
 
 from . import records
 from .errors import ExecutorError
-from .executor import Batch, Failure, Outcomes, Successes
+from .executor import Batch, Failure, HandBack, Outcomes, Successes
 from .remote_helper import Helper, HelperError, HelperGone, lost_slice
+from .slots import UNKNOWN, CrashEvidence
 from .worker import WorkerConfig
 
 __all__ = ["DaskExecutor", "LEASE_SECONDS"]
@@ -82,7 +83,7 @@ class DaskExecutor:
         self.config = config
         self.n = workers
         self.address = address
-        self.events: list[dict[str, Any]] = []
+        self._events: list[dict[str, Any]] = []  # for the next start() or wait() to return
         self.session = f"{config.job_id}.{os.getpid()}.{secrets.token_hex(4)}"
         self._topic = f"mrpool-{self.session}"
         self._config = asdict(config)
@@ -101,8 +102,22 @@ class DaskExecutor:
         self._count = 0
         self._kind = "local" if address is None else "external"
 
+    # -- crash evidence ------------------------------------------------------
+    @staticmethod
+    def crash_evidence(job_dir: Any, state: Any, *, end_stragglers: bool = True) -> CrashEvidence:
+        """None to give: a Dask session keeps no record of which attempts its workers
+        had begun, so every open attempt is charged and none gets a crash streak
+        (crashes.py rule 1 and 2; its leftovers on the cluster end with their lease)."""
+        if not state.open_count:
+            return CrashEvidence(began=[], running=[])
+        return UNKNOWN
+
+    @staticmethod
+    def discard_evidence(job_dir: Any) -> None:
+        """Nothing kept on this machine to discard."""
+
     # -- lifecycle -----------------------------------------------------------
-    def start(self) -> None:
+    def start(self) -> list[dict[str, Any]]:
         dask, distributed = _dask_modules()
         if self.address is None:
             with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
@@ -129,11 +144,11 @@ class DaskExecutor:
         workers = self._open_on_workers()
         self._threads = sum(self._client.nthreads().values())
         self._next_renew = time.monotonic() + RENEW_EVERY
-        self.events.append(
+        return [
             records.executor(
                 "dask", self._client.scheduler.address, self._kind, workers, self._threads
             )
-        )
+        ]
 
     def _check_no_retries(self) -> None:
         allowed = self._client.run_on_scheduler(_allowed_failures)
@@ -238,6 +253,8 @@ class DaskExecutor:
             except queue.Empty:
                 future = None
         self._check_workers()
+        if self._events:
+            outcomes.events, self._events = self._events, []
         return outcomes
 
     def _collect(self, future: Any, outcomes: Outcomes) -> None:
@@ -257,7 +274,7 @@ class DaskExecutor:
         failed, requeued = lost_slice(task.batch.indices, task.batch.attempts, running, error)
         summary = {"ok": [], "failed": failed, "requeued": requeued}
         self._file(task.batch, summary, b"[]", outcomes)
-        self.events.append(records.task_lost(future.key, str(problem)))
+        self._events.append(records.task_lost(future.key, str(problem)))
 
     def _file(self, batch: Batch, summary: dict, rows: bytes, outcomes: Outcomes) -> None:
         if summary["ok"]:
@@ -266,8 +283,8 @@ class DaskExecutor:
             line_of = dict(zip(batch.indices, batch.lines))
             for index, attempt, duration, error in summary["failed"]:
                 outcomes.failed.append(Failure(index, attempt, line_of[index], error, duration))
-            for index, attempt in summary["requeued"]:
-                outcomes.requeued.append((index, attempt, line_of[index]))
+            for index, attempt, started in summary["requeued"]:
+                outcomes.requeued.append(HandBack(index, attempt, line_of[index], started))
         secs = summary.get("secs")
         if secs is not None and len(batch):
             # weighted by items, so that a big slice's measure outweighs the one-item
@@ -538,7 +555,11 @@ def _run_slice(
         record.drop(helper)
         if record.dead:  # stopped on purpose: nothing it ran is its fault
             return orjson.dumps(
-                {"ok": [], "failed": [], "requeued": [[i, 0] for i in indices]}
+                {
+                    "ok": [],
+                    "failed": [],
+                    "requeued": [[i, a, True] for i, a in zip(indices, attempts)],
+                }
             ), b"[]"
         error = records.error("worker_died", "mrpool helper process died")
         failed, requeued = lost_slice(indices, attempts, gone.running, error)
@@ -549,5 +570,5 @@ def _run_slice(
 
 def _untouched(indices: list[int], attempts: list[int]) -> tuple[bytes, bytes]:
     """A slice this session no longer runs here: handed back as it came (never started)."""
-    requeued = [[i, a] for i, a in zip(indices, attempts)]
+    requeued = [[i, a, False] for i, a in zip(indices, attempts)]
     return orjson.dumps({"ok": [], "failed": [], "requeued": requeued}), b"[]"

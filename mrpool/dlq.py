@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-import sys
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -38,7 +38,7 @@ from typing import Any
 import orjson
 
 from . import records
-from .errors import UsageError
+from .errors import StateRebuiltWarning, UsageError
 from .fsutil import atomic_write
 from .items import identity_text, indices_of, iter_item_lines, split_line
 from .journal import FORMAT_VERSION, decode_line, encode_record, read_records
@@ -210,10 +210,8 @@ class DeadLetterQueue:
                 raise ValueError("points past the end of the journal")
             return {int(i): h for i, h in record["histories"].items()}, offset
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            print(
-                f"mrpool: {path}: damaged DLQ snapshot ({e}); rebuilding from the journal",
-                file=sys.stderr,
-            )
+            message = f"{path}: damaged DLQ snapshot ({e}); rebuilding from the journal"
+            warnings.warn(message, StateRebuiltWarning, stacklevel=2)
             return {}, 0
 
     def _replay(

@@ -28,6 +28,7 @@ __all__ = [
     "StorageError",
     "DlqFullError",
     "ExecutorError",
+    "StateRebuiltWarning",
     "fsck_hint",
 ]
 
@@ -99,3 +100,9 @@ class DlqFullError(MrpoolError):
 class ExecutorError(MrpoolError):
     """The executor cannot go on (a cluster that lost every worker, a scheduler that
     would retry tasks behind the journal's back): the session ends, resumable."""
+
+
+class StateRebuiltWarning(UserWarning):
+    """A derived file (the checkpoint, the DLQ snapshot) was damaged and is rebuilt from
+    the journal: nothing is lost, it only costs a replay. Library code says so with
+    ``warnings.warn``; the CLI shows it as one ``mrpool: ...`` line on stderr."""

@@ -3,23 +3,27 @@
 The supervisor owns *what* runs and what an outcome means (journal, retries,
 DLQ); an executor only runs attempts and reports how each ended. The interface
 is ``Executor``: seven verbs (``start``, ``capacity``, ``submit``, ``wait``,
-``started``, ``cancel``, ``shutdown``) and one attribute, ``events``, a list of
-``worker`` journal records the supervisor drains and journals.
+``started``, ``cancel``, ``shutdown``) and one question about the past,
+``crash_evidence`` (what the last session of the job was running when it died).
+Journal records an executor has to say (a worker started or died, which cluster
+the session runs on) come back from ``start`` and inside ``Outcomes.events``; the
+supervisor records them.
 
 What a new executor (dask_executor.py is one) must itself get right, because
 the supervisor cannot check it:
 
 * every submitted attempt comes back exactly once -- a success, a ``Failure``,
-  or handed back in ``requeued`` as ``(index, attempt, line)``, where attempt 0
-  means "it had started: give it the next number" and any other number means
-  "it never started: run it under this one" (a wrong 0 wastes a number; a wrong
-  number runs one twice);
-* success rows arrive already encoded as the journal stores them (``Successes``);
+  or handed back in ``requeued`` as a ``HandBack`` whose ``started`` says whether
+  it had begun (then it runs again under the next number) or not (under its own):
+  a wrong True wastes a number; a wrong False runs one number twice;
+* success rows arrive already encoded as the journal stores them (``Successes``,
+  ``records.encode_rows``);
 * the engine's own retries are off, or an attempt runs twice under one number;
-* crash evidence: after a supervisor crash the next session asks
-  ``slots.crash_evidence`` what was running; an executor that leaves no slot
-  file gets the conservative answer (every open attempt charged, no crash
-  streak), which is correct but cannot recognise a poison item.
+* crash evidence: after a supervisor crash the next session asks the crashed
+  session's kind of executor (``crash_evidence``) what was running. The local
+  one reads the workers' slot file; one that cannot know answers
+  ``slots.UNKNOWN`` (every open attempt charged, no crash streak), which is
+  correct but cannot recognise a poison item (crashes.py).
 
 The messages are batch-shaped, so that the supervisor's cost per item stays a
 few list operations: ``submit`` takes a ``Batch`` (parallel lists of item
@@ -75,12 +79,21 @@ from typing import Any, Protocol
 
 import orjson
 
-from . import records
+from . import records, slots
 from .containment import Containment, Unit
 from .slots import RUNNING, SlotTable
 from .worker import WorkerConfig, worker_main
 
-__all__ = ["Batch", "Failure", "Successes", "Outcomes", "Executor", "LocalExecutor"]
+__all__ = [
+    "Batch",
+    "Failure",
+    "Successes",
+    "HandBack",
+    "Outcomes",
+    "Executor",
+    "LocalExecutor",
+    "Answer",
+]
 
 BATCH_SECONDS = 0.02
 MAX_BATCH = 4096  # sub-5-us items: a batch is ~5 ms of work, two queued per worker
@@ -127,16 +140,30 @@ class Successes:
 
 
 @dataclass(slots=True)
+class HandBack:
+    """An attempt given back to be run again, uncharged. ``started``: it had begun (its
+    outcome died with whoever ran it), so it runs again under the next number; else
+    it never began and runs under ``attempt`` itself."""
+
+    index: int
+    attempt: int
+    line: bytes
+    started: bool
+
+
+@dataclass(slots=True)
 class Outcomes:
     """What came back from one ``wait``.
 
-    ``ok``: successes, in batches. ``requeued``: ``(index, attempt, line)`` to run
-    again, un-charged; ``attempt`` 0 means it had started, so it takes the next number.
+    ``ok``: successes, in batches. ``requeued``: attempts handed back. ``events``:
+    journal records the executor has to say (``worker`` died / started, records.py),
+    recorded by the supervisor after the outcomes.
     """
 
     ok: list[Successes] = field(default_factory=list)
     failed: list[Failure] = field(default_factory=list)
-    requeued: list[tuple[int, int, bytes]] = field(default_factory=list)
+    requeued: list[HandBack] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
 
     def __len__(self) -> int:
         succeeded = sum(len(done.indices) for done in self.ok)
@@ -146,10 +173,19 @@ class Outcomes:
 class Executor(Protocol):
     """What the supervisor needs of a way to run attempts (and nothing more)."""
 
-    events: list[dict[str, Any]]  # worker started/died records for the journal
+    @staticmethod
+    def crash_evidence(job_dir: Path, state: Any, *, end_stragglers: bool = True) -> Any:
+        """What the last session of the job, run by this kind of executor, was doing with
+        the attempts ``state`` has open when it died (a ``slots.CrashEvidence``). Asked
+        before this session starts anything; ``end_stragglers``: the caller holds the
+        lock and may end what that session left running."""
 
-    def start(self) -> None:
-        """Bring up the workers."""
+    @staticmethod
+    def discard_evidence(job_dir: Path) -> None:
+        """Forget that evidence (the session it described is settled in the journal)."""
+
+    def start(self) -> list[dict[str, Any]]:
+        """Bring up the workers; return the journal records saying so (records.py)."""
 
     def capacity(self) -> int:
         """How many attempts ``submit`` may be given now."""
@@ -242,6 +278,46 @@ class _Worker:
         return rest
 
 
+@dataclass(slots=True)
+class Answer:
+    """One message of a worker (its format: worker.py): ``count`` attempts ended in
+    ``duration`` seconds; ``failures`` ``[index, attempt, duration, error]``; ``rows``
+    the encoded rows of the others, as the journal's ``ok`` record stores them."""
+
+    count: int
+    duration: float
+    failures: list[list[Any]]
+    rows: bytes
+
+    @classmethod
+    def decode(cls, message: bytes) -> Answer:
+        head, _, rows = message.partition(b"\n")
+        count, duration, failures = orjson.loads(head)
+        return cls(count, duration, failures, rows)
+
+    def sort(self, answered: Batch, pid: int, outcomes: Outcomes) -> None:
+        """File these outcomes of ``answered`` (the next ``count`` attempts the worker
+        ``pid`` held, in order) into ``outcomes``: failures each with its own line and
+        the worker's pid, successes as one ``Successes``."""
+        succeeded = answered
+        if self.failures:
+            line_of = dict(zip(answered.indices, answered.lines))
+            for index, attempt, duration, error in self.failures:
+                error["pid"] = pid
+                failure = Failure(index, attempt, line_of.pop(index), error, duration)
+                outcomes.failed.append(failure)
+            kept = [k for k, index in enumerate(answered.indices) if index in line_of]
+            succeeded = Batch(
+                [answered.indices[k] for k in kept],
+                [answered.attempts[k] for k in kept],
+                [answered.lines[k] for k in kept],
+            )
+        if succeeded.indices:
+            if _first_index(self.rows) != succeeded.indices[0]:
+                raise RuntimeError(f"worker {pid} answered out of order: {self.rows[:40]!r}...")
+            outcomes.ok.append(Successes(succeeded.indices, self.rows))
+
+
 def _joined(parts: list[Batch]) -> Batch:
     joined = Batch([], [], [])
     for part in parts:
@@ -306,7 +382,7 @@ class LocalExecutor:
         self._items = items
         self.slots: SlotTable | None = None
         self.workers: list[_Worker | None] = [None] * workers
-        self.events: list[dict[str, Any]] = []
+        self._events: list[dict[str, Any]] = []  # for the next start() or wait() to return
         self._ctx = multiprocessing.get_context("fork")
         self._timeout = config.timeout
         self._next_check = 0.0
@@ -315,14 +391,26 @@ class LocalExecutor:
         # the job directory: the slot file's (a previous session's leftovers are found by it)
         self.containment = Containment(slots_path.parent if slots_path is not None else None)
 
+    # -- crash evidence --------------------------------------------------
+    @staticmethod
+    def crash_evidence(job_dir: Path, state: Any, *, end_stragglers: bool = True) -> Any:
+        """From the slot file the crashed session's workers left (slots.crash_evidence)."""
+        return slots.crash_evidence(job_dir, state, end_stragglers=end_stragglers)
+
+    @staticmethod
+    def discard_evidence(job_dir: Path) -> None:
+        slots.discard(job_dir)
+
     # -- lifecycle -------------------------------------------------------
-    def start(self) -> None:
+    def start(self) -> list[dict[str, Any]]:
         """End what a crashed session of this job left (containment), create this
         session's slot file (a new one: see slots.py), fork the workers."""
         self.containment.start()
         self.slots = SlotTable(self.n, self._slots_path, self._items, lanes=self.lanes)
         for slot in range(self.n):
             self._spawn(slot)
+        started, self._events = self._events, []
+        return started
 
     def _spawn(self, slot: int) -> _Worker:
         self.slots.reset(slot)
@@ -347,7 +435,7 @@ class LocalExecutor:
         for fd, is_death in ((parent_end.fileno(), False), (worker.death_fd, True)):
             self._by_fd[fd] = (worker, is_death)
             self._poller.register(fd, select.POLLIN)
-        self.events.append(records.worker_started(process.pid, slot))
+        self._events.append(records.worker_started(process.pid, slot))
         return worker
 
     def _forget(self, w: _Worker) -> None:
@@ -564,26 +652,24 @@ class LocalExecutor:
         if time.monotonic() >= self._next_check:
             self._check_deadlines()
             self._next_check = time.monotonic() + 0.05
+        if self._events:
+            outcomes.events, self._events = self._events, []
         return outcomes
 
     def _receive(self, w: _Worker, outcomes: Outcomes) -> bool:
-        """Read one message of ``w`` (poll said there is one; its format is in worker.py):
-        the outcomes of the next attempts it holds. False at end of file."""
+        """Read one message of ``w`` (poll said there is one): the outcomes of the next
+        attempts it holds. False at end of file."""
         try:
-            head, _, rows = w.conn.recv_bytes().partition(b"\n")
+            message = w.conn.recv_bytes()
         except (EOFError, OSError):
             return False  # it died (mid-send): _worker_lost attributes what is left
         if w.inflight is not None:
+            head, _, rows = message.partition(b"\n")
             self._receive_lanes(w, orjson.loads(head), rows, outcomes)
             return True
-        count, duration, failures = orjson.loads(head)
-        answered = w.take_answered(count)
-        succeeded = self._sort_failures(w, failures, answered, outcomes) if failures else answered
-        if succeeded.indices:
-            if _first_index(rows) != succeeded.indices[0]:
-                raise RuntimeError(f"worker {w.pid} answered out of order: {rows[:40]!r}...")
-            outcomes.ok.append(Successes(succeeded.indices, rows))
-        mean = duration / count
+        answer = Answer.decode(message)
+        answer.sort(w.take_answered(answer.count), w.pid, outcomes)
+        mean = answer.duration / answer.count
         w.per_item = mean if w.per_item <= 0 else 0.7 * w.per_item + 0.3 * mean
         return True
 
@@ -617,7 +703,7 @@ class LocalExecutor:
         if not self._reaped(w, 2.0):
             self._kill(w)
             self._reaped(w, 5.0)
-        self.events.append(records.worker_died(w.pid, w.slot, w.process.exitcode, "retired"))
+        self._events.append(records.worker_died(w.pid, w.slot, w.process.exitcode, "retired"))
         self._forget(w)
         self._spawn(w.slot)
 
@@ -634,21 +720,6 @@ class LocalExecutor:
         """Whether a worker began this attempt (unknown without a begun table: assume so)."""
         return not self._items or self.slots.began(index) == attempt
 
-    def _sort_failures(
-        self, w: _Worker, failures: list, answered: Batch, outcomes: Outcomes
-    ) -> Batch:
-        """File ``failures`` (rows of ``answered``); return the rest of ``answered``."""
-        line_of = dict(zip(answered.indices, answered.lines))
-        for index, attempt, duration, error in failures:
-            error["pid"] = w.pid
-            outcomes.failed.append(Failure(index, attempt, line_of.pop(index), error, duration))
-        kept = [k for k, index in enumerate(answered.indices) if index in line_of]
-        return Batch(
-            [answered.indices[k] for k in kept],
-            [answered.attempts[k] for k in kept],
-            [answered.lines[k] for k in kept],
-        )
-
     def _worker_lost(self, w: _Worker, outcomes: Outcomes) -> None:
         """The crash path: attribute the held item, hand back the rest, replace the worker."""
         while w.conn.poll() and self._receive(w, outcomes):
@@ -663,7 +734,7 @@ class LocalExecutor:
             self._lanes_lost(w, code, running, outcomes)
         else:
             self._slot_lost(w, code, view, outcomes)
-        self.events.append(records.worker_died(w.pid, w.slot, code, w.kill_reason))
+        self._events.append(records.worker_died(w.pid, w.slot, code, w.kill_reason))
         self._forget(w)
         self._spawn(w.slot)
 
@@ -683,7 +754,7 @@ class LocalExecutor:
                 outcomes.failed.append(Failure(index, attempt, line, error, now - lane[1]))
             else:
                 outcomes.requeued.append(
-                    (index, 0 if self._began(index, attempt) else attempt, line)
+                    HandBack(index, attempt, line, self._began(index, attempt))
                 )
 
     def _slot_lost(self, w: _Worker, code: int | None, view, outcomes: Outcomes) -> None:
@@ -697,7 +768,7 @@ class LocalExecutor:
                 error = self._death_error(w, code)
                 outcomes.failed.append(Failure(index, attempt, line, error, ran))
             else:  # started (its outcome died with the worker): a new attempt; else the same one
-                outcomes.requeued.append((index, 0 if position < started else attempt, line))
+                outcomes.requeued.append(HandBack(index, attempt, line, position < started))
 
     def _death_error(self, w: _Worker, code: int | None, index: int = -1) -> dict[str, Any]:
         if w.kill_reason == "timeout" and index != w.kill_item and w.inflight is not None:

@@ -404,8 +404,7 @@ def _create(
     """A new job: its copy of the items, ``job.json``, the journal's header, the lock --
     all in a private temp directory published with one rename (as ``api.run_job``)."""
     spec = call.spec()
-    lock = JobLock(Path("."), command=f"mrpool.map {call.job}")
-    made: dict[str, Any] = {}
+    made: dict[str, Any] = {}  # and "lock": taken in the build directory, follows its rename
 
     def build(tmp: Path) -> None:
         nonlocal id_mode
@@ -420,14 +419,15 @@ def _create(
         journal = JournalWriter(tmp / JOURNAL_FILE, 0)
         journal.append(records.job(call.job, total, duplicates, id_mode))
         journal.close()
-        lock.job_dir = tmp
-        lock.acquire()
+        made["lock"] = JobLock(tmp, command=f"mrpool.map {call.job}").acquire()
 
     try:
         store = create_job_dir(store.root, call.job, build)
     except BaseException:
-        lock.release()
+        if "lock" in made:
+            made["lock"].release()
         raise
+    lock = made["lock"]
     lock.relocate(store.dir)
     positions = made["positions"]
     count = made["total"] if positions is None else len(positions)

@@ -23,7 +23,8 @@ length, then that many bytes):
   lines (each ending in LF). An empty message: exit.
 * helper -> engine while a slice runs: ``{"running": [index, attempt]}`` when
   the attempt running changes (at most every ``NOTE_EVERY`` seconds); at the end
-  ``orjson({"ok", "failed", "requeued", "secs"}) LF rows`` (see ``_run_slice``).
+  ``orjson({"ok", "failed", "requeued", "secs"}) LF rows`` (see ``_run_slice``);
+  ``requeued`` rows are ``[index, attempt, started]`` (``executor.HandBack``).
 
 The helper exits, killing what it runs, when the engine's worker process dies
 (its stdin reaches end of file) or when it is killed (``Helper.kill``: the whole
@@ -105,21 +106,21 @@ def join_rows(parts: list[bytes]) -> bytes:
 
 def lost_slice(
     indices: list[int], attempts: list[int], running: tuple[int, int] | None, error: dict
-) -> tuple[list[list[Any]], list[list[int]]]:
+) -> tuple[list[list[Any]], list[list[Any]]]:
     """``(failed, requeued)`` rows for a slice whose outcomes died with whoever ran it.
 
     ``running`` is the attempt last reported running: it is failed with ``error``
     (it was running when its runner died). Every other attempt of the slice comes
-    back with attempt 0, "it may have run: give it the next number": those before
+    back as started, "it may have run: give it the next number": those before
     it ran and their outcomes are lost; those after it may have started since the
     report. Never the same number again for an attempt that might have run."""
     failed: list[list[Any]] = []
-    requeued: list[list[int]] = []
+    requeued: list[list[Any]] = []
     for index, attempt in zip(indices, attempts):
         if running is not None and (index, attempt) == tuple(running):
             failed.append([index, attempt, 0.0, dict(error)])
         else:
-            requeued.append([index, 0])
+            requeued.append([index, attempt, True])
     return failed, requeued
 
 
@@ -311,7 +312,7 @@ def _run_slice(executor, indices, attempts, lines, proto_in, proto_out, parent) 
     ok_indices: list[int] = []
     ok_rows: list[bytes] = []
     failed: list[list[Any]] = []
-    requeued: list[list[int]] = []
+    requeued: list[list[Any]] = []
     sent = outstanding = 0
     reported: tuple[int, int] | None = None
     last_note = 0.0
@@ -331,7 +332,7 @@ def _run_slice(executor, indices, attempts, lines, proto_in, proto_out, parent) 
             ok_rows.append(done.rows)
         for failure in outcomes.failed:
             failed.append([failure.index, failure.attempt, failure.duration, failure.error])
-        requeued += [[index, attempt] for index, attempt, _line in outcomes.requeued]
+        requeued += [[back.index, back.attempt, back.started] for back in outcomes.requeued]
         now = time.monotonic()
         if now - last_note >= NOTE_EVERY:
             last_note = now

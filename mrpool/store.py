@@ -30,8 +30,8 @@ import os
 import re
 import secrets
 import shutil
-import sys
 import time
+import warnings
 import zlib
 from array import array
 from collections.abc import Iterator
@@ -43,7 +43,14 @@ from typing import Any
 import orjson
 
 from .checksums import job_checksum
-from .errors import CorruptStateError, JobExists, NoSuchJob, UsageError, fsck_hint
+from .errors import (
+    CorruptStateError,
+    JobExists,
+    NoSuchJob,
+    StateRebuiltWarning,
+    UsageError,
+    fsck_hint,
+)
 from .fsutil import atomic_write, fsync_dir, make_private_dir, missing_dirs, sweep_temp_files
 from .journal import (
     FORMAT_VERSION,
@@ -500,10 +507,8 @@ class JobStore:
             state.grow(total)  # the job was extended since
             size = self.journal_path.stat().st_size if self.journal_path.exists() else 0
         except (ValueError, KeyError, TypeError, zlib.error, OSError) as e:
-            print(
-                f"mrpool: {path}: damaged checkpoint ({e}); rebuilding state from the journal",
-                file=sys.stderr,
-            )
+            message = f"{path}: damaged checkpoint ({e}); rebuilding state from the journal"
+            warnings.warn(message, StateRebuiltWarning, stacklevel=2)
             return JobState(total)
         if state.offset > size:
             raise self._lost_records(state, size)

@@ -46,7 +46,7 @@ from typing import Any
 from . import failpoints, records
 from .crashes import clear_abort_marks, mark_aborted
 from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, DlqFullError
-from .executor import Batch, Executor, Failure, Outcomes, Successes
+from .executor import Batch, Executor, Failure, HandBack, Outcomes, Successes
 from .journal import JournalWriter
 from .planner import ResumePlan
 from .progress import ProgressModel, open_progress
@@ -59,6 +59,7 @@ __all__ = ["SessionOptions", "SessionReport", "Session"]
 CHECKPOINT_EVERY = 30.0
 LOST_OUTCOME_LIMIT = 3  # see Session._hand_back
 STOPPED_BY_CALLER = 0  # stop_signal when options.stop was set (no real signal is 0)
+NEXT = -1  # a ready attempt's number when it takes the next one at dispatch
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,9 @@ class Session:
         self.options = options
         self.recorder = Recorder(journal, state)
         self._record = self.recorder.record  # journal and state together (records.py)
-        # (index, attempt, line) to run before fresh items: hand-backs, and due retries
-        # with attempt 0, "the next number" (one past the highest recorded)
+        self._record_all = self.recorder.record_all
+        # (index, attempt, line) to run before fresh items: hand-backs, and due retries;
+        # attempt NEXT: one past the highest recorded when it is dispatched
         self.ready: deque[tuple[int, int, bytes]] = deque()
         self.delayed: list[tuple[float, int, tuple[int, int, bytes]]] = []  # retries in backoff
         self.tries: dict[int, int] = {}  # failed attempts per item in this session
@@ -158,10 +160,9 @@ class Session:
             clear_abort_marks(self.store.dir)
         previous = self._install_signal_handlers()
         try:
-            self.executor.start()
+            self._record_all(self.executor.start())
             if self.options.rate:  # from now: no tokens saved up while the workers forked
                 self.bucket = TokenBucket(self.options.rate)
-            self._flush_events()
             while self._stop_not_asked():
                 self._release_due_retries()
                 self._dispatch()
@@ -169,7 +170,6 @@ class Session:
                     break
                 outcomes = self.executor.wait(self._wait_timeout())
                 self._settle(outcomes)
-                self._flush_events()
                 self.journal.sync()
                 self._count_progress()
                 self.progress.refresh()
@@ -186,7 +186,6 @@ class Session:
                 signal.signal(s, handler)
             self._count_progress()
             self.progress.close()
-        self._flush_events()
         try:
             self._record(records.close(self._close_reason(), self._cut))
             self.journal.sync(force=True)
@@ -276,7 +275,7 @@ class Session:
         while ready and len(indices) < room:  # hand-backs and due retries first
             index, attempt, line = ready.popleft()
             indices.append(index)
-            numbers.append(attempt or attempts[index] + 1)
+            numbers.append(attempts[index] + 1 if attempt == NEXT else attempt)
             lines.append(line)
         pairs = list(zip(indices, numbers))
         runs = None
@@ -335,16 +334,17 @@ class Session:
             failpoints.hit("supervisor.after_outcome")
             if any(self.plan.source(i) == "dlq" for done in outcomes.ok for i in done.indices):
                 failpoints.hit("retry.after_success")
+        self._record_all(outcomes.events)  # worker died / started (after what it reported)
 
-    def _hand_back(self, requeued: list[tuple[int, int, bytes]]) -> None:
+    def _hand_back(self, requeued: list[HandBack]) -> None:
         """Attempts the executor handed back run again, first in line, uncharged -- except
         one whose outcome keeps dying with its worker (it ran, then the worker died before
         reporting: a worker that dies after every attempt of it). The third time in a
         session that counts as a failed attempt, so the session cannot loop on it forever."""
         again = []
-        for entry in requeued:
-            index, attempt, line = entry
-            if attempt == 0 and self.stop_signal is None:  # 0: it had run
+        for back in requeued:
+            index, line = back.index, back.line
+            if back.started and self.stop_signal is None:
                 lost = self.lost[index] = self.lost.get(index, 0) + 1
                 if lost >= LOST_OUTCOME_LIMIT:
                     error = records.error(
@@ -354,7 +354,7 @@ class Session:
                     )
                     self._failed(Failure(index, self.state.attempts[index], line, error, 0.0))
                     continue
-            again.append(entry)
+            again.append((index, NEXT if back.started else back.attempt, line))
         self.ready.extendleft(reversed(again))
 
     def _failed(self, failure: Failure) -> None:
@@ -364,7 +364,7 @@ class Session:
             self._record(self._failed_record(failure, records.RETRY))
             self.progress.model.retries += 1
             delay = self.options.backoff * 2.0 ** min(tries - 1, 32)  # no overflow at 1000s
-            retry = (index, 0, failure.line)
+            retry = (index, NEXT, failure.line)
             heapq.heappush(self.delayed, (time.monotonic() + delay, index, retry))
             return
         self._record(self._failed_record(failure, self._park_or_keep(index)))
@@ -439,11 +439,6 @@ class Session:
         # an executor that queues attempts ahead in its workers knows what really runs
         running = getattr(self.executor, "running", None)
         shown.in_flight = self.in_flight if running is None else running()
-
-    def _flush_events(self) -> None:
-        events = self.executor.events
-        while events:
-            self._record(events.pop(0))
 
     def _maybe_checkpoint(self) -> None:
         if time.monotonic() - self._last_checkpoint < CHECKPOINT_EVERY:

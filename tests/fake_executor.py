@@ -4,7 +4,8 @@ Each submitted attempt is run at the next ``wait`` by ``behave(item, attempt)``,
 answer decides the outcome: a value is a success with that result; an ``Exception``
 instance a failure (kind ``exception``); ``LOST`` an attempt that ran but whose outcome
 died with its worker (handed back as started, the way ``LocalExecutor._worker_lost``
-hands back what a dead worker had finished); ``RAISE`` makes ``wait`` itself raise
+hands back what a dead worker had finished); ``UNSTARTED`` an attempt handed back
+before it began (what a dead worker never reached); ``RAISE`` makes ``wait`` itself raise
 (``raising``, default a ``StorageError``), as a failing disk would in the loop. Every
 attempt run is logged in ``ran`` as ``(index, attempt)``.
 """
@@ -17,10 +18,13 @@ from typing import Any
 
 import orjson
 
+from mrpool import records
 from mrpool.errors import StorageError
-from mrpool.executor import Batch, Failure, Outcomes, Successes
+from mrpool.executor import Batch, Failure, HandBack, Outcomes, Successes
+from mrpool.slots import UNKNOWN, CrashEvidence
 
 LOST = object()
+UNSTARTED = object()
 RAISE = object()
 
 
@@ -34,14 +38,21 @@ class FakeExecutor:
         self.behave = behave
         self.room = room
         self.raising = raising or StorageError("journal.log: cannot append: No space left")
-        self.events: list[dict[str, Any]] = []
         self.queued: deque[tuple[int, int, bytes]] = deque()
         self.ran: list[tuple[int, int]] = []
         self.calls: list[str] = []
 
-    def start(self) -> None:
+    @staticmethod
+    def crash_evidence(job_dir, state, *, end_stragglers: bool = True) -> CrashEvidence:
+        return CrashEvidence(began=[], running=[]) if not state.open_count else UNKNOWN
+
+    @staticmethod
+    def discard_evidence(job_dir) -> None:
+        pass  # nothing kept
+
+    def start(self) -> list[dict[str, Any]]:
         self.calls.append("start")
-        self.events.append({"k": "worker", "ev": "started", "pid": 0, "slot": 0})
+        return [records.worker_started(0, 0)]
 
     def capacity(self) -> int:
         return self.room - len(self.queued)
@@ -62,20 +73,17 @@ class FakeExecutor:
             verdict = self.behave(item, attempt)
             if verdict is RAISE:
                 raise self.raising
-            if verdict is LOST:
-                outcomes.requeued.append((index, 0, line))  # 0: it had started
+            if verdict is LOST or verdict is UNSTARTED:
+                outcomes.requeued.append(HandBack(index, attempt, line, verdict is LOST))
+                outcomes.events.append(records.worker_died(0, 0, -9, None))
             elif isinstance(verdict, Exception):
-                error = {
-                    "kind": "exception",
-                    "msg": f"{type(verdict).__name__}: {verdict}",
-                    "tail": "",
-                }
+                error = records.error("exception", f"{type(verdict).__name__}: {verdict}")
                 outcomes.failed.append(Failure(index, attempt, line, error, 0.001))
             else:
                 indices.append(index)
                 rows.append([index, attempt, 0.001, verdict])
         if indices:
-            outcomes.ok.append(Successes(indices, orjson.dumps(rows)))
+            outcomes.ok.append(Successes(indices, records.encode_rows(rows)))
         return outcomes
 
     def started(self) -> list[int]:

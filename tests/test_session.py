@@ -9,9 +9,10 @@ next command would see it.
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
-from fake_executor import LOST, RAISE, FakeExecutor
+from fake_executor import LOST, RAISE, UNSTARTED, FakeExecutor
 
 from mrpool import records
 from mrpool.errors import StorageError
@@ -20,7 +21,7 @@ from mrpool.journal import JournalWriter, read_records
 from mrpool.planner import PlanOptions, plan_session
 from mrpool.slots import crash_evidence
 from mrpool.spec import spec_from_dict
-from mrpool.store import DLQ, SUCCEEDED, JobStore, create_job_dir, write_job_file
+from mrpool.store import DLQ, FAILED, SUCCEEDED, JobStore, create_job_dir, write_job_file
 from mrpool.supervisor import LOST_OUTCOME_LIMIT, Session, SessionOptions
 
 
@@ -138,3 +139,48 @@ def test_two_storage_errors_in_a_row_park_nothing(tmp_path):
     state = replayed(store)
     assert list(state.status) == [SUCCEEDED] * 3
     assert not kinds(store, "f")  # no crash_loop parking, no failure at all
+
+
+def test_an_attempt_handed_back_unstarted_runs_again_under_its_own_number(tmp_path):
+    store = make_store(tmp_path, n=1)
+    answers = iter([UNSTARTED, UNSTARTED, "done"])
+    fake = FakeExecutor(lambda item, attempt: next(answers))
+    run_session(store, fake, retries=0)
+    assert fake.ran == [(0, 1), (0, 1), (0, 1)]  # it never began: its number was never used
+    assert replayed(store).status[0] == SUCCEEDED
+
+
+def test_what_the_executor_says_is_journaled_after_the_outcomes_it_came_with(tmp_path):
+    store = make_store(tmp_path, n=2)
+    answers = {0: iter([LOST, 0]), 1: iter([1])}
+    run_session(store, FakeExecutor(lambda item, attempt: next(answers[item["id"]])))
+    journal = [rec for _, _, rec in read_records(store.journal_path)]
+    workers = [rec for rec in journal if rec["k"] == "worker"]
+    assert [w["ev"] for w in workers] == ["started", "died"]  # from start(), from wait()
+    started = journal.index(workers[0])
+    assert journal[started - 1]["k"] == "plan" and journal[started + 1]["k"] == "s"
+
+
+def test_a_stop_request_cuts_the_session_and_keeps_the_rest_pending(tmp_path):
+    store = make_store(tmp_path, n=6)
+    stop = threading.Event()
+
+    def behave(item, attempt):
+        stop.set()  # asked while the first batch runs: that batch is still recorded
+        return item["id"]
+
+    session = run_session(store, FakeExecutor(behave, room=2), stop=stop)
+    assert session.report("j").state == "interrupted"
+    state = replayed(store)
+    assert state.counts[SUCCEEDED] == 2 and state.open_count == 0
+    assert kinds(store, "close")[-1]["reason"] == "interrupted: stopped by the caller"
+
+
+def test_a_full_dlq_with_keep_failed_keeps_the_item_as_failed(tmp_path):
+    store = make_store(tmp_path, n=3)
+    fake = FakeExecutor(lambda item, attempt: ValueError("no"))
+    session = run_session(store, fake, dlq_max_items=1, dlq_on_full="keep_failed")
+    state = replayed(store)
+    assert state.counts[DLQ] == 1 and state.counts[FAILED] == 2
+    assert [f["next"] for f in kinds(store, "f")] == ["dlq", "failed", "failed"]
+    assert "kept as failed" in session.report("j").message

@@ -12,7 +12,6 @@ encoded failing only its own attempt.
 from __future__ import annotations
 
 import json
-import multiprocessing
 
 import orjson
 from conftest import write_job
@@ -20,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_run import events, run_ok
 
-from mrpool.executor import Batch, LocalExecutor, Outcomes, _Worker
+from mrpool.executor import Answer, Batch, LocalExecutor, Outcomes
 from mrpool.worker import WorkerConfig, _decoded_items, _json_now, _outcomes_message
 
 json_values = st.recursive(
@@ -171,14 +170,10 @@ def test_a_workers_outcomes_reach_the_supervisor_sorted_and_journal_ready(outcom
             rows.append([indices[k], attempts[k], 0.5, _json_now(value)])
         else:
             rows.append([indices[k], attempts[k], 0.25, {"kind": "exception", "msg": "no"}, 1])
-    executor = LocalExecutor(WorkerConfig("j", ".", None, "m:f", None), 1)
-    parent, child = multiprocessing.Pipe()
-    worker = _Worker(0, None, parent, pid=4242)
-    worker.queued.append(Batch(indices, attempts, lines))
-    worker.held = n
-    child.send_bytes(_outcomes_message(rows))
+    answer = Answer.decode(_outcomes_message(rows))
+    assert answer.count == n
     got = Outcomes()
-    assert executor._receive(worker, got)
+    answer.sort(Batch(indices, attempts, lines), 4242, got)
 
     good = [k for k, (ok, _) in enumerate(outcomes) if ok]
     bad = [k for k, (ok, _) in enumerate(outcomes) if not ok]
@@ -189,8 +184,7 @@ def test_a_workers_outcomes_reach_the_supervisor_sorted_and_journal_ready(outcom
     assert [i for done in got.ok for i in done.indices] == [indices[k] for k in good]
     journaled = [row for done in got.ok for row in orjson.loads(done.rows)]
     assert journaled == [orjson.loads(orjson.dumps(rows[k])) for k in good]
-    assert worker.held == 0 and not worker.queued
-    assert worker.per_item == sum(row[2] for row in rows) / n
+    assert answer.duration == sum(row[2] for row in rows)
 
 
 def test_large_fast_items_are_held_a_few_mib_at_a_time_per_worker(tmp_path):
