@@ -20,9 +20,10 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import shutil
+import statistics
 import time
 
-from _common import interleaved_medians, report, scratch
+from _common import interleaved_rounds, report, scratch
 from noop_map import noop, sleep_1ms
 
 import mrpool
@@ -93,19 +94,25 @@ def _runners(fn, items, work, notes: list[str]) -> dict:
     return runners
 
 
-def _rows(workload: str, n: int, timings: dict[str, float]) -> list[dict]:
-    ours = timings["mrpool.map (durable)"]
-    imap = timings["Pool.imap chunksize=100"]
+def _rows(workload: str, n: int, rounds: dict[str, list[float]]) -> list[dict]:
+    """Median seconds with their [min-max], and the ratios taken round by round (both
+    runners timed in the same round) as a median with its [min-max]."""
+    ours, imap = rounds["mrpool.map (durable)"], rounds["Pool.imap chunksize=100"]
+
+    def per_round(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
     return [
         {
             "workload": workload,
             "runner": name,
-            "seconds": seconds,
-            "items/s": n / seconds,
-            "mrpool speed vs it": seconds / ours,
-            "speed vs Pool.imap": imap / seconds,
+            "seconds": statistics.median(times),
+            "range s": f"{min(times):.3f}-{max(times):.3f}",
+            "items/s": n / statistics.median(times),
+            "mrpool speed vs it": per_round([t / m for t, m in zip(times, ours)]),
+            "speed vs Pool.imap": per_round([i / t for i, t in zip(imap, times)]),
         }
-        for name, seconds in timings.items()
+        for name, times in rounds.items()
     ]
 
 
@@ -123,12 +130,13 @@ def main() -> None:
         (f"{args.slow_items} x 1 ms", sleep_1ms, args.slow_items),
     ):
         items = list(range(n))
-        timings = interleaved_medians(args.repeats, _runners(fn, items, work, notes))
-        rows += _rows(workload, n, timings)
+        rounds = interleaved_rounds(args.repeats, _runners(fn, items, work, notes))
+        rows += _rows(workload, n, rounds)
     notes += [
         f"2 workers each; median of {args.repeats} interleaved rounds; the same list of ints for all",
         "'mrpool speed vs it' = its seconds / mrpool's (>1: mrpool faster); "
-        "'speed vs Pool.imap' = Pool.imap's seconds / its (mrpool target >= 0.7)",
+        "'speed vs Pool.imap' = Pool.imap's seconds / its (mrpool target >= 0.7); both "
+        "taken round by round, median [min-max] over the rounds",
         "mrpool.map includes creating the job (items streamed to its copy, content-hash ids), "
         "journaling every start and outcome, and reading the results back from the journal",
     ]

@@ -36,6 +36,7 @@ from .errors import CorruptStateError, MrpoolError, StorageError, UsageError
 from .executor import LocalExecutor
 from .fsutil import atomic_write_chunks
 from .gc_policy import fewer_collections
+from .isotime import iso, with_iso
 from .items import indices_of, ingest, iter_item_lines, read_ids
 from .joblog import exit_fields, iter_attempts
 from .journal import JournalWriter, read_records
@@ -213,6 +214,8 @@ def retry_dlq(
     job_id: str,
     item_ids: list[str] | None = None,
     *,
+    signature: str | None = None,
+    kind: str | None = None,
     state_dir: str | os.PathLike | None = None,
     workers: int | None = None,
     concurrency: int | None = None,
@@ -223,21 +226,19 @@ def retry_dlq(
     executor: str | None = None,
     stop: threading.Event | None = None,
 ) -> SessionReport:
-    """Re-run DLQ items (all, or those named); each success leaves the DLQ (``stop``: see
-    ``resume_job``)."""
+    """Re-run DLQ items (all, or those named), narrowed to an error ``signature`` (or a
+    prefix of one) and a failure ``kind`` when given; each success leaves the DLQ
+    (``stop``: see ``resume_job``). Filters that match nothing run nothing and say so."""
     store = JobStore.open(state_root(state_dir), job_id)
     with JobLock(store.dir, command=f"mrpool dlq retry {job_id}").acquire(wait):
-        only = None
-        if item_ids:
-            state = store.load_state(store.info().total)
-            only = frozenset(_indices_in_dlq(store, state, item_ids))
+        only = _retry_selection(store, item_ids, signature, kind)
         options = PlanOptions(
             include_pending=False,
             include_failed=False,
             only_indices=only,
             crash_limit=_crash_limit(store),
         )
-        return _run_session(
+        report = _run_session(
             store,
             "dlq retry",
             options,
@@ -249,6 +250,34 @@ def retry_dlq(
             executor=executor,
             stop=stop,
         )
+        if only is not None and not only:
+            report.message = (
+                f"no item in the DLQ of job {job_id} matches {_filters(signature, kind)}"
+            )
+        return report
+
+
+def _retry_selection(
+    store: JobStore, item_ids: list[str] | None, signature: str | None, kind: str | None
+) -> frozenset[int] | None:
+    """The indices ``dlq retry`` may run: the named items (each must be in the DLQ),
+    narrowed by the filters; None: the whole DLQ."""
+    if not item_ids and signature is None and kind is None:
+        return None
+    state = store.load_state(store.info().total)
+    named = _indices_in_dlq(store, state, item_ids) if item_ids else None
+    if signature is None and kind is None:
+        return frozenset(named or ())
+    return frozenset(e.index for e in DeadLetterQueue(store, state).select(signature, kind, named))
+
+
+def _filters(signature: str | None, kind: str | None) -> str:
+    words = []
+    if signature is not None:
+        words.append(f"--signature {signature}")
+    if kind is not None:
+        words.append(f"--kind {kind}")
+    return " ".join(words)
 
 
 def plan_resume(
@@ -526,9 +555,14 @@ def job_status(job_id: str, *, state_dir: str | os.PathLike | None = None) -> di
         **summary,
         "duplicates_in_input": info.duplicates_in_input,
         "created_at": info.created_at,
+        "created_at_iso": iso(info.created_at),
         "lock": None
         if not holder
-        else {k: holder.get(k) for k in ("pid", "hostname", "acquired_at", "command")},
+        else with_iso(
+            {k: holder.get(k) for k in ("pid", "hostname", "acquired_at", "command")},
+            "acquired_at",
+        ),
+        "has_reduce": info.spec.reduce is not None,
         "reduce": None
         if state.reduce is None
         else {"ok": state.reduce.get("ok"), "error": state.reduce.get("error")},
@@ -547,25 +581,32 @@ def list_jobs(*, state_dir: str | os.PathLike | None = None) -> list[dict[str, A
 
 
 def iter_results(
-    job_id: str, *, state_dir: str | os.PathLike | None = None
+    job_id: str, *, state_dir: str | os.PathLike | None = None, with_item: bool = False
 ) -> Iterator[dict[str, Any]]:
-    """``{"id", "result"}`` for every success, in input order, each id once."""
-    for raw_id, result in _results_by_raw_id(job_id, state_dir):
-        yield {"id": orjson.loads(raw_id), "result": orjson.loads(result)}
+    """``{"id", "result"}`` for every success, in input order, each id once;
+    ``with_item``: ``{"id", "item", "result"}``, the item as the job holds it."""
+    for line in iter_result_lines(job_id, state_dir=state_dir, with_item=with_item):
+        yield orjson.loads(line)
 
 
 def iter_result_lines(
-    job_id: str, *, state_dir: str | os.PathLike | None = None
+    job_id: str, *, state_dir: str | os.PathLike | None = None, with_item: bool = False
 ) -> Iterator[bytes]:
     """``iter_results`` as JSONL bytes, ``{"id":...,"result":...}`` LF per success (what
-    ``mrpool results`` prints), made from the stored bytes: neither the ids nor the
-    results are decoded, so memory does not grow with a result beyond about its size."""
-    for raw_id, result in _results_by_raw_id(job_id, state_dir):
-        yield b'{"id":%b,"result":%b}\n' % (raw_id, result)
+    ``mrpool results`` prints; ``with_item``: ``{"id":...,"item":...,"result":...}``),
+    made from the stored bytes: neither the ids nor the results are decoded, so memory
+    does not grow with a result beyond about its size."""
+    for line, result in _results_by_line(job_id, state_dir):
+        raw_id, _, item = line.rstrip(b"\n").partition(b"\t")
+        if with_item:
+            yield b'{"id":%b,"item":%b,"result":%b}\n' % (raw_id, item, result)
+        else:
+            yield b'{"id":%b,"result":%b}\n' % (raw_id, result)
 
 
-def _results_by_raw_id(job_id: str, state_dir) -> Iterator[tuple[bytes, bytes | memoryview]]:
-    """``(id as stored: compact JSON, result as stored JSON)`` per success, in input order."""
+def _results_by_line(job_id: str, state_dir) -> Iterator[tuple[bytes, bytes | memoryview]]:
+    """``(the item's items.jsonl line: id TAB item, result as stored JSON)`` per success,
+    in input order."""
     store = JobStore.open(state_root(state_dir), job_id)
     total = store.info().total
     store.load_state(total)  # refuses a journal that lost records or a damaged prefix
@@ -576,7 +617,7 @@ def _results_by_raw_id(job_id: str, state_dir) -> Iterator[tuple[bytes, bytes | 
         if line is None:  # (the verified reader raises first; never a StopIteration)
             raise CorruptStateError(f"{store.dir / 'items.jsonl'}: fewer lines than items")
         position = index + 1
-        yield line[: line.index(b"\t")], result
+        yield line, result
 
 
 def reduce_output(job_id: str, *, state_dir: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -679,7 +720,13 @@ _EVENT_NAMES = {
 def iter_events(
     job_id: str, *, state_dir: str | os.PathLike | None = None, follow: bool = False
 ) -> Iterator[dict[str, Any]]:
-    """The job's event log, one dict per event; ``follow`` tails it while a holder lives."""
+    """The job's event log, one dict per event (``t`` epoch seconds, then ``t_iso``);
+    ``follow`` tails it while a holder lives."""
+    for event in _iter_raw_events(job_id, state_dir, follow):
+        yield with_iso(event, "t")
+
+
+def _iter_raw_events(job_id: str, state_dir, follow: bool) -> Iterator[dict[str, Any]]:
     store = JobStore.open(state_root(state_dir), job_id)
     store.load_state(store.info().total)  # refuses a journal that lost records
     ids = read_ids(store.dir)

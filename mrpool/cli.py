@@ -253,12 +253,21 @@ def _results_parser(sub, common) -> None:
         "results",
         "successful results as JSONL, in input order",
         'Prints {"id": ..., "result": ...} per succeeded item, in input order, each id once.',
-        ["mrpool results thumbs > results.jsonl", "mrpool results thumbs --reduce"],
+        [
+            "mrpool results thumbs > results.jsonl",
+            "mrpool results thumbs --with-item | jq -c '[.item.path, .result]'",
+            "mrpool results thumbs --reduce",
+        ],
         _only(2, 4, 5) | {0: "printed", 1: "--reduce: the reduce step failed, or has not run yet"},
         common,
     )
     _job_id_argument(p)
     p.add_argument("--reduce", action="store_true", help="print the reduce step's output instead")
+    p.add_argument(
+        "--with-item",
+        action="store_true",
+        help='each row carries its item too: {"id": ..., "item": ..., "result": ...}',
+    )
 
 
 def _events_parser(sub, common) -> None:
@@ -375,11 +384,15 @@ def _dlq_list_parser(sub, common) -> None:
         "DLQ items: id, attempts, last error, signature",
         "A table of the parked items (id, attempts, error signature, last error), in input "
         "order; the count goes to stderr.",
-        ["mrpool dlq list thumbs", "mrpool dlq list thumbs --json | jq -r '.[].id'"],
+        [
+            "mrpool dlq list thumbs",
+            "mrpool dlq list thumbs --kind timeout --json | jq -r '.[].id'",
+        ],
         _only(2, 4, 5) | {0: "printed"},
         common,
     )
     _job_id_argument(d)
+    _dlq_filter_options(d)
     d.add_argument("--json", action="store_true", help="a JSON array instead of a table")
 
 
@@ -419,7 +432,11 @@ def _dlq_retry_parser(sub, common) -> None:
         "re-run DLQ items (all, or those named)",
         "Runs DLQ items again under the job's lock, 1 + map.retries attempts each; every "
         "success leaves the DLQ.",
-        ["mrpool dlq retry thumbs", "mrpool dlq retry thumbs sku-123 sku-456 --wait 10"],
+        [
+            "mrpool dlq retry thumbs",
+            "mrpool dlq retry thumbs sku-123 sku-456 --wait 10",
+            "mrpool dlq retry thumbs --signature 3f2a9c01b7de",
+        ],
         _SESSION_EXITS | {2: "usage error (a bad option or id, an ITEM_ID not in the DLQ)"},
         common,
     )
@@ -427,6 +444,7 @@ def _dlq_retry_parser(sub, common) -> None:
     d.add_argument(
         "item_ids", nargs="*", metavar="ITEM_ID", help="the items to retry (default: all)"
     )
+    _dlq_filter_options(d)
     _workers_option(d)
     _pace_options(d)
     _executor_option(d)
@@ -478,6 +496,19 @@ def _dlq_export_parser(sub, common) -> None:
 
 
 # -- arguments several commands share ----------------------------------------------------
+def _dlq_filter_options(d: argparse.ArgumentParser) -> None:
+    d.add_argument(
+        "--signature",
+        metavar="SIG",
+        help="only items whose error signature is SIG, or starts with it ('dlq stats' lists them)",
+    )
+    d.add_argument(
+        "--kind",
+        metavar="KIND",
+        help="only items whose last failure is of this kind (exit, timeout, exception, ...)",
+    )
+
+
 def _job_id_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("job_id", metavar="JOB_ID", help="the job's id (printed by 'mrpool run')")
 
@@ -652,7 +683,9 @@ def _dispatch(args: argparse.Namespace) -> int:
                 return EXIT_FAILURES
             _out(orjson.dumps(output["output"]) + b"\n")
             return 0
-        _write_lines(api.iter_result_lines(args.job_id, state_dir=state_dir))
+        _write_lines(
+            api.iter_result_lines(args.job_id, state_dir=state_dir, with_item=args.with_item)
+        )
         return 0
     if args.command == "events":
         _write_lines(
@@ -734,6 +767,8 @@ def _dlq(args: argparse.Namespace, state_dir: str | None) -> int:
         report = api.retry_dlq(
             args.job_id,
             args.item_ids or None,
+            signature=args.signature,
+            kind=args.kind,
             state_dir=state_dir,
             workers=args.workers,
             concurrency=args.concurrency,
@@ -751,10 +786,11 @@ def _dlq(args: argparse.Namespace, state_dir: str | None) -> int:
             args.job_id, args.item_ids or None, state_dir=state_dir, wait=args.wait
         )
         _say(f"purged {count} item(s) from the DLQ of {args.job_id}")
+        _say_reduce_due(api.job_status(args.job_id, state_dir=state_dir), state_dir)
         return 0
     dlq = api.open_dlq(args.job_id, state_dir=state_dir)
     if cmd == "list":
-        entries = [e.brief() for e in dlq.entries()]
+        entries = [e.brief() for e in dlq.select(args.signature, args.kind)]
         if args.json:
             _out(orjson.dumps(entries) + b"\n")
         else:
@@ -806,9 +842,11 @@ def _status(args: argparse.Namespace, state_dir: str | None) -> int:
             "dlq",
             "failed",
             "pending",
+            "purged",
             "duplicates_in_input",
         ):
             _out(_human_line(f"{key:20} {status[key]}"))
+        _out(_human_line(f"{'reduce':20} {_reduce_text(status, state_dir)}"))
         lock = status["lock"]
         _out(_human_line(f"{'lock':20} {'-' if not lock else _holder_text(lock)}"))
         return 0
@@ -845,11 +883,7 @@ def _plan_printer(args: argparse.Namespace):
 
 
 def _print_plan(plan) -> None:
-    s = plan.summary()
-    _say(
-        f"plan: {s['total']} item(s) to run ({s['pending']} pending, {s['failed']} failed, {s['dlq']} from the DLQ; "
-        f"{s['duplicates']} duplicate(s) collapsed; {s['poison_parked']} parked as poison)"
-    )
+    _say(f"plan: {plan.summary()}")
 
 
 def _finish(report, as_json: bool, state_dir: str | None = None) -> int:
@@ -883,13 +917,46 @@ def _finish(report, as_json: bool, state_dir: str | None = None) -> int:
             f"inspect with: {_next_step('dlq list', job, state_dir)}  |  "
             f"retry with: {_next_step('dlq retry', job, state_dir)}"
         )
+    elif report.reduce is not None and not report.reduce.get("ok"):
+        _say(f"run the reduce step again with: {_next_step('resume', job, state_dir)}")
+    else:  # every item succeeded
+        if report.reduce is not None:
+            _say(f"reduce: ran; its output: {_next_step('results --reduce', job, state_dir)}")
+        _say(f"results: {_next_step('results', job, state_dir)}")
     return report.exit_code
+
+
+def _reduce_text(status: dict[str, Any], state_dir: str | None) -> str:
+    """Where a job's reduce step stands (``status`` is ``api.job_status``'s object)."""
+    job, reduce = status["job_id"], status["reduce"]
+    if not status["has_reduce"]:
+        return "- (the job has no reduce step)"
+    if reduce and reduce["ok"]:
+        return f"ran; its output: {_next_step('results --reduce', job, state_dir)}"
+    if status["state"] == "completed":  # every item has succeeded
+        done = f"failed: {reduce['error']}" if reduce else "not run yet"
+        return f"{done}; run it with: {_next_step('resume', job, state_dir)}"
+    return "not run yet: it runs once every item has succeeded"
+
+
+def _say_reduce_due(status: dict[str, Any], state_dir: str | None) -> None:
+    """After a purge: every item left has succeeded and the reduce has not run. Purge
+    runs no user code; ``resume`` runs the reduce step (and nothing else)."""
+    reduce = status["reduce"]
+    if status["has_reduce"] and status["state"] == "completed" and not (reduce and reduce["ok"]):
+        _say(
+            "every item has succeeded; run the reduce step with: "
+            + _next_step("resume", status["job_id"], state_dir)
+        )
 
 
 def _next_step(command: str, job: str, state_dir: str | None) -> str:
     """A command line to paste as is: with the ``--state-dir`` this one was given (a
-    state dir from ``$MRPOOL_HOME`` is found again by the same environment)."""
-    words = ["mrpool", *command.split(), job]
+    state dir from ``$MRPOOL_HOME`` is found again by the same environment). Options in
+    ``command`` go after the job id: ``results --reduce`` -> ``mrpool results JOB --reduce``."""
+    words = command.split()
+    options = [w for w in words if w.startswith("-")]
+    words = ["mrpool", *(w for w in words if not w.startswith("-")), job, *options]
     if state_dir:
         words += ["--state-dir", state_dir]
     return shlex.join(words)

@@ -52,7 +52,7 @@ from .worker import WorkerConfig
 
 __all__ = ["DaskExecutor", "LEASE_SECONDS"]
 
-TASK_SECONDS = 0.25  # work per Dask task: its ~4 ms cost is then ~2 %
+TASK_SECONDS = 0.25  # work per Dask task: a task's own cost is then small (NOTES.md)
 MAX_SLICE = 4096
 MAX_SLICE_BYTES = 4 << 20
 TASKS_PER_THREAD = 2  # one running, one waiting on the worker: no idle gap between tasks

@@ -40,12 +40,13 @@ import orjson
 from . import records
 from .errors import StateRebuiltWarning, UsageError
 from .fsutil import atomic_write
+from .isotime import with_iso
 from .items import identity_text, indices_of, iter_item_lines, split_line
 from .journal import FORMAT_VERSION, decode_line, encode_record, read_records
 from .records import Recorder
 from .store import DLQ, FAILED, JobState, JobStore
 
-__all__ = ["DlqEntry", "DeadLetterQueue", "error_signature", "normalise_message"]
+__all__ = ["DlqEntry", "DeadLetterQueue", "error_signature", "normalise_message", "matches"]
 
 SNAPSHOT_FILE = "dlq.json"
 _NORMALISERS = [
@@ -74,7 +75,8 @@ class DlqEntry:
     history: list[dict[str, Any]]
 
     def brief(self) -> dict[str, Any]:
-        return {
+        """``dlq list --json``: epoch times with their ISO-8601 twins (isotime.py)."""
+        brief = {
             "id": self.id,
             "attempts": self.attempts,
             "error": self.error,
@@ -83,9 +85,21 @@ class DlqEntry:
             "first_failure": self.first_failure,
             "last_failure": self.last_failure,
         }
+        return with_iso(brief, "first_failure", "last_failure")
 
     def full(self) -> dict[str, Any]:
-        return asdict(self)
+        """``dlq show`` / ``export``: the item and its history, times as in ``brief``."""
+        full = with_iso(asdict(self), "first_failure", "last_failure")
+        full["history"] = [with_iso(h, "t") for h in self.history]
+        return full
+
+
+def matches(entry: DlqEntry, signature: str | None = None, kind: str | None = None) -> bool:
+    """The filters of ``dlq list`` / ``dlq retry``: the entry's error signature starts with
+    ``signature`` (the whole 12 digits, or a prefix), and its failure kind is ``kind``."""
+    return (signature is None or entry.signature.startswith(signature.lower())) and (
+        kind is None or entry.kind == kind
+    )
 
 
 def normalise_message(message: str, item_id: str | None = None) -> str:
@@ -129,6 +143,15 @@ class DeadLetterQueue:
             self._entry(index, line, histories.get(index, []))
             for index, line in self._lines(wanted)
         ]
+
+    def select(
+        self,
+        signature: str | None = None,
+        kind: str | None = None,
+        only: Iterable[int] | None = None,
+    ) -> list[DlqEntry]:
+        """``entries(only)`` that pass the filters (see ``matches``)."""
+        return [e for e in self.entries(only) if matches(e, signature, kind)]
 
     def get(self, item_id: str) -> DlqEntry:
         index = self.find(item_id)

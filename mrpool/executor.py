@@ -96,7 +96,7 @@ __all__ = [
 ]
 
 BATCH_SECONDS = 0.02
-MAX_BATCH = 4096  # sub-5-us items: a batch is ~5 ms of work, two queued per worker
+MAX_BATCH = 4096  # the very fastest items: a few ms of work a batch, two queued per worker
 MAX_BATCH_BYTES = 4 << 20  # large fast items: at most ~8 MiB of them held per worker
 HUNG_AFTER = 60.0  # seconds without a heartbeat
 LANE_TIMEOUT_GRACE = 5.0  # lanes: the worker times attempts out itself; then the backstop
@@ -549,7 +549,7 @@ class LocalExecutor:
         """Items ``w`` may be sent now. Fast items keep one batch queued behind the running
         one, and go out a whole batch or more at a time: topping up a few items at a time
         as outcomes trickle back costs a message, a start record and a worker wake-up
-        each (with 1 ms items: ~3 items a batch instead of ~16, and ~2 % of the session)."""
+        each (with millisecond items, batches several times smaller: NOTES.md)."""
         if w.inflight is not None:  # lanes: all busy, and as many more waiting in its queue
             return 0 if w.retiring else max(0, 2 * self.lanes - w.held)
         size = self._batch_size(w)
@@ -573,8 +573,8 @@ class LocalExecutor:
         Room for two batches goes out as two messages, not one: a worker answers a
         message when it has run all of it, so with one big message it would finish,
         answer and then sit idle for a whole round trip (its answer read, journaled,
-        the next batch sent); with two, the second is waiting in its pipe. (100k no-op
-        items: ~45 % of each worker's time was spent waiting in one big message.)"""
+        the next batch sent); with two, the second is waiting in its pipe (with no-op
+        items a worker spent a large share of its time waiting: NOTES.md)."""
         start, total = 0, len(batch)
         while start < total:
             progressed = False

@@ -4,8 +4,8 @@ CPython runs its cycle collector every 700 new container objects, and a full
 pass walks every tracked object in the process. mrpool's own bulk loops --
 ingest, the journal replay, the supervisor's session -- allocate a few
 short-lived containers per item (decoded items, outcome rows) that never form
-cycles, so at the default threshold the collector ran hundreds of times in a
-100k-item job and took 15-20 % of its session. Two measures:
+cycles, so at the default threshold the collector runs hundreds of times in a large
+job, for nothing (figures: benchmarks/NOTES.md). Two measures:
 
 * ``fewer_collections()``: while mrpool's own code runs in bulk, the collector
   waits for 20,000 new containers instead of 700; the caller's setting is back

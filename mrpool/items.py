@@ -310,8 +310,8 @@ class _Identities:
 
     They are kept as ints for as long as every id has been an int (two ints are
     one identity exactly when their texts are), because turning each into text
-    costs ~0.2 us an item; the first id that is not an int turns them all into
-    text, once."""
+    is a cost per item on the ingest hot path; the first id that is not an int
+    turns them all into text, once."""
 
     def __init__(self) -> None:
         self._ints: set[int] = set()
@@ -359,8 +359,7 @@ def _clean_chunk_rows(chunk: _Chunk, id_field: str, seen: _Identities) -> tuple[
     doubt returns None *before* ``seen`` changes, and the caller redoes the chunk
     item by item, where every error is found and named exactly as before. This
     is the ingest hot path: about half the time per item of the item-by-item
-    loop (100k items: ~230 ms with string ids, ~140 ms with int ids, instead of
-    ~400 ms; most of it orjson's parse).
+    loop, most of what is left being orjson's parse (benchmarks/NOTES.md).
     """
     items = chunk.items
     if items is None:  # .jsonl: parse the chunk's lines in one comprehension
@@ -513,7 +512,7 @@ def _read_jsonl(path: Path, handle, stop: int | None = None, lineno: int = 1) ->
         lines = block.split(b"\n")
         if not lines[-1]:
             lines.pop()  # the block ended with LF
-        # (memchr for a backslash first: ~0.1 ms a chunk; the substring search costs ~5 ms)
+        # (memchr for a backslash first: the substring search is far slower, NOTES.md)
         unclean = b"\t" in block or b"\r" in block or (b"\\" in block and b"\\u0000" in block)
         yield _Chunk(path, lineno, lines, unclean=unclean)
         lineno += len(lines)

@@ -42,8 +42,8 @@ Only the lock holder appends. ``append`` encodes a record into a buffer;
 records survive a SIGKILL of this process; ``sync`` starts an ``fsync`` at most
 every ``commit_interval`` seconds, after which they survive a power cut. That
 fsync runs on a committer thread, so the supervisor goes on dispatching while
-the disk works (on a busy VM one fsync can take 300 ms, and the workers would
-run dry waiting for it); a forced ``sync`` (checkpoints, the end of a session)
+the disk works (on a busy machine one fsync can take hundreds of milliseconds, and
+the workers would run dry waiting for it); a forced ``sync`` (checkpoints, the end of a session)
 waits for it and fsyncs in the caller. The supervisor writes before it tells a
 worker to start and right after outcomes arrive, so nothing a user can see is
 only in memory.

@@ -34,7 +34,7 @@ from .items import iter_item_blocks
 from .slots import UNKNOWN, CrashEvidence
 from .store import DLQ, FAILED, PENDING, JobState
 
-__all__ = ["PlanOptions", "ResumePlan", "plan_session", "SOURCE_NAMES"]
+__all__ = ["PlanCursor", "PlanOptions", "ResumePlan", "PlanSummary", "plan_session", "SOURCE_NAMES"]
 
 NONE, FROM_PENDING, FROM_FAILED, FROM_DLQ = range(4)
 SOURCE_NAMES = {FROM_PENDING: "pending", FROM_FAILED: "failed", FROM_DLQ: "dlq"}
@@ -49,7 +49,19 @@ class PlanOptions:
     crash_limit: int = 2
 
 
-@dataclass
+class PlanSummary(dict):
+    """``ResumePlan.summary()``: the plan's counts, a plain dict (JSON as it is) that
+    ``print`` shows as the sentence ``resume`` prints."""
+
+    def __str__(self) -> str:
+        return (
+            f"{self['total']} item(s) to run ({self['pending']} pending, {self['failed']} "
+            f"failed, {self['dlq']} from the DLQ; {self['duplicates']} duplicate(s) "
+            f"collapsed; {self['poison_parked']} parked as poison)"
+        )
+
+
+@dataclass(repr=False)
 class ResumePlan:
     """What a session will run. ``items()`` streams ``(index, source, line)``."""
 
@@ -91,13 +103,50 @@ class ResumePlan:
         """Where a planned item comes from: "pending", "failed" or "dlq"."""
         return SOURCE_NAMES[self.selection[index]]
 
-    def summary(self) -> dict[str, int]:
-        return {
+    def summary(self) -> PlanSummary:
+        return PlanSummary(
             **self.counts,
-            "duplicates": self.duplicates,
-            "poison_parked": len(self.poison),
-            "total": self.total,
-        }
+            duplicates=self.duplicates,
+            poison_parked=len(self.poison),
+            total=self.total,
+        )
+
+    def __repr__(self) -> str:  # not the selection: a byte per item of the job
+        return f"<ResumePlan of {self.job_dir.name}: {self.summary()}>"
+
+
+class PlanCursor:
+    """The plan's items in input order, taken ``room`` at a time as slices of its chunks
+    (no per-item work for a fresh run). ``pending_only``: failed and DLQ items get no
+    attempt in this session (``--max-additional-retries 0``) and are skipped."""
+
+    def __init__(self, plan: ResumePlan, pending_only: bool = False) -> None:
+        self._plan = plan
+        self._chunks = plan.chunks()
+        self._indices: list[int] = []
+        self._lines: list[bytes] = []
+        self._at = 0
+        self._pending_only = pending_only
+        self.done = False
+
+    def take(self, room: int) -> tuple[list[int], list[bytes]]:
+        """Up to ``room`` items not taken yet; none once ``done``."""
+        while True:
+            while self._at >= len(self._indices):
+                chunk = next(self._chunks, None)
+                if chunk is None:
+                    self.done = True
+                    return [], []
+                self._indices, self._lines = chunk
+                self._at = 0
+            start = self._at
+            self._at = stop = start + room
+            indices, lines = self._indices[start:stop], self._lines[start:stop]
+            if not self._pending_only:
+                return indices, lines
+            kept = [k for k, i in enumerate(indices) if self._plan.source(i) == "pending"]
+            if kept:
+                return [indices[k] for k in kept], [lines[k] for k in kept]
 
 
 def plan_session(

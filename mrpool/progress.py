@@ -170,15 +170,36 @@ def heartbeat_seconds() -> float:
 
 
 class NoProgress:
-    """The display that shows nothing."""
+    """The display that shows nothing; the base of those that do (``_due``, ``_draw``,
+    ``_finish``). A display never stops a session: a stderr that went away (``2>&1 |
+    head`` after head exited, a closed terminal) ends the display, not the job."""
 
     def __init__(self, model: ProgressModel) -> None:
         self.model = model
+        self.live = True
 
     def refresh(self) -> None:
         self.model.sample()
+        if self.live and self._due(self.model.clock()):
+            self._guarded(self._draw)
 
     def close(self) -> None:
+        if self.live:
+            self._guarded(self._finish)
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except (OSError, ValueError):  # EPIPE, EIO, a closed file
+            self.live = False
+
+    def _due(self, now: float) -> bool:
+        return False
+
+    def _draw(self) -> None:
+        pass
+
+    def _finish(self) -> None:
         pass
 
 
@@ -191,15 +212,15 @@ class Heartbeat(NoProgress):
         self.seconds = seconds
         self._next = model.started + seconds
 
-    def refresh(self) -> None:
-        model = self.model
-        model.sample()
-        now = model.clock()
+    def _due(self, now: float) -> bool:
         if now < self._next:
-            return
+            return False
         self._next = now + self.seconds
-        text = ", ".join(text for _, text in _fields(model))
-        self.stream.write(f"mrpool: {model.job_id}: {text}\n")
+        return True
+
+    def _draw(self) -> None:
+        text = ", ".join(text for _, text in _fields(self.model))
+        self.stream.write(f"mrpool: {self.model.job_id}: {text}\n")
         self.stream.flush()
 
 
@@ -208,18 +229,20 @@ class TerminalLine(NoProgress):
 
     def __init__(self, model: ProgressModel, stream: TextIO) -> None:
         super().__init__(model)
-        self._bar = _new_tqdm(model, stream)
-        self._drawn = 0.0
+        self._bar = _new_tqdm(model, stream)  # draws the first state at once
+        self._drawn = model.clock()
 
-    def refresh(self) -> None:
-        self.model.sample()
-        now = self.model.clock()
-        if now - self._drawn >= REDRAW_EVERY:
-            self._drawn = now
-            self._bar.n = self.model.succeeded
-            self._bar.refresh()
+    def _due(self, now: float) -> bool:
+        if now - self._drawn < REDRAW_EVERY:
+            return False
+        self._drawn = now
+        return True
 
-    def close(self) -> None:
+    def _draw(self) -> None:
+        self._bar.n = self.model.succeeded
+        self._bar.refresh()
+
+    def _finish(self) -> None:
         self._bar.n = self.model.succeeded
         self._bar.close()  # the last state, then a newline: the line stays on screen
 
@@ -290,7 +313,10 @@ def open_progress(model: ProgressModel, mode: bool | str | None, stream: TextIO 
     mode = mode_of(mode)
     terminal = _isatty(stream)
     if mode == "always" or (mode in ("tty", "auto") and terminal):
-        return TerminalLine(model, stream)
+        try:
+            return TerminalLine(model, stream)
+        except (OSError, ValueError):  # the terminal is already gone
+            return NoProgress(model)
     if mode == "auto":
         return Heartbeat(model, stream, heartbeat_seconds())
     return NoProgress(model)

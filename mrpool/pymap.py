@@ -39,9 +39,11 @@ back as a list.
 from __future__ import annotations
 
 import builtins
+import functools
 import hashlib
 import itertools
 import multiprocessing
+import operator
 import os
 import re
 import signal
@@ -150,10 +152,12 @@ def map(  # noqa: A001 - the name users reach for, as Pool.map
             return []
         by_index: list[Any] = [_NOTHING] * run.total
         recorded = _recorded_results(run, call, include_dlq)
+        filled = 0
         try:
-            for index, result in recorded:
-                by_index[index] = result
-            failures = _failures(run, by_index)
+            for indices, results in recorded:
+                _put(by_index, indices, results)
+                filled += len(indices)
+            failures = _failures(run, by_index) if filled < run.total else []
         finally:
             recorded.close()  # the session has ended (or is stopped now) before the lock goes
             run.lock.release()
@@ -193,13 +197,14 @@ def imap(
     order = _InputOrder(run) if ordered else None
     recorded = _recorded_results(run, call, include_dlq)
     try:
-        for index, result in recorded:
-            by_index[index] = result
-            for position in order.ready(by_index) if order else run.positions_of(index):
-                yield (
-                    run.originals[position],
-                    result if order is None else _at(run, by_index, position),
-                )
+        for indices, results in recorded:
+            for index, result in zip(indices, results):
+                by_index[index] = result
+                for position in order.ready(by_index) if order else run.positions_of(index):
+                    yield (
+                        run.originals[position],
+                        result if order is None else _at(run, by_index, position),
+                    )
         failures = _failures(run, by_index)
     finally:  # also when the caller closes this generator early
         recorded.close()  # the session has ended (or is stopped now) before the lock goes
@@ -217,6 +222,23 @@ def imap(
             yield run.originals[position], result
     if failures and on_failure == "raise":
         raise MapFailures(job, failures, _in_input_order(run, by_index))
+
+
+def _put(by_index: list[Any], indices: list[int], results: list[Any]) -> None:
+    """``by_index[i] = r`` for each pair; a run of consecutive indices (most batches) in
+    one slice assignment."""
+    if _consecutive(indices):
+        by_index[indices[0] : indices[0] + len(indices)] = results
+    else:
+        for index, result in zip(indices, results):
+            by_index[index] = result
+
+
+def _consecutive(indices: list[int]) -> bool:
+    first, n = indices[0], len(indices)
+    return indices[-1] == first + n - 1 and all(
+        _each(operator.eq, indices, range(first, first + n))
+    )
 
 
 def _at(run: _Run, by_index: list[Any], position: int) -> Any:
@@ -370,7 +392,10 @@ def _encoded_chunks(
     dumps, iterator, position = orjson.dumps, iter(call.items), 0
     while items := list(itertools.islice(iterator, _CHUNK)):
         try:
-            raws = [dumps(item, option=_STRICT) for item in items]
+            if _NUMBERS.issuperset(_each(type, items)):  # one call, split at the commas
+                raws = dumps(items, option=_STRICT)[1:-1].split(b",")
+            else:
+                raws = [dumps(item, option=_STRICT) for item in items]
         except TypeError:
             raws = [_one_encoded(call, position + k, item) for k, item in enumerate(items)]
         if originals is not None:
@@ -467,36 +492,59 @@ def _copy_with_ids(
 ) -> tuple[int, int, array | None, dict[str, Any]]:
     """Write the job's ``items.jsonl`` rows (``id TAB item``, see items.py) with the ids
     ``id_of`` gives, the first item of each identity kept (the rule ``ingest`` follows).
-    A chunk whose ids are all new is written in one join; positions are kept only
-    once a duplicate shows that they differ from the job's indices."""
-    index_of: dict[str, int] = {}
+    A chunk whose ids are all new (one set update tells) is written in one join; the
+    index of each identity and the positions are kept only from the first duplicate
+    on, which shows that positions differ from the job's indices."""
+    seen: set[Any] = set()
+    order: list[Any] = []  # identity texts by index, until the first duplicate
+    index_of: dict[Any, int] | None = None  # from the first duplicate on
     positions: array | None = None
     count = 0
+    hex_ids = id_of is _content_ids
     with open(tmp / ITEMS_FILE, "wb", buffering=1 << 20) as handle:
         out = ChunkedCrcWriter(handle)
         for first, items, raws in stream:
             raw_ids = id_of(first, items, raws)
-            texts = [identity_text(raw_id) for raw_id in raw_ids]
-            start = len(index_of)
-            fresh = dict(zip(texts, range(start, start + len(texts))))
-            if positions is None and len(fresh) == len(texts) and index_of.keys().isdisjoint(fresh):
-                index_of.update(fresh)  # all new: the common case
-                out.write(b"\n".join(_each(b"\t".join, zip(_each(orjson.dumps, raw_ids), raws))))
-                out.write(b"\n")
-            else:  # a duplicate: item by item
-                if positions is None:
-                    positions = array("q", range(count))
-                for raw_id, text, raw in zip(raw_ids, texts, raws):
-                    index = index_of.get(text)
-                    if index is None:
-                        index = index_of[text] = len(index_of)
-                        out.write(orjson.dumps(raw_id) + b"\t" + raw + b"\n")
-                    positions.append(index)
+            texts = raw_ids if _all_str(raw_ids) else list(_each(identity_text, raw_ids))
+            if index_of is None:
+                before = len(seen)
+                seen.update(texts)
+                if len(seen) == before + len(texts):  # all new: the common case
+                    order.extend(texts)
+                    out.write(_rows(raw_ids, raws, hex_ids))
+                    count += len(items)
+                    continue
+                index_of = {text: index for index, text in enumerate(order)}
+                positions = array("q", range(count))
+                seen.clear()
+            for raw_id, text, raw in zip(raw_ids, texts, raws):  # a duplicate: item by item
+                index = index_of.get(text)
+                if index is None:
+                    index = index_of[text] = len(index_of)
+                    out.write(orjson.dumps(raw_id) + b"\t" + raw + b"\n")
+                positions.append(index)
             count += len(items)
         handle.flush()
         os.fsync(handle.fileno())
-    total = len(index_of)
+    total = count if index_of is None else len(index_of)
     return total, count - total, positions, out.table(total)
+
+
+def _rows(raw_ids: list[Any], raws: list[bytes], hex_ids: bool) -> bytes:
+    """``id TAB item LF`` rows. Ids whose JSON holds no comma (content hashes, integers)
+    are encoded in one call and split at its commas, the rows in one join."""
+    n = len(raws)
+    if hex_ids or _all_int(raw_ids):
+        parts = [b"\t"] * (4 * n)
+        parts[0::4] = orjson.dumps(raw_ids)[1:-1].split(b",")
+        parts[2::4] = raws
+        parts[3::4] = itertools.repeat(b"\n", n)
+        return b"".join(parts)
+    return b"\n".join(_each(b"\t".join, zip(_each(orjson.dumps, raw_ids), raws))) + b"\n"
+
+
+def _all_int(values: list[Any]) -> bool:
+    return {int} == set(_each(type, values))
 
 
 def _id_maker(call: _Call, id_mode: str) -> Callable[[int, list[Any], list[bytes]], list[Any]]:
@@ -509,15 +557,26 @@ def _id_maker(call: _Call, id_mode: str) -> Callable[[int, list[Any], list[bytes
 
 
 _SCALARS = frozenset({int, str, float, bool, type(None)})
+_NUMBERS = frozenset({int, float, bool, type(None)})  # JSON without a comma or a quote
 
 
 def _content_ids(_first: int, items: list[Any], raws: list[bytes]) -> list[str]:
     """``items.content_id`` of each; a scalar's JSON is already canonical, hashed as is."""
     blake2b, scalars = hashlib.blake2b, _SCALARS
+    if scalars.issuperset(_each(type, items)):  # (a chunk of numbers or strings: no test each)
+        return list(_each(_hexdigest, _each(_blake2b_16, raws)))
     return [
         blake2b(raw, digest_size=16).hexdigest() if type(item) in scalars else content_id(item)
         for item, raw in zip(items, raws)
     ]
+
+
+_blake2b_16 = functools.partial(hashlib.blake2b, digest_size=16)
+_hexdigest = hashlib.blake2b.hexdigest
+
+
+def _all_str(values: list[Any]) -> bool:
+    return all(_each(str.__instancecheck__, values))
 
 
 def _key_id(call: _Call, position: int, item: Any) -> str | int:
@@ -653,11 +712,13 @@ def _check_same_key(call: _Call, id_mode: str) -> None:
 
 
 # -- running: the session process, and the journal as it grows ----------------------
-def _recorded_results(run: _Run, call: _Call, include_dlq: bool) -> Iterator[tuple[int, Any]]:
-    """``(index, result)`` of every recorded success of the job, each index once: those of
-    earlier sessions first, then this session's as the journal records them. After a
-    Ctrl-C (or a closed generator) the session is stopped -- it saves -- and the
-    interruption goes on up."""
+def _recorded_results(
+    run: _Run, call: _Call, include_dlq: bool
+) -> Iterator[tuple[list[int], list[Any]]]:
+    """``(indices, results)`` of the job's recorded successes, a batch at a time, each
+    index once: those of earlier sessions first, then this session's as the journal
+    records them. After a Ctrl-C (or a closed generator) the session is stopped -- it
+    saves -- and the interruption goes on up."""
     tail = _JournalTail(run.store.journal_path)
     session = _SessionProcess(run.store, call, include_dlq)
     seen = bytearray(run.total)
@@ -665,11 +726,10 @@ def _recorded_results(run: _Run, call: _Call, include_dlq: bool) -> Iterator[tup
         session.start()
         while True:
             running = session.running()
-            for row in tail.successes():
-                index = row[0]
-                if not seen[index]:
-                    seen[index] = 1
-                    yield index, row[3]
+            for rows in tail.successes():
+                batch = _first_successes(rows, seen)
+                if batch[0]:
+                    yield batch
             if not running:
                 break
             session.wait(0.05)
@@ -680,6 +740,27 @@ def _recorded_results(run: _Run, call: _Call, include_dlq: bool) -> Iterator[tup
     finally:
         tail.close()
     session.raise_outcome()
+
+
+_INDEX, _RESULT = operator.itemgetter(0), operator.itemgetter(3)  # of an ``ok`` row
+
+
+def _first_successes(rows: list[list[Any]], seen: bytearray) -> tuple[list[int], list[Any]]:
+    """``(indices, results)`` of the ``ok`` rows whose index is not in ``seen`` yet (an
+    item's first success counts), marked in it. A run of consecutive new indices (most
+    batches) is taken whole, with no step per row in Python."""
+    indices = list(_each(_INDEX, rows))
+    first, n = indices[0], len(indices)
+    if _consecutive(indices) and seen.find(1, first, first + n) < 0:
+        seen[first : first + n] = b"\x01" * n
+        return indices, list(_each(_RESULT, rows))
+    kept: tuple[list[int], list[Any]] = ([], [])
+    for index, row in zip(indices, rows):
+        if not seen[index]:
+            seen[index] = 1
+            kept[0].append(index)
+            kept[1].append(row[3])
+    return kept
 
 
 class _JournalTail:
@@ -697,8 +778,9 @@ class _JournalTail:
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.offset = 0
 
-    def successes(self) -> list[list[Any]]:
-        rows: list[list[Any]] = []
+    def successes(self) -> list[list[list[Any]]]:
+        """The rows of each whole ``ok`` record appended since the last call."""
+        rows: list[list[list[Any]]] = []
         while True:
             size = os.fstat(self._fd).st_size
             want = min(size - self.offset, self.CHUNK)
@@ -715,7 +797,9 @@ class _JournalTail:
                     return rows
                 self.offset += len(line)
                 if record["k"] == "ok":
-                    rows.extend(records.success_rows(record))
+                    found = records.success_rows(record)
+                    if found:
+                        rows.append(found)
 
     def check_read_to_end(self) -> None:
         """After the session: everything was read (else a record in the middle is bad)."""
@@ -739,6 +823,8 @@ class _SessionProcess:
         self.message: tuple[str, Any] | None = None
 
     def start(self) -> None:
+        from . import api  # noqa: F401 - here, once a process: not in every session's fork
+
         ctx = multiprocessing.get_context("fork")
         self._receiver, sender = ctx.Pipe(duplex=False)
         stored_name = self.store.info().spec.map.callable  # what the spec's check resolves

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import math
 import os
 import re
@@ -317,13 +318,36 @@ def import_callable(path: str, base_dir: str) -> Callable[..., Any]:
     module_name, _, attr_path = path.partition(":")
     if base_dir not in sys.path:
         sys.path.insert(0, base_dir)
-    module = importlib.import_module(module_name)
+    module = _running_script(module_name) or importlib.import_module(module_name)
     target: Any = module
     for part in attr_path.split("."):
         target = getattr(target, part)
     if not callable(target):
         raise TypeError(f"{path} is not callable")
     return target
+
+
+def _running_script(module_name: str) -> Any:
+    """The ``__main__`` module when it *is* ``module_name``: the script that started the
+    job names its own function (``script:fn``). Importing ``script`` would run the
+    script's top-level code a second time -- a script without an ``if __name__ ==
+    "__main__"`` guard would start its job again from inside the check."""
+    main = sys.modules.get("__main__")
+    if main is None or module_name in sys.modules:
+        return None
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name == module_name:  # python -m module_name
+        return main
+    script = getattr(main, "__file__", None)
+    if spec is not None or not script:
+        return None
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return None
+    origin = found.origin if found is not None else None
+    same = origin and os.path.realpath(origin) == os.path.realpath(script)
+    return main if same else None
 
 
 # A function that only exists in one Python process (a lambda, a notebook cell's or a
@@ -599,8 +623,8 @@ def argv_renderer(argv: list[str]) -> Callable[[Any], list[str]]:
 
     A filled-in value is never re-scanned, so a value containing ``{item.x}``
     stays literal, and a value never reaches a shell. The template is parsed
-    here, once: a worker renders it for every attempt, where a regex
-    substitution with a callback would cost ~10 us."""
+    here, once: a worker renders it for every attempt, and a regex substitution
+    with a callback per attempt would be a visible share of a short command."""
     parts = [_template_parts(arg) for arg in argv]
 
     def render(item: Any) -> list[str]:
@@ -623,8 +647,8 @@ def _template_parts(arg: str) -> str | tuple[str | _Key, ...]:
 
 
 class _Key:
-    """A placeholder in a parsed template (a plain class: a dataclass costs every
-    start-up ~1 ms to build)."""
+    """A placeholder in a parsed template (a plain class: building a dataclass is a
+    cost every start-up pays)."""
 
     __slots__ = ("name",)
 

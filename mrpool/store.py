@@ -126,8 +126,9 @@ class JobState:
     attempt is always the item's highest, ``attempts[index]`` (a start record
     never goes back to a lower number), so a flag byte is all it takes -- and
     the hot records (a run of starts, a batch of successes) become a few slice
-    operations instead of a dict insert and a pop for every item (~40 % of the
-    supervisor's time with 100k no-op items). ``streak`` counts how many
+    operations instead of a dict insert and a pop for every item (which was
+    the largest share of the supervisor's time with fast items, NOTES.md).
+    ``streak`` counts how many
     sessions in a row ended (by crash) with the item in flight -- the
     poison-item detector (the rules: crashes.py).
     """

@@ -12,7 +12,8 @@ An item's journey::
 
 Actors:
 
-* ``ResumePlan`` streams the items this session owes, in input order.
+* ``ResumePlan`` streams the items this session owes, in input order; the
+  session takes them through a ``PlanCursor``, as many as the executor has room for.
 * ``Session._dispatch`` moves attempts to the executor as it has room,
   journaling their start first (attempt numbers survive any crash).
 * ``Session._settle`` turns outcomes into journal records: a success is one
@@ -48,7 +49,7 @@ from .crashes import clear_abort_marks, mark_aborted
 from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, DlqFullError
 from .executor import Batch, Executor, Failure, HandBack, Outcomes, Successes
 from .journal import JournalWriter
-from .planner import ResumePlan
+from .planner import PlanCursor, ResumePlan
 from .progress import ProgressModel, open_progress
 from .rate import TokenBucket
 from .records import Recorder
@@ -117,17 +118,13 @@ class Session:
         self._cut: list[int] = []  # items started, not finished, when this session was stopped
         self.stop_signal: int | None = None
         self.stop_error: Exception | None = None
-        self._fresh = plan.chunks()
-        self._fresh_indices: list[int] = []
-        self._fresh_lines: list[bytes] = []
-        self._fresh_at = 0
-        self._fresh_done = False
         self._budget_pending = 1 + options.retries
         self._budget_settled = (
             1 + options.retries
             if options.additional_retries is None
             else options.additional_retries
         )
+        self.cursor = PlanCursor(plan, pending_only=self._budget_settled <= 0)
         self._last_checkpoint = time.monotonic()
         self.progress = open_progress(
             ProgressModel(store.job_id, state.total, plan.total), options.progress
@@ -211,7 +208,7 @@ class Session:
         return self.stop_signal is None and self.stop_error is None
 
     def _finished(self) -> bool:
-        return self._fresh_done and not self.ready and not self.delayed and self.in_flight == 0
+        return self.cursor.done and not self.ready and not self.delayed and self.in_flight == 0
 
     def _wait_timeout(self) -> float:
         timeout = 0.05
@@ -240,25 +237,6 @@ class Session:
             self._budget_pending if self.plan.source(index) == "pending" else self._budget_settled
         )
 
-    def _take_fresh(self, room: int) -> tuple[list[int], list[bytes]]:
-        """Up to ``room`` new items from the plan, in input order, as slices of its chunks."""
-        while True:
-            while self._fresh_at >= len(self._fresh_indices):
-                chunk = next(self._fresh, None)
-                if chunk is None:
-                    self._fresh_done = True
-                    return [], []
-                self._fresh_indices, self._fresh_lines = chunk
-                self._fresh_at = 0
-            start = self._fresh_at
-            self._fresh_at = stop = start + room
-            indices, lines = self._fresh_indices[start:stop], self._fresh_lines[start:stop]
-            if self._budget_settled > 0:
-                return indices, lines
-            kept = [k for k, i in enumerate(indices) if self._budget(i) > 0]
-            if kept:  # failed and DLQ items get no attempt in this session: skip them
-                return [indices[k] for k in kept], [lines[k] for k in kept]
-
     def _dispatch(self) -> None:
         room = self.executor.capacity()
         self._rate_bound = False
@@ -279,8 +257,8 @@ class Session:
             lines.append(line)
         pairs = list(zip(indices, numbers))
         runs = None
-        if len(indices) < room and not self._fresh_done:
-            fresh, fresh_lines = self._take_fresh(room - len(indices))
+        if len(indices) < room and not self.cursor.done:
+            fresh, fresh_lines = self.cursor.take(room - len(indices))
             if fresh:
                 fresh_numbers, run = self._next_attempts(fresh)
                 if run is not None:

@@ -422,7 +422,7 @@ def _decoded_items(body: bytes, count: int) -> list[Any] | None:
     Ingest writes each line as ``id TAB item``, the id being orjson output and
     the item holding no raw TAB, so with exactly one TAB a line, turning TABs and
     LFs into "," makes the batch one flat JSON array ``[id, item, id, item,
-    ...]`` (flat: no list per item, which cost ~0.2 us and collector work). A
+    ...]`` (flat: no list per item, which costs time and collector work). A
     further TAB (whitespace inside an item, in a file ingest did not write)
     fails the count, and would leave invalid JSON anyway; then, and for a batch
     over 1 MiB (not worth holding decoded at once), the caller decodes line by
@@ -464,12 +464,12 @@ def _kill_strays(pid: int) -> None:
 
     A worker's only children are its map commands and the orphans they leave,
     so when ``waitpid`` finds no child at all (the common case) there is nothing
-    to look for: that costs ~1 us, the ``/proc`` read 5-20 us."""
+    to look for, and the far dearer ``/proc`` read is skipped."""
     try:
         os.waitpid(-1, os.WNOHANG)  # reaps at most one exited stray; the rest are read below
     except ChildProcessError:
         return
-    try:  # raw os calls: this runs after every attempt, and open() costs ~40 us more
+    try:  # raw os calls: this runs after every attempt, and open() is much dearer
         fd = os.open(f"/proc/{pid}/task/{pid}/children", os.O_RDONLY | os.O_CLOEXEC)
         try:
             strays = [int(p) for p in os.read(fd, 1 << 16).split()]
@@ -684,7 +684,7 @@ def _program(name: str) -> str | None:
     """Where ``name`` is run from: itself if it holds a "/", else its PATH lookup (None:
     not found). Cached per worker, as a shell hashes commands: ``posix_spawnp`` would
     search PATH again for every attempt, trying each directory before the right one
-    (with this machine's 15-entry PATH, ~100 us of a ~800 us ``true``)."""
+    (a visible share of a short command: benchmarks/NOTES.md)."""
     return name if "/" in name else shutil.which(name)
 
 
@@ -724,7 +724,7 @@ def _memory_file(data: bytes = b"") -> int:
     try:
         fd = os.memfd_create("mrpool", os.MFD_CLOEXEC)
     except OSError:  # no memfd (an old kernel): an unnamed file in the temp directory
-        import tempfile  # only here: it costs every start-up ~7 ms
+        import tempfile  # only here: importing it slows every start-up
 
         fd = os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
     if data:
@@ -797,8 +797,8 @@ def _json_now(value: Any) -> orjson.Fragment:
     """``value`` encoded now, as it is at return (a later change to it is not recorded).
 
     The copy matters: orjson's output keeps a large allocation behind a small
-    bytes object, and holding a batch of them until the next send costs ~3 us
-    an item in page faults; a compact copy costs ~0.1 us.
+    bytes object, and holding a batch of them until the next send costs page
+    faults many times dearer than a compact copy (benchmarks/NOTES.md).
     """
     return orjson.Fragment(bytes(memoryview(orjson.dumps(value))))
 

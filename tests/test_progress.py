@@ -12,12 +12,15 @@ import os
 import pty
 import re
 import select
+import shlex
+import shutil
 import struct
+import subprocess
 import termios
 import time
 
 import pytest
-from conftest import write_job
+from conftest import PY, REPO, write_job
 
 from mrpool.progress import (
     HEARTBEAT_ENV,
@@ -185,10 +188,98 @@ def test_a_pipe_gets_a_heartbeat_with_the_jobs_counts_and_quiet_gets_none(mrpool
     (tmp_path / "broken").unlink()
     retry = mrpool.run("dlq", "retry", "beat", env=env)
     assert retry.returncode == 0, retry.stderr
-    assert not re.search(r"\n(?!mrpool|job |plan:)", retry.stderr.rstrip()), retry.stderr
+    live_frames = [f for f in retry.stderr.splitlines() if re.match(r"\||\d+/\d+ ok", f)]
+    assert not live_frames, retry.stderr
     beats = [line for line in retry.stderr.splitlines() if line.startswith("mrpool: beat: ")]
     assert beats, retry.stderr
     counts = [int(re.search(r"(\d+)/20 ok", line).group(1)) for line in beats]
     assert counts[0] >= 10 and counts == sorted(counts), beats
     forced = mrpool.run("run", str(slow_job(tmp_path / "b", 4)), "--progress", env=env)
     assert forced.returncode == 0 and "\n|" in forced.stderr and "4/4 ok" in forced.stderr
+
+
+@pytest.mark.stress
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+def test_in_tmux_at_50_columns_the_screen_holds_one_progress_line(mrpool, tmp_path):
+    """A real terminal emulator: tmux runs the CLI in a 50x20 window; every snapshot of
+    the screen (capture-pane) shows at most one progress line, never wrapped, and the
+    last one shows the job's final count. (Stress: tmux is not part of the project's
+    install; scripts/stress.sh runs it.)"""
+    job = slow_job(tmp_path, 60)
+    server = f"mrpool-test-{os.getpid()}-{time.monotonic_ns()}"
+    tmux = ["tmux", "-L", server]
+    env = mrpool.env()
+    command = " ".join(
+        [f"{k}={shlex.quote(v)}" for k, v in env.items() if k.startswith(("MRPOOL_", "PYTHON"))]
+        + [shlex.quote(PY), "-m", "mrpool", "run", shlex.quote(str(job)), "--job-id", "tmux"]
+    )
+    subprocess.run(
+        [
+            *tmux,
+            "new-session",
+            "-d",
+            "-x",
+            "50",
+            "-y",
+            "20",
+            f"cd {REPO} && {command}; echo EXIT=$?; sleep 60",
+        ],
+        env=env,
+        check=True,
+        timeout=30,
+    )
+    screens: list[list[str]] = []
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            shot = subprocess.run(
+                [*tmux, "capture-pane", "-p", "-J"], capture_output=True, text=True, timeout=30
+            ).stdout.splitlines()
+            screens.append(shot)
+            if any(line.startswith("EXIT=") for line in shot):
+                break
+            time.sleep(0.2)
+    finally:
+        subprocess.run([*tmux, "kill-server"], timeout=30)
+    assert any(line == "EXIT=0" for line in screens[-1]), screens[-1]
+    for shot in screens:  # -J: a line the terminal wrapped comes back joined, whole
+        progress = [line for line in shot if re.search(r"ok|in flight|ETA", line)]
+        assert len(progress) <= 1, shot
+        assert all(len(line) < 50 and "/60 ok" in line for line in progress), shot
+    assert any("60/60 ok" in line for line in screens[-1]), screens[-1]
+
+
+class GoneStream:
+    """A stderr whose reader went away: every write fails as on a closed pipe."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        GoneStream.writes += 1
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def test_a_stderr_that_went_away_ends_the_display_not_the_session(mrpool, tmp_path):
+    """``mrpool run ... 2>&1 | head -1``: once head exits, every heartbeat would raise
+    EPIPE. The display stops after the first failed write; the job runs to the end."""
+    clock = FakeClock()
+    beat = Heartbeat(ProgressModel("j", 5, 5, clock=clock), GoneStream(), 1.0)
+    for _ in range(5):
+        clock.now += 1.5
+        beat.refresh()  # does not raise
+    beat.close()
+    assert GoneStream.writes == 1 and not beat.live
+    job = slow_job(tmp_path, 10)
+    proc = mrpool.start(
+        "run", str(job), "--job-id", "gone", env=mrpool.env(**{HEARTBEAT_ENV: "0.05"})
+    )
+    proc.stderr.close()  # the reader is gone before the first heartbeat
+    proc.wait(timeout=60)
+    proc.stdout.close()
+    assert mrpool.status("gone")["succeeded"] == 10
