@@ -14,6 +14,11 @@ number is the item's *index*, the key the journal uses):
 
 The id part is orjson output and so never contains a raw TAB; the supervisor
 forwards lines to workers without parsing them.
+
+The copy is written once, except that ``mrpool.map(..., extend=True)`` appends
+the rows of new items (``append_rows``) before ``job.json`` is replaced with the
+longer checksum table; until then readers read only the bytes the old table
+covers (checksums.py), so the job is the old one or the extended one, whole.
 """
 
 from __future__ import annotations

@@ -136,6 +136,32 @@ class Session:
 
     # -- the loop ----------------------------------------------------------
     def run(self) -> None:
+        """Open the session, run the loop until the plan is done or a stop is asked, then
+        close it. An exception ends it through ``_abort`` (and is raised)."""
+        self._open()
+        previous = self._install_signal_handlers()
+        try:
+            self._record_all(self.executor.start())
+            if self.options.rate:  # from now: no tokens saved up while the workers forked
+                self.bucket = TokenBucket(self.options.rate)
+            self._loop()
+            if self.stop_signal is not None or self.stop_error is not None:
+                self._interrupt()
+        except BaseException as cause:
+            self._abort(cause)
+            raise
+        else:
+            self.executor.shutdown()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self._count_progress()
+            self.progress.close()
+        self._close()
+
+    def _open(self) -> None:
+        """The ``open`` record (settling what the last session left open, from its crash
+        evidence), the plan, poison parked; written before the executor starts."""
         evidence = self.plan.evidence
         self._record(
             records.session_open(
@@ -155,38 +181,28 @@ class Session:
         if self.plan.after_abort:  # the marker has done its work once this open is durable
             self.journal.sync(force=True)
             clear_abort_marks(self.store.dir)
-        previous = self._install_signal_handlers()
-        try:
-            self._record_all(self.executor.start())
-            if self.options.rate:  # from now: no tokens saved up while the workers forked
-                self.bucket = TokenBucket(self.options.rate)
-            while self._stop_not_asked():
-                self._release_due_retries()
-                self._dispatch()
-                if self._finished():
-                    break
-                outcomes = self.executor.wait(self._wait_timeout())
-                self._settle(outcomes)
-                self.journal.sync()
-                self._count_progress()
-                self.progress.refresh()
-                self._maybe_checkpoint()
-            if self.stop_signal is not None or self.stop_error is not None:
-                self._interrupt()
-        except BaseException as cause:
-            self._abort(cause)
-            raise
-        else:
-            self.executor.shutdown()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+
+    def _loop(self) -> None:
+        """Dispatch what there is room for, wait for outcomes, record them; repeat."""
+        while self._stop_not_asked():
+            self._release_due_retries()
+            self._dispatch()
+            if self._finished():
+                return
+            outcomes = self.executor.wait(self._wait_timeout())
+            self._settle(outcomes)
+            self.journal.sync()
             self._count_progress()
-            self.progress.close()
+            self.progress.refresh()
+            self._maybe_checkpoint()
+
+    def _close(self) -> None:
+        """The ``close`` record, durable, then a checkpoint. If the record cannot be
+        written, the abort marker says the session ended (crashes.py, rule 5)."""
         try:
             self._record(records.close(self._close_reason(), self._cut))
             self.journal.sync(force=True)
-        except Exception:  # the end is not on disk: still, no crash (crashes.py, rule 5)
+        except Exception:
             mark_aborted(self.store.dir, self.journal.offset)
             raise
         self.state.offset = self.journal.offset
