@@ -44,6 +44,9 @@ API_NAMES = (
     "iter_events",
     "iter_joblog",
     "unlock_job",
+    "change_spec",
+    "rerun_items",
+    "remove_job",
     "SessionReport",
 )
 # ``mrpool.map`` and friends (mrpool/pymap.py), imported on first use like the API.

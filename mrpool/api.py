@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shlex
+import shutil
 import stat
 import threading
 import time
@@ -34,10 +36,10 @@ from .crashes import crash_limit
 from .dlq import DeadLetterQueue
 from .errors import CorruptStateError, MrpoolError, StorageError, UsageError
 from .executor import LocalExecutor
-from .fsutil import atomic_write_chunks
+from .fsutil import atomic_write_chunks, fsync_dir, make_private_dir
 from .gc_policy import fewer_collections
 from .isotime import iso, with_iso
-from .items import indices_of, ingest, iter_item_lines, read_ids
+from .items import indices_of, ingest, iter_item_lines, read_ids, split_line
 from .joblog import exit_fields, iter_attempts
 from .journal import JournalWriter, read_records
 from .lock import JobLock, clear_stale, live_holder, unlock
@@ -48,19 +50,30 @@ from .reduce import read_reduce_output, run_reduce
 from .slots import SLOTS_FILE
 from .spec import (
     ExecutorSpec,
+    HaltSpec,
     JobSpec,
+    changed_spec,
     check_callables,
+    check_commands,
+    check_placeholders,
     executor_from_option,
+    halt_from_option,
     load_job_file,
+    replace_spec,
     spec_from_dict,
+    with_stored_changes,
 )
 from .store import (
     DLQ,
     FAILED,
+    PENDING,
+    PURGED,
+    SUCCEEDED,
     JobStore,
     create_job_dir,
     list_job_ids,
     state_root,
+    sweep_stale_build_dirs,
     validate_job_id,
     write_job_file,
 )
@@ -83,6 +96,9 @@ __all__ = [
     "iter_events",
     "iter_joblog",
     "unlock_job",
+    "change_spec",
+    "rerun_items",
+    "remove_job",
     "SessionReport",
 ]
 
@@ -102,6 +118,7 @@ def run_job(
     base_dir: str | os.PathLike | None = None,
     executor: str | None = None,
     stop: threading.Event | None = None,
+    halt: str | HaltSpec | None = None,
 ) -> SessionReport:
     """Create a job from a job file (path), a job dict or a ``JobSpec``, and run it.
 
@@ -109,7 +126,8 @@ def run_job(
     called the moment the job exists (the CLI prints the id there). ``stop``: see
     ``resume_job``. ``concurrency`` and ``rate`` (``"20/s"``) replace the job
     file's ``map.concurrency`` and ``rate``, and are stored with the job like it.
-    ``progress``: ``True`` draws a live line on stderr when it is a
+    ``halt`` ("fail=5", "fail=5%", a ``HaltSpec``) is kept with the job, as the job
+    file's ``halt:``, which it overrides. ``progress``: ``True`` draws a live line on stderr when it is a
     terminal; ``"auto"`` (the CLI's default) also writes a heartbeat line every
     ``$MRPOOL_PROGRESS_SECONDS`` when it is not; ``"always"`` draws the line anyway
     (mrpool/progress.py).
@@ -122,14 +140,19 @@ def run_job(
         spec = replace(spec, map=replace(spec.map, concurrency=_checked_concurrency(concurrency)))
     if rate is not None:
         spec = replace(spec, rate=_rate_option(rate))
-    _executor_choice(spec, executor)  # a bad --executor fails before the job exists
+    if halt is not None:
+        spec = replace_spec(spec, halt=_halt_choice(halt))
+    choice = _executor_choice(spec, executor)  # a bad --executor fails before the job exists
     check_callables(spec)
+    if choice.kind == "local":
+        check_commands(spec)
     job_id = validate_job_id(job_id) if job_id is not None else _new_job_id(spec.name)
     root = state_root(state_dir)
     held: list[JobLock] = []  # taken in the build directory; follows it when it is renamed
 
     def build(tmp: Path) -> None:
         report = ingest(spec, tmp)
+        _check_first_item(spec, tmp)  # a placeholder typo is refused before the job exists
         write_job_file(
             tmp, job_id, spec, report.total, report.duplicates, report.id_mode, report.items_table
         )
@@ -177,8 +200,17 @@ def resume_job(
     on_plan: Callable[[ResumePlan], None] | None = None,
     executor: str | None = None,
     stop: threading.Event | None = None,
+    job_file: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    halt: str | HaltSpec | None = None,
+    on_spec_change: Callable[[dict[str, list[Any]]], None] | None = None,
 ) -> SessionReport:
     """Run what is left of a job: pending + failed + DLQ items, each once.
+
+    ``job_file`` / ``overrides`` (``["map.timeout=60", ...]``, the CLI's ``--set``)
+    change the job's spec for this and every later session (see ``change_spec``);
+    ``on_spec_change(changes)`` is told what changed. ``halt`` ("fail=5", "fail=5%")
+    applies to this session only.
 
     ``executor`` ("local", "dask", "dask://HOST:PORT") overrides the job file's for
     this session (a cluster's address may change between sessions); so do
@@ -192,7 +224,8 @@ def resume_job(
     """
     store = JobStore.open(state_root(state_dir), job_id)
     with JobLock(store.dir, command=f"mrpool resume {job_id}").acquire(wait):
-        options = PlanOptions(include_dlq=not no_dlq, crash_limit=_crash_limit(store))
+        _change_spec_held(store, job_file, overrides, executor, on_spec_change)
+        options = PlanOptions(include_dlq=not no_dlq)
         return _run_session(
             store,
             "resume",
@@ -206,6 +239,7 @@ def resume_job(
             on_plan=on_plan,
             executor=executor,
             stop=stop,
+            halt=halt,
         )
 
 
@@ -225,19 +259,20 @@ def retry_dlq(
     on_plan: Callable[[ResumePlan], None] | None = None,
     executor: str | None = None,
     stop: threading.Event | None = None,
+    job_file: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    halt: str | HaltSpec | None = None,
+    on_spec_change: Callable[[dict[str, list[Any]]], None] | None = None,
 ) -> SessionReport:
     """Re-run DLQ items (all, or those named), narrowed to an error ``signature`` (or a
-    prefix of one) and a failure ``kind`` when given; each success leaves the DLQ
-    (``stop``: see ``resume_job``). Filters that match nothing run nothing and say so."""
+    prefix of one) and a failure ``kind`` when given; each success leaves the DLQ. Filters
+    that match nothing run nothing and say so (``stop``, ``job_file``, ``overrides``,
+    ``halt``: see ``resume_job``)."""
     store = JobStore.open(state_root(state_dir), job_id)
     with JobLock(store.dir, command=f"mrpool dlq retry {job_id}").acquire(wait):
+        _change_spec_held(store, job_file, overrides, executor, on_spec_change)
         only = _retry_selection(store, item_ids, signature, kind)
-        options = PlanOptions(
-            include_pending=False,
-            include_failed=False,
-            only_indices=only,
-            crash_limit=_crash_limit(store),
-        )
+        options = PlanOptions(include_pending=False, include_failed=False, only_indices=only)
         report = _run_session(
             store,
             "dlq retry",
@@ -249,6 +284,7 @@ def retry_dlq(
             on_plan=on_plan,
             executor=executor,
             stop=stop,
+            halt=halt,
         )
         if only is not None and not only:
             report.message = (
@@ -285,8 +321,10 @@ def plan_resume(
 ) -> ResumePlan:
     """The plan ``resume`` would run now, without running (or locking) anything."""
     store = JobStore.open(state_root(state_dir), job_id)
-    state = store.load_state(store.info().total)
-    options = PlanOptions(include_dlq=not no_dlq, crash_limit=_crash_limit(store))
+    info = store.info()
+    state = store.load_state(info.total)
+    spec = with_stored_changes(info.spec, state.spec)
+    options = PlanOptions(include_dlq=not no_dlq, crash_limit=crash_limit(spec.map.retries))
     evidence = _last_executor(state).crash_evidence(store.dir, state, end_stragglers=False)
     # (no lock: end_stragglers=False touches nothing)
     return plan_session(store.dir, state, options, evidence)
@@ -303,7 +341,7 @@ def run_held_session(
     """One session of a job whose lock is already held for it -- by ``mrpool.map``'s
     calling process, which runs this in a forked child (a POSIX lock is not inherited,
     so the child cannot take it, and must not need to)."""
-    options = PlanOptions(include_dlq=include_dlq, crash_limit=_crash_limit(store))
+    options = PlanOptions(include_dlq=include_dlq)
     return _run_session(store, command, options, workers=workers, progress=progress)
 
 
@@ -321,19 +359,23 @@ def _run_session(
     on_plan: Callable[[ResumePlan], None] | None = None,
     executor: str | None = None,
     stop: threading.Event | None = None,
+    halt: str | HaltSpec | None = None,
 ) -> SessionReport:
     """Plan, run the map phase, then the reduce step and the DLQ snapshot, all under the
     lock the caller holds. A storage error comes out with what to do about it."""
     _progress_mode(progress)
     store.sweep()
     info = store.info()
-    spec = info.spec
+    state = store.load_state(info.total)
+    spec = with_stored_changes(info.spec, state.spec)  # job.json's, or the last --set/--job-file
     if concurrency is not None:  # this session's, not stored
         spec = replace(spec, map=replace(spec.map, concurrency=_checked_concurrency(concurrency)))
     per_second = _rate_option(rate) if rate is not None else spec.rate
     choice = _executor_choice(spec, executor)
+    halt_spec = _halt_choice(halt) if halt is not None else spec.halt
     check_callables(spec)
-    state = store.load_state(info.total)
+    _check_fail_fast(store, spec, choice)
+    plan_options = replace(plan_options, crash_limit=crash_limit(spec.map.retries))
     previous = _last_executor(state)  # what it left open is settled by its evidence
     journal = JournalWriter(store.journal_path, state.offset)
     try:
@@ -345,20 +387,20 @@ def _run_session(
         )
         if on_plan:
             on_plan(plan)
-        if _nothing_to_do(info.spec, state, plan):
+        if _nothing_to_do(spec, state, plan):
             journal.close()
             if not state.open_count:  # else a later session still needs the crash evidence
                 previous.discard_evidence(store.dir)
             return _nothing_left(store.job_id, state, plan)
         if reset_failed:
             _reset_attempts(journal, state, plan)
-        options = _session_options(spec, command, additional, progress, stop, per_second)
+        options = _session_options(spec, command, additional, progress, stop, halt_spec, per_second)
         runner = _new_executor(store, spec, workers or spec.workers, choice, info.total)
         session = Session(store, state, journal, plan, runner, options)
         session.run()
         previous.discard_evidence(store.dir)  # settled by this session's open record
         report = session.report(store.job_id)
-        _reduce_if_due(store, info.total, state, journal, plan, report)
+        _reduce_if_due(store, spec, info.total, state, journal, plan, report)
         DeadLetterQueue(store, state).save_snapshot()
     except StorageError as e:
         _close_quietly(journal)
@@ -371,6 +413,197 @@ def _run_session(
         raise
     journal.close()
     return report
+
+
+# -- changing a job after the fact: --job-file / --set, rerun, rm --------------------
+def change_spec(
+    job_id: str,
+    *,
+    job_file: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    state_dir: str | os.PathLike | None = None,
+    wait: float = 0.0,
+) -> dict[str, list[Any]]:
+    """Change a job's spec under its lock, for this and every later session, and return
+    what changed (``{"map.timeout": [30.0, 60.0]}``; empty: nothing). ``job_file``: a
+    job file to take the spec from; ``overrides``: ``KEY=VALUE`` assignments applied on
+    top of it (or of the job's spec). The map and reduce steps, timeout, retries, backoff,
+    workers, dlq, executor and halt may change; the input and the items' identities
+    (``spec.FROZEN_KEYS``) may not (``JobSpecError``/``UsageError``, exit 2, naming the
+    key). The change is one journal record (a ``spec_changed`` event): a crash leaves the
+    old spec or the new one, never a mix."""
+    store = JobStore.open(state_root(state_dir), job_id)
+    with JobLock(store.dir, command=f"mrpool change {job_id}").acquire(wait):
+        return _change_spec_held(store, job_file, overrides, None, None)
+
+
+def _change_spec_held(
+    store: JobStore,
+    job_file: str | os.PathLike | None,
+    overrides: list[str] | None,
+    executor: str | None,
+    on_change: Callable[[dict[str, list[Any]]], None] | None,
+) -> dict[str, list[Any]]:
+    """``change_spec`` for a caller that holds the job's lock."""
+    if job_file is None and not overrides:
+        return {}
+    info = store.info()
+    state = store.load_state(info.total)
+    current = with_stored_changes(info.spec, state.spec)
+    new, changes = changed_spec(current, job_file=job_file, sets=list(overrides or ()))
+    if changes:  # refused whole, before it is recorded, if it cannot run
+        check_callables(new)
+        _check_fail_fast(store, new, _executor_choice(new, executor))
+        how = ([f"--job-file {job_file}"] if job_file is not None else []) + [
+            f"--set {o}" for o in overrides or ()
+        ]
+        _record_durably(store, state, records.spec_change(changes, " ".join(how), new.to_dict()))
+    if on_change:
+        on_change(changes)
+    return changes
+
+
+def _record_durably(store: JobStore, state, record: dict[str, Any]) -> None:
+    """One record, journaled and fsynced before the caller goes on (a lock holder's)."""
+    journal = JournalWriter(store.journal_path, state.offset)
+    try:
+        Recorder(journal, state).record(record)
+        journal.sync(force=True)
+    finally:
+        journal.close()
+
+
+def _check_fail_fast(store: JobStore, spec: JobSpec, choice: ExecutorSpec) -> None:
+    """What can be refused before any item runs: a command program that does not
+    resolve (attempts on this machine only), a placeholder the first item lacks."""
+    if choice.kind == "local":
+        check_commands(spec)
+    _check_first_item(spec, store.dir)
+
+
+def _check_first_item(spec: JobSpec, job_dir: Path) -> None:
+    if not spec.map.command or not any("{item." in arg for arg in spec.map.command):
+        return
+    line = next(iter_item_lines(job_dir), None)
+    if line is not None:
+        raw_id, item = split_line(line)
+        check_placeholders(spec, orjson.loads(item), raw_id)
+
+
+def _halt_choice(halt: str | HaltSpec) -> HaltSpec:
+    if isinstance(halt, HaltSpec):
+        return halt
+    try:
+        return halt_from_option(halt)
+    except ValueError as e:
+        raise UsageError(f"--halt: {e}") from None
+
+
+@fewer_collections()
+def rerun_items(
+    job_id: str,
+    item_ids: list[str],
+    *,
+    state_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
+    wait: float = 0.0,
+    progress: bool | str = False,
+    on_plan: Callable[[ResumePlan], None] | None = None,
+    executor: str | None = None,
+    stop: threading.Event | None = None,
+    job_file: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    halt: str | HaltSpec | None = None,
+    on_spec_change: Callable[[dict[str, list[Any]]], None] | None = None,
+) -> SessionReport:
+    """Run succeeded items again on purpose (``mrpool rerun``), under the job's lock.
+
+    A ``rerun`` record (an ``items_rerun`` event) first makes them pending: from then
+    on ``results`` no longer shows their old result, and their next success is the one
+    it shows. A crash after it leaves them pending for ``resume``. An id the job does
+    not have, or of an item that has not succeeded, is refused (exit 2) naming it.
+    Other options as for ``resume_job``."""
+    if not item_ids:
+        raise UsageError("rerun: name the item(s) to run again")
+    store = JobStore.open(state_root(state_dir), job_id)
+    with JobLock(store.dir, command=f"mrpool rerun {job_id}").acquire(wait):
+        _change_spec_held(store, job_file, overrides, executor, on_spec_change)
+        state = store.load_state(store.info().total)
+        indices = _indices_succeeded(store, state, [str(i) for i in item_ids])
+        _record_durably(store, state, records.rerun(indices))
+        options = PlanOptions(
+            include_failed=False, include_dlq=False, only_indices=frozenset(indices)
+        )
+        return _run_session(
+            store,
+            "rerun",
+            options,
+            workers=workers,
+            progress=progress,
+            on_plan=on_plan,
+            executor=executor,
+            stop=stop,
+            halt=halt,
+        )
+
+
+_PLACES = {PENDING: "pending", FAILED: "failed", DLQ: "in the DLQ", PURGED: "purged"}
+
+
+def _indices_succeeded(store: JobStore, state, item_ids: list[str]) -> list[int]:
+    found = indices_of(store.dir, item_ids)
+    for item_id in item_ids:
+        if item_id not in found:
+            raise UsageError(f"job {store.job_id} has no item {item_id!r}")
+        place = state.status[found[item_id]]
+        if place != SUCCEEDED:
+            where = _PLACES[place]
+            then = "dlq retry" if place == DLQ else "resume"
+            raise UsageError(
+                f"item {item_id!r} of job {store.job_id} has not succeeded (it is {where}); "
+                f"rerun runs succeeded items again"
+                + ("" if place == PURGED else f" -- run it with: {next_step(store, then)}")
+            )
+    return sorted(set(found[item_id] for item_id in item_ids))
+
+
+def remove_job(
+    job_id: str, *, state_dir: str | os.PathLike | None = None, wait: float = 0.0
+) -> Path:
+    """Delete a job's state (``mrpool rm``): refused (``LockedError``, exit 3) while a live
+    process holds its lock. Crash-safe: under the lock, one rename moves the job directory
+    out of ``jobs/`` into ``tmp/`` as a dead process's build dir -- from that instant the
+    job no longer exists for any command -- and only then is it deleted; what a crash
+    leaves there is swept like a killed ``run``'s leftovers. Returns the job's old path."""
+    root = state_root(state_dir)
+    store = JobStore.open(root, job_id)
+    lock = JobLock(store.dir, command=f"mrpool rm {job_id}").acquire(wait)
+    try:
+        tmp_root = make_private_dir(root / "tmp")
+        sweep_stale_build_dirs(tmp_root)
+        tomb = tmp_root / f"{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(store.dir, tomb)
+        fsync_dir(store.dir.parent)
+        fsync_dir(tmp_root)
+        lock.relocate(tomb)
+        from . import failpoints
+
+        if failpoints.ENABLED:
+            failpoints.hit("rm.after_rename")
+    finally:
+        lock.release()
+    shutil.rmtree(tomb)
+    fsync_dir(tmp_root)
+    return store.dir
+
+
+def next_step(store: JobStore, command: str, *args: str) -> str:
+    """``mrpool COMMAND JOB_ID ARGS`` to paste as is: with ``--state-dir`` when the job's
+    state dir is not the one the same environment finds by default."""
+    words = ["mrpool", *command.split(), store.job_id, *args]
+    if store.root != state_root(None):
+        words += ["--state-dir", str(store.root)]
+    return shlex.join(words)
 
 
 def _reduce_due(spec: JobSpec, state) -> bool:
@@ -389,6 +622,7 @@ def _session_options(
     additional: int | None,
     progress: bool | str,
     stop,
+    halt: HaltSpec | None = None,
     rate: float | None = None,
 ) -> SessionOptions:
     return SessionOptions(
@@ -400,16 +634,22 @@ def _session_options(
         progress=progress,
         command=command,
         stop=stop,
+        halt=halt,
         rate=rate,
     )
 
 
 def _reduce_if_due(
-    store: JobStore, total: int, state, journal: JournalWriter, plan, report: SessionReport
+    store: JobStore,
+    spec: JobSpec,
+    total: int,
+    state,
+    journal: JournalWriter,
+    plan,
+    report: SessionReport,
 ) -> None:
     """After a completed map phase: the reduce step, if it has not succeeded yet or this
     session ran items (a session records no ``reduce`` record: due before is due now)."""
-    spec = store.info().spec
     if report.state != "completed" or spec.reduce is None:
         return
     if not (_reduce_due(spec, state) or plan.total):
@@ -527,10 +767,6 @@ def _reduce(
     return outcome
 
 
-def _crash_limit(store: JobStore) -> int:
-    return crash_limit(store.info().spec.map.retries)
-
-
 def _indices_in_dlq(store: JobStore, state, item_ids: list[str]) -> list[int]:
     found = indices_of(store.dir, (str(i) for i in item_ids))
     missing = [i for i in item_ids if i not in found or state.status[found[i]] != DLQ]
@@ -562,11 +798,12 @@ def job_status(job_id: str, *, state_dir: str | os.PathLike | None = None) -> di
             {k: holder.get(k) for k in ("pid", "hostname", "acquired_at", "command")},
             "acquired_at",
         ),
-        "has_reduce": info.spec.reduce is not None,
+        "has_reduce": with_stored_changes(info.spec, state.spec).reduce is not None,
         "reduce": None
         if state.reduce is None
         else {"ok": state.reduce.get("ok"), "error": state.reduce.get("error")},
         "executor": state.executor or {"kind": "local"},
+        "halted": state.halt,  # null, or why the last session halted (halt: / --halt)
     }
 
 
@@ -622,7 +859,8 @@ def _results_by_line(job_id: str, state_dir) -> Iterator[tuple[bytes, bytes | me
 
 def reduce_output(job_id: str, *, state_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     store = JobStore.open(state_root(state_dir), job_id)
-    if store.info().spec.reduce is None:
+    info = store.info()
+    if with_stored_changes(info.spec, store.load_state(info.total).spec).reduce is None:
         raise UsageError(f"job {job_id} has no reduce step")
     output = read_reduce_output(store.dir)
     if output is None:
@@ -713,6 +951,9 @@ _EVENT_NAMES = {
     "reset": "attempts_reset",
     "purge": "dlq_purged",
     "salvage": "journal_salvaged",
+    "spec": "spec_changed",
+    "rerun": "items_rerun",
+    "halt": "halted",
     "extend": "job_extended",
 }
 
@@ -785,7 +1026,9 @@ def _events_of(
             "event": f"worker_{record['ev']}",
             **{k: v for k, v in record.items() if k not in ("k", "t", "ev")},
         }
-    elif kind in ("reset", "purge"):
+    elif kind == "spec":  # what changed and how; the whole new spec stays in the journal
+        yield {"t": t, "event": "spec_changed", "changed": record["changed"], "by": record["by"]}
+    elif kind in ("reset", "purge", "rerun"):
         yield {"t": t, "event": _EVENT_NAMES[kind], "ids": [ids[i] for i in record["b"]]}
     else:
         yield {

@@ -152,6 +152,8 @@ def _build_parser() -> argparse.ArgumentParser:
         _dlq_parser,
         _unlock_parser,
         _fsck_parser,
+        _rerun_parser,
+        _rm_parser,
     ):
         build(sub, [common])
     return parser
@@ -190,6 +192,7 @@ def _run_parser(sub, common) -> None:
     _workers_option(p)
     _pace_options(p)
     _executor_option(p)
+    _halt_option(p, "kept with the job, overriding the job file's halt:")
     p.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
     _progress_options(p)
 
@@ -225,6 +228,7 @@ def _resume_parser(sub, common) -> None:
     _workers_option(p)
     _pace_options(p)
     _executor_option(p)
+    _spec_change_options(p)
     _wait_option(p)
     p.add_argument(
         "--json", action="store_true", help="print the plan and final report as JSON on stdout"
@@ -448,6 +452,7 @@ def _dlq_retry_parser(sub, common) -> None:
     _workers_option(d)
     _pace_options(d)
     _executor_option(d)
+    _spec_change_options(d)
     _wait_option(d)
     d.add_argument(
         "--json", action="store_true", help="print the plan and final report as JSON on stdout"
@@ -544,6 +549,81 @@ def _pace_options(p: argparse.ArgumentParser) -> None:
         metavar="N/s|N/min|N/h",
         help="at most this many attempt starts across the job (overrides the job file's rate)",
     )
+
+
+def _spec_change_options(p: argparse.ArgumentParser) -> None:
+    """``--job-file`` / ``--set`` (a lasting change of the job's spec) and ``--halt``."""
+    p.add_argument(
+        "--job-file",
+        metavar="FILE",
+        help="take the job's map, reduce, timeout, retries, backoff, workers, dlq, executor "
+        "and halt from this job file, for this and later sessions (input and ids stay)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="change one job-file key for this and later sessions, e.g. --set map.timeout=60 "
+        "(repeatable; applied after --job-file)",
+    )
+    _halt_option(p, "this session only; --set halt.fail=N keeps it")
+
+
+def _halt_option(p: argparse.ArgumentParser, scope: str) -> None:
+    p.add_argument(
+        "--halt",
+        metavar="fail=N|fail=N%",
+        help=f"stop once N items (or N%% of those finished) were parked in the DLQ ({scope})",
+    )
+
+
+def _rerun_parser(sub, common) -> None:
+    p = _command(
+        sub,
+        "rerun",
+        "run succeeded items again on purpose; their new result replaces the old",
+        "Makes the named succeeded items pending (an items_rerun event) and runs them under "
+        "the job's lock: from then on results shows only their new result. --job-file / "
+        "--set change the job's spec first, as for resume.",
+        [
+            "mrpool rerun thumbs sku-123 sku-456",
+            "mrpool rerun thumbs sku-123 --set 'map.command=python3 thumb.py --hq {item.path}'",
+        ],
+        _SESSION_EXITS
+        | {2: "usage error (a bad option, an ITEM_ID the job lacks or that has not succeeded)"},
+        common,
+    )
+    _job_id_argument(p)
+    p.add_argument(
+        "item_ids", nargs="+", metavar="ITEM_ID", help="the succeeded items to run again"
+    )
+    _workers_option(p)
+    _executor_option(p)
+    _spec_change_options(p)
+    _wait_option(p)
+    _progress_options(p)
+    p.add_argument(
+        "--json", action="store_true", help="print the plan and final report as JSON on stdout"
+    )
+
+
+def _rm_parser(sub, common) -> None:
+    p = _command(
+        sub,
+        "rm",
+        "delete a job's state for good (needs --yes; not while the job runs)",
+        "Deletes the job's directory: its items, journal, results and DLQ. Under the job's "
+        "lock, one rename takes it out of jobs/ first, so a crash never leaves a job that "
+        "looks valid.",
+        ["mrpool rm thumbs --yes"],
+        _only(3, 4, 5) | {0: "removed", 2: "usage error (no --yes, a bad id)"},
+        common,
+    )
+    _job_id_argument(p)
+    p.add_argument("--yes", action="store_true", help="really delete it (required)")
+    _wait_option(p)
 
 
 def _progress_options(p: argparse.ArgumentParser) -> None:
@@ -655,6 +735,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             on_created=_print_job_id,
             progress=args.progress,
             executor=args.executor,
+            halt=args.halt,
         )
         return _finish(report, args.json, state_dir)
     if args.command == "resume":
@@ -671,6 +752,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             progress=args.progress,
             on_plan=_plan_printer(args),
             executor=args.executor,
+            **_spec_changes(args),
         )
         return _finish(report, args.json, state_dir)
     if args.command == "status":
@@ -702,7 +784,62 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _unlock(args, state_dir)
     if args.command == "fsck":
         return _fsck(args, state_dir)
+    if args.command == "rerun":
+        return _rerun(args, state_dir)
+    if args.command == "rm":
+        return _rm(args, state_dir)
     return _dlq(args, state_dir)
+
+
+def _spec_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``api`` keywords of ``--job-file``, ``--set`` and ``--halt``."""
+    return {
+        "job_file": args.job_file,
+        "overrides": args.overrides,
+        "halt": args.halt,
+        "on_spec_change": _print_spec_change,
+    }
+
+
+def _print_spec_change(changes: dict[str, list[Any]]) -> None:
+    if not changes:
+        _say("spec: nothing changed")
+    for key, (old, new) in changes.items():
+        _say(f"spec changed: {key}: {_shown(old)} -> {_shown(new)}")
+
+
+def _shown(value: Any) -> str:
+    return "(unset)" if value is None else orjson.dumps(value).decode()
+
+
+def _rerun(args: argparse.Namespace, state_dir: str | None) -> int:
+    from . import api
+
+    report = api.rerun_items(
+        args.job_id,
+        args.item_ids,
+        state_dir=state_dir,
+        workers=args.workers,
+        wait=args.wait,
+        progress=args.progress,
+        on_plan=_plan_printer(args),
+        executor=args.executor,
+        **_spec_changes(args),
+    )
+    return _finish(report, args.json, state_dir)
+
+
+def _rm(args: argparse.Namespace, state_dir: str | None) -> int:
+    from . import api
+
+    if not args.yes:
+        again = _next_step("rm", args.job_id, state_dir) + " --yes"
+        raise UsageError(
+            f"rm deletes job {args.job_id} and all its results for good; confirm with: {again}"
+        )
+    api.remove_job(args.job_id, state_dir=state_dir, wait=args.wait)
+    _say(f"removed job {args.job_id}")
+    return 0
 
 
 def _joblog(args: argparse.Namespace, state_dir: str | None) -> int:
@@ -777,6 +914,7 @@ def _dlq(args: argparse.Namespace, state_dir: str | None) -> int:
             progress=args.progress,
             on_plan=_plan_printer(args),
             executor=args.executor,
+            **_spec_changes(args),
         )
         return _finish(report, args.json, state_dir)
     if cmd == "purge":
@@ -849,6 +987,8 @@ def _status(args: argparse.Namespace, state_dir: str | None) -> int:
         _out(_human_line(f"{'reduce':20} {_reduce_text(status, state_dir)}"))
         lock = status["lock"]
         _out(_human_line(f"{'lock':20} {'-' if not lock else _holder_text(lock)}"))
+        if status.get("halted"):
+            _out(_human_line(f"{'halted':20} {status['halted']['reason']}"))
         return 0
     rows = api.list_jobs(state_dir=state_dir)
     if args.json:

@@ -27,6 +27,7 @@ __all__ = [
     "CorruptStateError",
     "StorageError",
     "DlqFullError",
+    "HaltedError",
     "ExecutorError",
     "StateRebuiltWarning",
     "fsck_hint",
@@ -95,6 +96,11 @@ class StorageError(MrpoolError):
 
 class DlqFullError(MrpoolError):
     """Parking one more item would exceed ``dlq.max_items`` with ``on_full: stop``."""
+
+
+class HaltedError(MrpoolError):
+    """``halt:`` / ``--halt``: a session parked as many items as it allows (exit 1, the
+    rest pending: ``resume`` continues)."""
 
 
 class ExecutorError(MrpoolError):

@@ -41,6 +41,7 @@ POINTS = {
     "fsutil.fsync_dir": "a directory is about to be fsynced (skip: it is not; power-cut tests)",
     "dlq.purge.after_lock": "dlq purge holds the job's lock, nothing purged yet",
     "lock.after_holder_unlink": "a release removed holder.json, not yet the lock file",
+    "rm.after_rename": "mrpool rm moved the job out of jobs/ (a tombstone in tmp/), not yet deleted",
     "extend.after_items": "an extension's rows appended to items.jsonl and fsynced; job.json still the old one",
     "extend.before_replace": "the extended job.json written to its temp file, not yet renamed",
     "extend.after_replace": "the extended job.json renamed (the commit), directory not yet fsynced",

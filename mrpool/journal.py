@@ -12,7 +12,11 @@ file is ``{"k":"job","v":1,...}``. Kinds: ``job``, ``open`` (a command started
 a session), ``plan``, ``s`` (attempts started, batched), ``ok`` (successes with
 their results, batched), ``f`` (one failed attempt), ``reset``, ``purge``,
 ``worker``, ``executor`` (the session's executor, when not local: kind, scheduler
-address, workers), ``ckpt``, ``reduce``, ``close`` (a session ended cleanly).
+address, workers), ``ckpt``, ``reduce``, ``close`` (a session ended cleanly),
+``spec`` (``--job-file`` / ``--set`` changed the spec: ``changed`` ``{key: [old, new]}``,
+``by``, and the whole new ``spec``; the last one is the spec sessions run), ``rerun``
+(``b``: succeeded items made pending again by ``mrpool rerun``; a success after it is
+the item's result), ``halt`` (why ``halt:`` stopped the session).
 
 An ``s`` record names its attempts as ``b``, ``[[index, attempt], ...]``, and/or
 as ``r``, ``[[first, count, attempt], ...]``: runs of consecutive items starting

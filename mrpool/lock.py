@@ -65,7 +65,7 @@ import orjson
 import psutil
 
 from . import failpoints
-from .errors import LockedError
+from .errors import LockedError, NoSuchJob
 from .fsutil import atomic_write, fsync_dir, open_private
 
 __all__ = ["JobLock", "live_holder", "describe_holder", "clear_stale", "unlock", "UnlockRefused"]
@@ -94,7 +94,13 @@ class JobLock:
         # contract's "exit 3 within a second") to name it, rather than refuse namelessly.
         grace = time.monotonic() + 0.5
         while True:
-            holder = self._try_once()
+            try:
+                holder = self._try_once()
+            except FileNotFoundError:
+                if self.job_dir.exists():
+                    raise
+                # removed (mrpool rm) while we waited: a job that is gone, not an I/O error
+                raise NoSuchJob(f"no such job: {self.job_dir.name} (it was removed)") from None
             if holder is None:
                 return self
             now = time.monotonic()

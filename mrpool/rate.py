@@ -51,7 +51,7 @@ def rate_text(per_second: float) -> str:
     for unit, seconds in (("s", 1.0), ("min", 60.0), ("h", 3600.0)):
         count = per_second * seconds
         if count >= 1 or unit == "h":
-            return f"{count:g}/{unit}"
+            return f"{count:.12g}/{unit}"
     raise AssertionError("unreachable")
 
 

@@ -42,6 +42,13 @@ close      a session ended cleanly: ``reason``, ``cut`` items whose attempt was
            cut short and counts (null: every open attempt counts).
 salvage    ``mrpool fsck --salvage`` cut the journal: ``cut_at``, ``size_was``,
            ``damaged`` ``[[start, end], ...]``, ``summary``.
+spec       ``--job-file`` / ``--set`` changed the job's spec: ``changed``
+           ``{"map.timeout": [old, new], ...}``, ``by`` (the options), ``spec`` the
+           whole new ``JobSpec.to_dict()``; the last one is the spec sessions run.
+rerun      ``b`` succeeded indices made pending again (``mrpool rerun``); an
+           item's result is its first success after the last rerun naming it.
+halt       ``halt:`` stopped the session: ``rule`` ("fail=5", "fail=5%"),
+           ``parked``, ``finished`` (this session's counts), ``reason``.
 extend     ``mrpool.map(..., extend=True)`` added items: ``from`` the item count the
            last ``job`` / ``extend`` record named, ``total`` now (job.json's),
            ``added``, ``duplicates_in_input`` now. Written after job.json's
@@ -89,6 +96,9 @@ __all__ = [
     "reduce",
     "close",
     "salvage",
+    "spec_change",
+    "rerun",
+    "halt",
     "extend",
     "started_attempts",
     "success_rows",
@@ -239,6 +249,18 @@ def close(reason: str, cut: list[int] | None) -> Record:
 def salvage(cut_at: int, size_was: int, damaged: list[Any], summary: str) -> Record:
     return {"k": "salvage", "cut_at": cut_at, "size_was": size_was, "damaged": damaged,
             "summary": summary}  # fmt: skip
+
+
+def spec_change(changed: dict[str, list[Any]], by: str, spec: dict[str, Any]) -> Record:
+    return {"k": "spec", "changed": changed, "by": by, "spec": spec}
+
+
+def rerun(indices: list[int]) -> Record:
+    return {"k": "rerun", "b": indices}
+
+
+def halt(rule: str, parked: int, finished: int, reason: str) -> Record:
+    return {"k": "halt", "rule": rule, "parked": parked, "finished": finished, "reason": reason}
 
 
 def extend(journal_total: int, total: int, duplicates: int) -> Record:

@@ -15,17 +15,18 @@ import math
 import os
 import re
 import shlex
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from .errors import JobSpecError
+from .errors import JobSpecError, UsageError
 from .fsutil import NotRegularFileError, open_regular_file
-from .rate import parse_rate
+from .rate import parse_rate, rate_text
 
 __all__ = [
     "MapSpec",
@@ -39,6 +40,13 @@ __all__ = [
     "resolve_callable",
     "provide_callable",
     "IN_PROCESS_PREFIX",
+    "HaltSpec",
+    "FROZEN_KEYS",
+    "changed_spec",
+    "with_stored_changes",
+    "halt_from_option",
+    "check_commands",
+    "check_placeholders",
 ]
 
 MAX_WORKERS = 1024  # one process each: beyond this a typo, not a plan
@@ -54,7 +62,9 @@ _TOP_KEYS = {
     "dlq",
     "executor",
     "rate",
+    "halt",
 }
+_HALT_KEYS = {"fail"}
 _MAP_KEYS = {"command", "callable", "timeout", "retries", "backoff", "concurrency"}
 _REDUCE_KEYS = {"command", "callable", "timeout"}
 _DLQ_KEYS = {"max_items", "on_full"}
@@ -99,6 +109,32 @@ class ExecutorSpec:
 
 
 @dataclass(frozen=True)
+class HaltSpec:
+    """``halt: {fail: N}`` or ``{fail: "X%"}``: stop a session once N items (or X % of the
+    items it finished, once 3 have) were parked in the DLQ by it. ``fail`` is kept as
+    written: a whole number, or a string ending in ``%``."""
+
+    fail: int | str
+
+    @property
+    def percent(self) -> float | None:
+        return float(self.fail[:-1]) if isinstance(self.fail, str) else None
+
+    def reached(self, parked: int, finished: int) -> bool:
+        """Whether ``parked`` items parked of ``finished`` finished (this session) halts it."""
+        percent = self.percent
+        if percent is None:
+            return parked >= self.fail  # type: ignore[operator]
+        return parked > 0 and finished >= HALT_MIN_FINISHED and parked * 100 >= percent * finished
+
+    def text(self) -> str:
+        return f"fail={self.fail}"
+
+
+HALT_MIN_FINISHED = 3  # a percentage is judged once this many items finished (GNU parallel's 3)
+
+
+@dataclass(frozen=True)
 class JobSpec:
     name: str
     input: str  # absolute path
@@ -112,6 +148,7 @@ class JobSpec:
     executor: ExecutorSpec = field(default_factory=ExecutorSpec)
     rate: float | None = None  # attempt starts per second across the job (rate.py); None: no cap
     source: str = ""  # the job file it came from, for messages
+    halt: HaltSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,6 +157,16 @@ class JobSpec:
 def load_job_file(path: str | os.PathLike) -> JobSpec:
     """Read and validate a YAML or JSON job file."""
     path = Path(path)
+    return spec_from_dict(
+        _read_document(path),
+        base_dir=path.resolve().parent,
+        source=str(path),
+        default_name=path.stem,
+    )
+
+
+def _read_document(path: Path) -> Any:
+    """The parsed content of the job file at ``path``, or a ``JobSpecError`` naming it."""
     try:
         with open_regular_file(path) as handle:
             text = handle.read()
@@ -129,10 +176,7 @@ def load_job_file(path: str | os.PathLike) -> JobSpec:
         raise JobSpecError(f"{path}: the job file is {e.kind}, not a regular file") from None
     except OSError as e:
         raise JobSpecError(f"{path}: cannot read job file: {e.strerror}") from None
-    data = _parse_document(path, text)
-    return spec_from_dict(
-        data, base_dir=path.resolve().parent, source=str(path), default_name=path.stem
-    )
+    return _parse_document(path, text)
 
 
 def _parse_document(path: Path, text: bytes) -> Any:
@@ -274,6 +318,7 @@ def spec_from_dict(
             rate = parse_rate(data["rate"])
         except ValueError as e:
             raise where.error("rate", str(e)) from None
+    halt_spec = _halt_spec(where, data.get("halt"))
     return JobSpec(
         name=name.strip(),
         input=str(input_path),
@@ -287,6 +332,7 @@ def spec_from_dict(
         executor=executor_spec,
         rate=rate,
         source=str(source),
+        halt=halt_spec,
     )
 
 
@@ -306,6 +352,7 @@ def spec_from_stored(data: dict[str, Any]) -> JobSpec:
         executor=ExecutorSpec(**data.get("executor", {})),
         rate=data.get("rate"),
         source=data.get("source", ""),
+        halt=HaltSpec(**data["halt"]) if data.get("halt") else None,
     )
 
 
@@ -596,6 +643,37 @@ def _executor_spec(where: _Where, data: Any) -> ExecutorSpec:
     return ExecutorSpec(kind=kind, address=address)
 
 
+def _halt_spec(where: _Where, data: Any) -> HaltSpec | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise where.error("halt", 'must be a mapping such as {fail: 5} or {fail: "5%"}')
+    where.unknown_keys("halt.", data, _HALT_KEYS)
+    if "fail" not in data:
+        raise where.error("halt", 'needs fail: a number of items, or a percentage such as "5%"')
+    fail = data["fail"]
+    if _is_int(fail) and fail >= 1:
+        return HaltSpec(fail=fail)
+    if isinstance(fail, str) and re.fullmatch(r"\d+(\.\d+)?%", fail.strip()):
+        percent = float(fail.strip()[:-1])
+        if 0 < percent <= 100:
+            return HaltSpec(fail=f"{fail.strip()[:-1]}%")
+    raise where.error(
+        "halt.fail",
+        f'must be a whole number >= 1 or a percentage from 0 to 100 such as "5%", got {fail!r}',
+    )
+
+
+def halt_from_option(text: str) -> HaltSpec:
+    """``--halt fail=5`` / ``--halt fail=5%``."""
+    key, sep, value = text.partition("=")
+    if not sep or key.strip() != "fail":
+        raise ValueError(f"expected fail=N or fail=N%, got {printable(text)!r}")
+    value = value.strip()
+    fail: Any = int(value) if value.isdigit() else value
+    return _halt_spec(_Where("--halt"), {"fail": fail})  # type: ignore[return-value]
+
+
 def executor_from_option(text: str) -> ExecutorSpec:
     """``--executor local|dask|dask://HOST:PORT`` (``dask+tls://HOST:PORT`` for TLS)."""
     if text in _EXECUTOR_KINDS:
@@ -670,3 +748,209 @@ def _placeholder_value(key: str | None, item: Any) -> str:
     else:
         raise KeyError(key)
     return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+
+# -- changing a job's spec after `run` ---------------------------------------------------
+# `resume`, `dlq retry` and `rerun` take `--job-file FILE` and `--set KEY=VALUE`: they may
+# change how each attempt runs (the map step, timeout, retries, backoff, the reduce step,
+# workers, the DLQ's bounds, the executor, halt) but never what the job is -- its input and
+# the items' identities, which its journal and its copy of the items are keyed by.
+FROZEN_KEYS = ("name", "input", "json_path", "id_field")
+_STEP_KEYS = ("command", "callable")  # setting one of a step's drops the other
+
+
+def spec_document(spec: JobSpec) -> dict[str, Any]:
+    """``spec`` as a job file's content (what ``--set`` edits): ``spec_from_dict`` of it
+    with the same ``base_dir`` gives ``spec`` back."""
+    doc = spec.to_dict()
+    for key in ("base_dir", "source"):
+        doc.pop(key)
+    for section in ("map", "reduce", "dlq", "executor", "halt"):
+        if isinstance(doc.get(section), dict):
+            doc[section] = {k: v for k, v in doc[section].items() if v is not None}
+    if doc.get("rate") is not None:  # kept as starts a second; the file's form is "N/s"
+        doc["rate"] = rate_text(doc["rate"])
+    return {k: v for k, v in doc.items() if v is not None}
+
+
+def changed_spec(
+    current: JobSpec, *, job_file: str | os.PathLike | None = None, sets: list[str] = ()
+) -> tuple[JobSpec, dict[str, list[Any]]]:
+    """The spec ``current`` becomes with the job file ``job_file`` (if any) and the
+    ``--set KEY=VALUE`` assignments applied on top, validated as a job file is, and what
+    changed: ``{"map.timeout": [30.0, 60.0], ...}`` (empty: nothing). A change to a key in
+    ``FROZEN_KEYS`` is refused naming the key."""
+    if job_file is not None:
+        path = Path(job_file)
+        base, source = path.resolve().parent, str(path)
+        new = spec_from_dict(
+            _read_document(path), base_dir=base, source=source, default_name=current.name
+        )
+        doc = spec_document(new)
+    else:
+        doc, base, source = spec_document(current), Path(current.base_dir), current.source
+    for assignment in sets:
+        key, value = parse_assignment(assignment)
+        _assign(doc, key, value)
+    where = "--set" if sets else source
+    new = spec_from_dict(doc, base_dir=base, source=where, default_name=current.name)
+    new = replace_spec(new, source=source)
+    for key in FROZEN_KEYS:
+        if getattr(new, key) != getattr(current, key):
+            raise JobSpecError(
+                f"{where}: {key}: cannot change after run (the job's is "
+                f"{getattr(current, key)!r}, this would make it {getattr(new, key)!r}); "
+                "the input and the items' identities are fixed -- start a new job with 'mrpool run'"
+            )
+    before, after = _flat(spec_document(current)), _flat(spec_document(new))
+    before["base_dir"], after["base_dir"] = current.base_dir, new.base_dir
+    changes = {
+        key: [before.get(key), after.get(key)]
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key)
+    }
+    return new, changes
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--set``: VALUE is read as YAML (a number, true/false, null, a
+    ``[list]``), except that a command not written as a ``[list]`` is taken as text (it
+    is split like a shell would, as in a job file). A frozen KEY is refused here."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UsageError(f"--set: expected KEY=VALUE (such as map.timeout=60), got {text!r}")
+    if key.split(".")[0] in FROZEN_KEYS:
+        raise UsageError(
+            f"--set: {key}: cannot change after run (the input and the items' identities "
+            "are fixed); start a new job with 'mrpool run'"
+        )
+    if key.split(".")[-1] in _STEP_KEYS + ("input", "address") and not raw.lstrip().startswith("["):
+        return key, raw
+    import yaml
+
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _assign(doc: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    target = doc
+    for n, part in enumerate(parts[:-1]):
+        inner = target.get(part)
+        if inner is None:
+            inner = target[part] = {}
+        if not isinstance(inner, dict):
+            raise UsageError(f"--set: {'.'.join(parts[: n + 1])} is not a mapping")
+        target = inner
+    last = parts[-1]
+    if last in _STEP_KEYS and len(parts) == 2 and parts[0] in ("map", "reduce"):
+        for other in _STEP_KEYS:
+            target.pop(other, None)
+    if value is None and len(parts) > 1:
+        target.pop(last, None)  # back to the default
+    else:
+        target[last] = value
+
+
+def _flat(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def replace_spec(spec: JobSpec, **changes: Any) -> JobSpec:
+    from dataclasses import replace
+
+    return replace(spec, **changes)
+
+
+def with_stored_changes(spec: JobSpec, stored: dict[str, Any] | None) -> JobSpec:
+    """The spec a job runs with: ``job.json``'s, or the last one a ``spec`` record of its
+    journal holds (``stored``, a ``JobSpec.to_dict``); the frozen keys always job.json's."""
+    if not stored:
+        return spec
+    changed = spec_from_stored(stored)
+    return replace_spec(changed, **{key: getattr(spec, key) for key in FROZEN_KEYS})
+
+
+# -- fail-fast: what can be checked before any item runs ---------------------------------
+def check_commands(spec: JobSpec) -> None:
+    """The program of the map and reduce commands must resolve as a worker would resolve
+    it (a path holding "/" from the job file's directory, else on PATH) and be executable.
+    Only for attempts run on this machine (a Dask worker has its own PATH)."""
+    for field_name, step in (("map.command", spec.map), ("reduce.command", spec.reduce)):
+        argv = step.command if step is not None else None
+        if not argv or _PLACEHOLDER_RE.search(argv[0]):
+            continue
+        program = argv[0]
+        if "/" in program:
+            path = Path(spec.base_dir, program)
+            if not path.is_file():
+                why = "does not exist" if not path.exists() else "is not a file"
+                raise JobSpecError(
+                    printable(
+                        f"{spec.source}: {field_name}: {program!r} {why} (from {spec.base_dir})"
+                    )
+                )
+            if not os.access(path, os.X_OK):
+                raise JobSpecError(
+                    printable(
+                        f"{spec.source}: {field_name}: {program!r} is not executable "
+                        f"(chmod +x it, or run it through its interpreter, e.g. ['python3', {program!r}])"
+                    )
+                )
+            continue
+        search = os.pathsep.join(
+            str(Path(spec.base_dir, entry or "."))
+            for entry in os.environ.get("PATH", "").split(os.pathsep)
+        )
+        if shutil.which(program, path=search) is None:
+            raise JobSpecError(
+                printable(
+                    f"{spec.source}: {field_name}: {program!r} is not an executable program on PATH"
+                )
+            )
+
+
+def check_placeholders(spec: JobSpec, first_item: Any, first_id: Any) -> None:
+    """Every ``{item.KEY}`` of the map command must be a key of the first item: a typo
+    would otherwise fail every item into the DLQ."""
+    if not spec.map.command:
+        return
+    keys = list(item_keys(spec.map.command))
+    if not keys:
+        return
+    have = sorted(str(k) for k in first_item) if isinstance(first_item, dict) else []
+    for key in keys:
+        if isinstance(first_item, dict) and key in first_item:
+            continue
+        if have:
+            near = difflib.get_close_matches(key, have, n=1)
+            hint = f"{f'did you mean {near[0]!r}? ' if near else ''}it has: {', '.join(have)}"
+        else:
+            hint = f"it is a {type(first_item).__name__}, not an object"
+        raise JobSpecError(
+            printable(
+                f"{spec.source}: map.command: placeholder {{item.{key}}} names a key the "
+                f"first item (id {first_id!r}) does not have ({hint})"
+            )
+        )
+
+
+def item_keys(argv: list[str]) -> Iterator[str]:
+    """The KEYs of the ``{item.KEY}`` placeholders in ``argv``, each once, in order."""
+    seen: set[str] = set()
+    for arg in argv:
+        for match in _PLACEHOLDER_RE.finditer(arg):
+            key = match.group(1)
+            if key is not None and key not in seen:
+                seen.add(key)
+                yield key

@@ -15,10 +15,12 @@ by one append, so there is never a moment where two files disagree.
 
 Checkpoint format (``checkpoint.json``, version 1): a single journal-codec
 record ``{"k":"checkpoint","v":1,"journal_offset":N,"total":T,"status":B64,
-"attempts":B64,"streak":B64,"open":[[index,attempt],...],"reduce":R,"executor":E?}``, where
-each B64 is a zlib-compressed array (status: one byte per item; attempts: uint32
-per item; streak: one byte per item), and ``executor``, only when the last session
-ran on a remote executor, its ``executor`` record's fields. A checkpoint that fails its checksum is
+"attempts":B64,"streak":B64,"open":[[index,attempt],...],"reduce":R,"executor":E?,"spec":S?,
+"halt":H?}``, where each B64 is a zlib-compressed array (status: one byte per item; attempts:
+uint32 per item; streak: one byte per item), ``executor``, only when the last session
+ran on a remote executor, its ``executor`` record's fields, ``spec``, only once the spec was
+changed (``--job-file`` / ``--set``), the last ``spec`` record's spec, and ``halt``, only when
+the last session halted, its ``halt`` record. A checkpoint that fails its checksum is
 reported and ignored: the state is rebuilt from the journal, losing nothing.
 """
 
@@ -83,6 +85,7 @@ __all__ = [
 PENDING, SUCCEEDED, FAILED, DLQ, PURGED = range(5)
 JOB_FILE = "job.json"
 CHECKPOINT_FILE = "checkpoint.json"
+_OK_PREFIX, _RERUN_PREFIX = b'{"k":"ok"', b'{"k":"rerun"'  # records are written with k first
 _NO_BEGAN = object()  # an ``open`` record written before crash evidence named begun attempts
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
@@ -143,6 +146,8 @@ class JobState:
         self.counts = [total, 0, 0, 0, 0]
         self.reduce: dict[str, Any] | None = None
         self.executor: dict[str, Any] | None = None  # the last session's, None: local
+        self.spec: dict[str, Any] | None = None  # the last ``spec`` record's (None: job.json's)
+        self.halt: dict[str, Any] | None = None  # why the last session halted (halt:), if it did
         self.offset = 0  # journal bytes applied
         # CRC-32 of the journal's bytes 0 to crc_offset (None: not known yet), which the
         # checkpoint records so that readers can re-check the prefix they skip
@@ -201,6 +206,7 @@ class JobState:
             else:  # crashed
                 self._settle_open(record.get("cut"), True, record.get("began", _NO_BEGAN))
             self.executor = None
+            self.halt = None
         elif kind == "executor":  # which executor this session runs on (absent: local)
             self.executor = {k: v for k, v in record.items() if k not in ("k", "t")}
         elif kind == "close":  # a clean stop: open attempts were interrupted, not crashed
@@ -214,6 +220,16 @@ class JobState:
                     self.set_status(index, PURGED)
         elif kind == "reduce":
             self.reduce = record
+        elif kind == "spec":  # resume/dlq retry/rerun --job-file/--set changed the spec
+            self.spec = record["spec"]
+        elif kind == "rerun":  # succeeded items to run again on purpose (mrpool rerun)
+            for index in record["b"]:
+                if self.status[index] == SUCCEEDED:
+                    self.set_status(index, PENDING)
+                    self.streak[index] = 0
+            self.reduce = None  # its input changes: it runs again once the job completes
+        elif kind == "halt":
+            self.halt = {k: v for k, v in record.items() if k != "k"}
         elif kind == "job":
             self.journal_total = record["total"]
         elif kind == "extend":  # new items, pending (job.json, written first, sized us)
@@ -344,6 +360,8 @@ class JobState:
                 "open": list(self.open_attempts().items()),
                 "reduce": self.reduce,
                 **({"executor": self.executor} if self.executor else {}),
+                **({"spec": self.spec} if self.spec else {}),
+                **({"halt": self.halt} if self.halt else {}),
                 "journal_crc": self.crc if self.crc_offset == self.offset else None,
                 "journal_stat": self.journal_stat,
                 "journal_total": self.journal_total,
@@ -368,6 +386,8 @@ class JobState:
         state.counts = [state.status.count(s) for s in range(5)]
         state.reduce = record.get("reduce")
         state.executor = record.get("executor")
+        state.spec = record.get("spec")
+        state.halt = record.get("halt")
         state.offset = record["journal_offset"]
         crc = record.get("journal_crc")  # absent in checkpoints of mrpool <= 0.1
         state.crc_offset, state.crc = (state.offset, crc) if isinstance(crc, int) else (0, None)
@@ -580,16 +600,21 @@ class JobStore:
 
         Two passes, so memory stays 8 bytes an item plus about one record however
         large the results: the first finds the record holding each item's (first)
-        success from its raw payload (journal.result_spans: nothing is decoded),
+        success from its raw payload (journal.result_spans: nothing is decoded) --
+        the first after the last ``rerun`` record naming it, if one does --
         the second reads those records again in input order and hands out each
         result's bytes as they are in the journal, keeping the last few small
         records (outcomes are journaled in nearly input order)."""
         where = array("q", [-1]) * total
         length = array("q", [0]) * total  # of the record: read whole, in one allocation
-        for offset, end, line in read_payloads(self.journal_path, kind="ok"):
-            for index, _start, _end in result_spans(line):
-                if 0 <= index < total and where[index] < 0:
-                    where[index], length[index] = offset, end - offset
+        for offset, end, line in read_payloads(self.journal_path):
+            if line.startswith(_OK_PREFIX, 9):
+                for index, _start, _end in result_spans(line):
+                    if 0 <= index < total and where[index] < 0:
+                        where[index], length[index] = offset, end - offset
+            elif line.startswith(_RERUN_PREFIX, 9):  # mrpool rerun: the next success counts
+                for index in orjson.loads(memoryview(line)[9:-1])["b"]:
+                    where[index] = -1
             del line  # before the next (possibly huge) line is read
         cache: dict[int, dict[int, bytes | memoryview]] = {}
         cached_bytes = 0

@@ -46,13 +46,14 @@ from typing import Any
 
 from . import failpoints, records
 from .crashes import clear_abort_marks, mark_aborted
-from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, DlqFullError
+from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, DlqFullError, HaltedError
 from .executor import Batch, Executor, Failure, HandBack, Outcomes, Successes
 from .journal import JournalWriter
 from .planner import PlanCursor, ResumePlan
 from .progress import ProgressModel, open_progress
 from .rate import TokenBucket
 from .records import Recorder
+from .spec import HaltSpec
 from .store import DLQ, PURGED, SUCCEEDED, JobState, JobStore
 
 __all__ = ["SessionOptions", "SessionReport", "Session"]
@@ -74,6 +75,7 @@ class SessionOptions:
     command: str = "run"
     stop: threading.Event | None = None  # set: stop like Ctrl-C (any thread can set it)
     rate: float | None = None  # attempt starts a second across the job (rate.py); None: no cap
+    halt: HaltSpec | None = None  # stop once this many items were parked (halt: / --halt)
 
 
 @dataclass
@@ -133,6 +135,8 @@ class Session:
         self.bucket: TokenBucket | None = None  # options.rate's, once the workers are up
         self._rate_bound = False  # the last dispatch sent fewer than there was room for
         self.kept_failed = 0  # items not parked because the DLQ was full (keep_failed)
+        self.parked_here = 0  # items this session parked in the DLQ (for halt)
+        self.finished_here = 0  # items this session settled: succeeded or parked (for halt)
 
     # -- the loop ----------------------------------------------------------
     def run(self) -> None:
@@ -323,6 +327,7 @@ class Session:
                 self._cut.append(failure.index)
         for done in outcomes.ok:
             self._record_successes(done)
+        self._check_halt()
         if failpoints.ENABLED and len(outcomes):
             self.journal.write()
             failpoints.hit("supervisor.after_outcome")
@@ -361,8 +366,28 @@ class Session:
             retry = (index, NEXT, failure.line)
             heapq.heappush(self.delayed, (time.monotonic() + delay, index, retry))
             return
-        self._record(self._failed_record(failure, self._park_or_keep(index)))
+        next_ = self._park_or_keep(index)
+        self._record(self._failed_record(failure, next_))
         self.progress.model.session_settled += 1
+        if next_ == records.PARK:
+            self.parked_here += 1
+            self.finished_here += 1
+
+    def _check_halt(self) -> None:
+        """``halt: {fail: N | "X%"}``: once this session parked that many items, stop it
+        as a full DLQ does -- in-flight attempts cut (kept pending), exit 1 -- with a
+        ``halt`` record saying why (``status`` shows it)."""
+        halt = self.options.halt
+        if halt is None or self.stop_error is not None or self.stop_signal is not None:
+            return
+        if not halt.reached(self.parked_here, self.finished_here):
+            return
+        reason = (
+            f"halted: {self.parked_here} of the {self.finished_here} item(s) this session "
+            f"finished were parked in the DLQ (halt: {halt.text()}); the rest are pending"
+        )
+        self.stop_error = HaltedError(reason)
+        self._record(records.halt(halt.text(), self.parked_here, self.finished_here, reason))
 
     @staticmethod
     def _failed_record(failure: Failure, next_: str) -> dict[str, Any]:
@@ -425,6 +450,7 @@ class Session:
     def _record_successes(self, done: Successes) -> None:
         self.recorder.successes(done.indices, done.rows)
         self.progress.model.session_settled += len(done.indices)
+        self.finished_here += len(done.indices)
 
     def _count_progress(self) -> None:
         """The job-wide counts and this session's in-flight attempts, for the display."""

@@ -16,7 +16,12 @@ from pathlib import Path
 from conftest import PY, REPO
 
 TOUR = REPO / "README.md"
-SESSION_COMMANDS = ("mrpool run", "mrpool resume", "mrpool dlq retry")  # may exit 1: DLQ
+SESSION_COMMANDS = (
+    "mrpool run",
+    "mrpool resume",
+    "mrpool dlq retry",
+    "mrpool rerun",
+)  # may exit 1: DLQ
 MARK = "@@tour-rc"
 
 
