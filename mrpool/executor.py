@@ -3,8 +3,10 @@
 The supervisor owns *what* runs and what an outcome means (journal, retries,
 DLQ); an executor only runs attempts and reports how each ended. The interface
 is ``Executor``: seven verbs (``start``, ``capacity``, ``submit``, ``wait``,
-``started``, ``cancel``, ``shutdown``) and one question about the past,
-``crash_evidence`` (what the last session of the job was running when it died).
+``started``, ``cancel``, ``shutdown``) and, asked of the *kind* of executor the
+job's last session ran on (static methods, before anything starts), what that
+session was running when it died (``crash_evidence``) and forgetting it once it is
+settled (``discard_evidence``).
 Journal records an executor has to say (a worker started or died, which cluster
 the session runs on) come back from ``start`` and inside ``Outcomes.events``; the
 supervisor records them.

@@ -49,6 +49,7 @@ import psutil
 from . import failpoints, gc_policy
 from .containment import Unit
 from .containment import die_with_parent as _die_with_parent  # even mid C call holding the GIL
+from .records import encode_rows
 from .slots import SlotTable
 from .spec import argv_renderer, resolve_callable
 
@@ -154,7 +155,7 @@ def _outcomes_message(rows: list[list[Any]]) -> bytes:
         rows = [row for row in rows if len(row) == 4]
     return b"%s\n%s" % (
         orjson.dumps([len(rows) + len(failures), duration, failures]),
-        orjson.dumps(rows),
+        encode_rows(rows),  # the journal's ok-record rows (records.py), journaled as sent
     )
 
 
