@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shlex
 import shutil
 import stat
 import threading
@@ -34,7 +33,7 @@ import orjson
 from . import records
 from .crashes import crash_limit
 from .dlq import DeadLetterQueue
-from .errors import CorruptStateError, MrpoolError, StorageError, UsageError
+from .errors import CorruptStateError, MrpoolError, StorageError, UsageError, command_line
 from .executor import LocalExecutor
 from .fsutil import atomic_write_chunks, fsync_dir, make_private_dir
 from .gc_policy import fewer_collections
@@ -406,7 +405,7 @@ def _run_session(
         _close_quietly(journal)
         _discard_evidence_unless_needed(store, info.total, previous)
         raise StorageError(
-            f"{e}; everything recorded before it is safe: free space, then 'mrpool resume {store.job_id}'"
+            f"{e}; everything recorded before it is safe: free space, then '{command_line(store.dir, 'resume')}'"
         ) from None
     except BaseException:
         _close_quietly(journal)
@@ -562,7 +561,7 @@ def _indices_succeeded(store: JobStore, state, item_ids: list[str]) -> list[int]
             raise UsageError(
                 f"item {item_id!r} of job {store.job_id} has not succeeded (it is {where}); "
                 f"rerun runs succeeded items again"
-                + ("" if place == PURGED else f" -- run it with: {next_step(store, then)}")
+                + ("" if place == PURGED else f" -- run it with: {command_line(store.dir, then)}")
             )
     return sorted(set(found[item_id] for item_id in item_ids))
 
@@ -595,15 +594,6 @@ def remove_job(
     shutil.rmtree(tomb)
     fsync_dir(tmp_root)
     return store.dir
-
-
-def next_step(store: JobStore, command: str, *args: str) -> str:
-    """``mrpool COMMAND JOB_ID ARGS`` to paste as is: with ``--state-dir`` when the job's
-    state dir is not the one the same environment finds by default."""
-    words = ["mrpool", *command.split(), store.job_id, *args]
-    if store.root != state_root(None):
-        words += ["--state-dir", str(store.root)]
-    return shlex.join(words)
 
 
 def _reduce_due(spec: JobSpec, state) -> bool:

@@ -885,7 +885,8 @@ def _fsck(args: argparse.Namespace, state_dir: str | None) -> int:
     if report.unrepairable:
         _say(f"mrpool: {args.job_id}: cannot salvage: job.json or items.jsonl is damaged")
     elif report.damaged:
-        _say(f"mrpool: {args.job_id} is damaged; 'mrpool fsck {args.job_id} --salvage' cuts it")
+        salvage = _next_step("fsck", args.job_id, state_dir) + " --salvage"
+        _say(f"mrpool: {args.job_id} is damaged; '{salvage}' cuts it")
     else:
         _say(f"{args.job_id}: {'salvaged: readable again' if report.repaired else 'sound'}")
     return report.exit_code

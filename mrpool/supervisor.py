@@ -46,7 +46,14 @@ from typing import Any
 
 from . import failpoints, records
 from .crashes import clear_abort_marks, mark_aborted
-from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, DlqFullError, HaltedError
+from .errors import (
+    EXIT_FAILURES,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    DlqFullError,
+    HaltedError,
+    command_line,
+)
 from .executor import Batch, Executor, Failure, HandBack, Outcomes, Successes
 from .journal import JournalWriter
 from .planner import PlanCursor, ResumePlan
@@ -404,7 +411,8 @@ class Session:
         if self.options.dlq_on_full == "stop" and self.stop_error is None:
             self.stop_error = DlqFullError(
                 f"the DLQ is full (dlq.max_items = {limit}); stopped with the item kept as failed. "
-                f"Inspect with 'mrpool dlq list {self.store.job_id}', then purge or retry and resume"
+                f"Inspect with '{command_line(self.store.dir, 'dlq list')}', then purge or "
+                "retry and resume"
             )
         self.kept_failed += 1
         return records.KEEP
