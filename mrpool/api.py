@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shlex
 import shutil
 import stat
 import threading
@@ -33,7 +32,7 @@ import orjson
 from . import records
 from .crashes import crash_limit
 from .dlq import DeadLetterQueue
-from .errors import MrpoolError, StorageError, UsageError
+from .errors import MrpoolError, StorageError, UsageError, command_line
 from .fsutil import atomic_write_chunks, fsync_dir, make_private_dir
 from .gc_policy import fewer_collections
 from .isotime import iso, with_iso
@@ -121,6 +120,8 @@ def run_job(
     *,
     job_id: str | None = None,
     workers: int | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
     state_dir: str | os.PathLike | None = None,
     on_created: Callable[[str], None] | None = None,
     progress: bool | str = False,
@@ -133,9 +134,10 @@ def run_job(
 
     Everything is validated before any state exists; ``on_created(job_id)`` is
     called the moment the job exists (the CLI prints the id there). ``stop``: see
-    ``resume_job``. ``halt`` ("fail=5", "fail=5%", a ``HaltSpec``) is kept with the
-    job, as the job file's ``halt:``, which it overrides.
-    ``resume_job``. ``progress``: ``True`` draws a live line on stderr when it is a
+    ``resume_job``. ``concurrency`` and ``rate`` (``"20/s"``) replace the job
+    file's ``map.concurrency`` and ``rate``, and are stored with the job like it.
+    ``halt`` ("fail=5", "fail=5%", a ``HaltSpec``) is kept with the job, as the job
+    file's ``halt:``, which it overrides. ``progress``: ``True`` draws a live line on stderr when it is a
     terminal; ``"auto"`` (the CLI's default) also writes a heartbeat line every
     ``$MRPOOL_PROGRESS_SECONDS`` when it is not; ``"always"`` draws the line anyway
     (mrpool/progress.py).
@@ -146,6 +148,10 @@ def run_job(
     spec = _as_spec(job, base_dir)
     if workers is not None:
         spec = _with_workers(spec, workers)
+    if concurrency is not None:
+        spec = replace(spec, map=replace(spec.map, concurrency=_checked_concurrency(concurrency)))
+    if rate is not None:
+        spec = replace(spec, rate=_rate_option(rate))
     if halt is not None:
         spec = replace_spec(spec, halt=_halt_choice(halt))
     choice = _executor_choice(spec, executor)  # a bad --executor fails before the job exists
@@ -196,6 +202,8 @@ def resume_job(
     *,
     state_dir: str | os.PathLike | None = None,
     workers: int | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
     no_dlq: bool = False,
     reset_failed: bool = False,
     max_additional_retries: int | None = None,
@@ -217,7 +225,8 @@ def resume_job(
     applies to this session only.
 
     ``executor`` ("local", "dask", "dask://HOST:PORT") overrides the job file's for
-    this session (a cluster's address may change between sessions).
+    this session (a cluster's address may change between sessions); so do
+    ``workers``, ``concurrency`` and ``rate`` (``"20/s"``).
 
     Any thread may call this (and ``run_job``, ``retry_dlq``), one job per thread. On
     the main thread SIGINT/SIGTERM stop the session; on another thread Python cannot
@@ -236,6 +245,8 @@ def resume_job(
             "resume",
             options,
             workers=workers,
+            concurrency=concurrency,
+            rate=rate,
             progress=progress,
             reset_failed=reset_failed,
             additional=max_additional_retries,
@@ -255,6 +266,8 @@ def retry_dlq(
     kind: str | None = None,
     state_dir: str | os.PathLike | None = None,
     workers: int | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
     wait: float = 0.0,
     progress: bool | str = False,
     on_plan: Callable[[ResumePlan], None] | None = None,
@@ -281,6 +294,8 @@ def retry_dlq(
             "dlq retry",
             options,
             workers=workers,
+            concurrency=concurrency,
+            rate=rate,
             progress=progress,
             on_plan=on_plan,
             executor=executor,
@@ -357,6 +372,8 @@ def _run_session(
     *,
     workers: int | None,
     progress: bool | str,
+    concurrency: int | None = None,
+    rate: str | None = None,
     reset_failed: bool = False,
     additional: int | None = None,
     on_plan: Callable[[ResumePlan], None] | None = None,
@@ -374,6 +391,9 @@ def _run_session(
     info = store.info()
     state = store.load_state(info.total)
     spec = with_stored_changes(info.spec, state.spec)  # job.json's, or the last --set/--job-file
+    if concurrency is not None:  # this session's, not stored
+        spec = replace(spec, map=replace(spec.map, concurrency=_checked_concurrency(concurrency)))
+    per_second = _rate_option(rate) if rate is not None else spec.rate
     choice = _executor_choice(spec, executor)
     halt_spec = _halt_choice(halt) if halt is not None else spec.halt
     check_callables(spec)
@@ -397,7 +417,7 @@ def _run_session(
             return _nothing_left(store.job_id, state, plan)
         if reset_failed:
             _reset_attempts(journal, state, plan)
-        options = _session_options(spec, command, additional, progress, stop, halt_spec)
+        options = _session_options(spec, command, additional, progress, stop, halt_spec, per_second)
         runner = _new_executor(store, spec, workers or spec.workers, choice, info.total)
         session = Session(store, state, journal, plan, runner, options)
         session.run()
@@ -409,7 +429,7 @@ def _run_session(
         _close_quietly(journal)
         _discard_evidence_unless_needed(store, info.total, previous)
         raise StorageError(
-            f"{e}; everything recorded before it is safe: free space, then 'mrpool resume {store.job_id}'"
+            f"{e}; everything recorded before it is safe: free space, then '{command_line(store.dir, 'resume')}'"
         ) from None
     except BaseException:
         _close_quietly(journal)
@@ -567,7 +587,7 @@ def _indices_succeeded(store: JobStore, state, item_ids: list[str]) -> list[int]
             raise UsageError(
                 f"item {item_id!r} of job {store.job_id} has not succeeded (it is {where}); "
                 f"rerun runs succeeded items again"
-                + ("" if place == PURGED else f" -- run it with: {next_step(store, then)}")
+                + ("" if place == PURGED else f" -- run it with: {command_line(store.dir, then)}")
             )
     return sorted(set(found[item_id] for item_id in item_ids))
 
@@ -602,15 +622,6 @@ def remove_job(
     return store.dir
 
 
-def next_step(store: JobStore, command: str, *args: str) -> str:
-    """``mrpool COMMAND JOB_ID ARGS`` to paste as is: with ``--state-dir`` when the job's
-    state dir is not the one the same environment finds by default."""
-    words = ["mrpool", *command.split(), store.job_id, *args]
-    if store.root != state_root(None):
-        words += ["--state-dir", str(store.root)]
-    return shlex.join(words)
-
-
 def _reduce_due(spec: JobSpec, state) -> bool:
     return spec.reduce is not None and (state.reduce is None or not state.reduce.get("ok"))
 
@@ -628,6 +639,7 @@ def _session_options(
     progress: bool | str,
     stop,
     halt: HaltSpec | None = None,
+    rate: float | None = None,
 ) -> SessionOptions:
     from .supervisor import SessionOptions
 
@@ -641,6 +653,7 @@ def _session_options(
         command=command,
         stop=stop,
         halt=halt,
+        rate=rate,
     )
 
 
@@ -682,6 +695,11 @@ def _executor_choice(spec: JobSpec, option: str | None) -> ExecutorSpec:
             raise UsageError(f"--executor: {e}") from None
     else:
         choice = spec.executor
+    if choice.kind != "local" and spec.map.concurrency > 1:  # before the job exists, on run
+        raise UsageError(
+            f"map.concurrency ({spec.map.concurrency}) applies to the local executor only; "
+            "a Dask cluster runs as many attempts at once as it has worker threads"
+        )
     if choice.kind == "dask":
         try:
             import distributed  # noqa: F401 - the extra's package; the executor imports it too
@@ -698,7 +716,12 @@ def _new_executor(store: JobStore, spec: JobSpec, workers: int, choice: Executor
     from .worker import WorkerConfig
 
     config = WorkerConfig(
-        store.job_id, spec.base_dir, spec.map.command, spec.map.callable, spec.map.timeout
+        store.job_id,
+        spec.base_dir,
+        spec.map.command,
+        spec.map.callable,
+        spec.map.timeout,
+        spec.map.concurrency,
     )
     if choice.kind == "dask":
         from .dask_executor import DaskExecutor
@@ -1135,9 +1158,24 @@ def _as_spec(job: Any, base_dir: Any) -> JobSpec:
     return load_job_file(job)
 
 
-def _with_workers(spec: JobSpec, workers: int) -> JobSpec:
-    from dataclasses import replace
+def _checked_concurrency(concurrency: int) -> int:
+    from .spec import MAX_CONCURRENCY
 
+    if not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise UsageError(f"--concurrency must be from 1 to {MAX_CONCURRENCY}, got {concurrency}")
+    return concurrency
+
+
+def _rate_option(text: str) -> float:
+    from .rate import parse_rate
+
+    try:
+        return parse_rate(text)
+    except ValueError as e:
+        raise UsageError(f"--rate {e}") from None
+
+
+def _with_workers(spec: JobSpec, workers: int) -> JobSpec:
     from .spec import MAX_WORKERS
 
     if not 1 <= workers <= MAX_WORKERS:

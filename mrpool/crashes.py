@@ -3,18 +3,19 @@
 The other modules implement these rules and point here: ``JobState._settle_open``
 (store.py) settles open attempts, ``plan_session`` (planner.py) parks poison,
 ``Session._abort`` / ``Session._hand_back`` (supervisor.py) and
-``LocalExecutor._worker_lost`` (executor.py) decide what a death means, and
-``slots.crash_evidence`` gathers the evidence of what a crashed session was doing.
+``LocalExecutor._worker_lost`` (executor.py) decide what a death means, and the
+crashed session's kind of executor (``Executor.crash_evidence``: for local workers
+``slots.crash_evidence``) gathers the evidence of what it was doing.
 
 Words: an attempt is *open* from its start record (``s``) until its outcome
 (``ok``/``f``) or the end of its session. A session *ends cleanly* with a ``close``
 record (finished, interrupted by SIGINT/SIGTERM, or aborted); it *crashed* when the
 next session's ``open`` record finds attempts still open and no abort marker
-(below) says otherwise. The crash *evidence* (``slots.crash_evidence``, from the
-workers' ``slots.bin``) is written into that ``open`` record: ``began``, the open
+(below) says otherwise. The crash *evidence* (for local workers, from their
+``slots.bin``) is written into that ``open`` record: ``began``, the open
 attempts a worker had begun, and ``cut``, those it was *running* at the crash.
-No evidence (no readable slot file, a remote executor) is written as ``began``
-None: unknown.
+No evidence (no readable slot file; a Dask session, which keeps none) is written as
+``began`` None: unknown.
 
 1. **When an attempt is charged.** Its number is used up once its start is
    journaled. When its session ends with it still open, it stays charged if a

@@ -51,6 +51,7 @@ from .errors import (
     NoSuchJob,
     StateRebuiltWarning,
     UsageError,
+    command_line,
     fsck_hint,
 )
 from .fsutil import atomic_write, fsync_dir, make_private_dir, missing_dirs, sweep_temp_files
@@ -616,9 +617,7 @@ def create_job_dir(root: Path, job_id: str, build) -> JobStore:
     """
     store = JobStore(root, job_id)
     if store.dir.exists():
-        raise JobExists(
-            f"job {job_id!r} already exists; use 'mrpool resume {job_id}' to continue it"
-        )
+        raise _exists(store)
     tmp_root = root / "tmp"
     created = missing_dirs(tmp_root)
     try:
@@ -670,11 +669,16 @@ def _publish(tmp: Path, store: JobStore, job_id: str) -> None:
         os.rename(tmp, store.dir)
     except OSError:
         if store.dir.exists():
-            raise JobExists(
-                f"job {job_id!r} already exists; use 'mrpool resume {job_id}' to continue it"
-            ) from None
+            raise _exists(store) from None
         raise
     fsync_dir(jobs)
+
+
+def _exists(store: JobStore) -> JobExists:
+    return JobExists(
+        f"job {store.job_id!r} already exists; use "
+        f"'{command_line(store.dir, 'resume')}' to continue it"
+    )
 
 
 def write_job_file(

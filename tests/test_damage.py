@@ -110,7 +110,9 @@ def cli(state_dir: Path, argv: list[str]) -> tuple[int, bytes, str]:
         except BaseException as e:  # noqa: BLE001 - what the user would see as a traceback
             code, err = -1, io.StringIO(f"Traceback: {type(e).__name__}: {e}")
         out.flush()
-    return code, out.buffer.getvalue(), err.getvalue()
+    # a printed next step names the state dir it was given (pasteable): the same answer
+    # for the pristine copy and a damaged one in another directory
+    return code, out.buffer.getvalue().replace(bytes(state_dir), b"<STATE_DIR>"), err.getvalue()
 
 
 def flip(path: Path, at: int, mask: int = 0x20) -> None:
