@@ -109,6 +109,8 @@ def run_job(
     *,
     job_id: str | None = None,
     workers: int | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
     state_dir: str | os.PathLike | None = None,
     on_created: Callable[[str], None] | None = None,
     progress: bool | str = False,
@@ -121,9 +123,10 @@ def run_job(
 
     Everything is validated before any state exists; ``on_created(job_id)`` is
     called the moment the job exists (the CLI prints the id there). ``stop``: see
-    ``resume_job``. ``halt`` ("fail=5", "fail=5%", a ``HaltSpec``) is kept with the
-    job, as the job file's ``halt:``, which it overrides.
-    ``resume_job``. ``progress``: ``True`` draws a live line on stderr when it is a
+    ``resume_job``. ``concurrency`` and ``rate`` (``"20/s"``) replace the job
+    file's ``map.concurrency`` and ``rate``, and are stored with the job like it.
+    ``halt`` ("fail=5", "fail=5%", a ``HaltSpec``) is kept with the job, as the job
+    file's ``halt:``, which it overrides. ``progress``: ``True`` draws a live line on stderr when it is a
     terminal; ``"auto"`` (the CLI's default) also writes a heartbeat line every
     ``$MRPOOL_PROGRESS_SECONDS`` when it is not; ``"always"`` draws the line anyway
     (mrpool/progress.py).
@@ -132,6 +135,10 @@ def run_job(
     spec = _as_spec(job, base_dir)
     if workers is not None:
         spec = _with_workers(spec, workers)
+    if concurrency is not None:
+        spec = replace(spec, map=replace(spec.map, concurrency=_checked_concurrency(concurrency)))
+    if rate is not None:
+        spec = replace(spec, rate=_rate_option(rate))
     if halt is not None:
         spec = replace_spec(spec, halt=_halt_choice(halt))
     choice = _executor_choice(spec, executor)  # a bad --executor fails before the job exists
@@ -182,6 +189,8 @@ def resume_job(
     *,
     state_dir: str | os.PathLike | None = None,
     workers: int | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
     no_dlq: bool = False,
     reset_failed: bool = False,
     max_additional_retries: int | None = None,
@@ -203,7 +212,8 @@ def resume_job(
     applies to this session only.
 
     ``executor`` ("local", "dask", "dask://HOST:PORT") overrides the job file's for
-    this session (a cluster's address may change between sessions).
+    this session (a cluster's address may change between sessions); so do
+    ``workers``, ``concurrency`` and ``rate`` (``"20/s"``).
 
     Any thread may call this (and ``run_job``, ``retry_dlq``), one job per thread. On
     the main thread SIGINT/SIGTERM stop the session; on another thread Python cannot
@@ -220,6 +230,8 @@ def resume_job(
             "resume",
             options,
             workers=workers,
+            concurrency=concurrency,
+            rate=rate,
             progress=progress,
             reset_failed=reset_failed,
             additional=max_additional_retries,
@@ -239,6 +251,8 @@ def retry_dlq(
     kind: str | None = None,
     state_dir: str | os.PathLike | None = None,
     workers: int | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
     wait: float = 0.0,
     progress: bool | str = False,
     on_plan: Callable[[ResumePlan], None] | None = None,
@@ -263,6 +277,8 @@ def retry_dlq(
             "dlq retry",
             options,
             workers=workers,
+            concurrency=concurrency,
+            rate=rate,
             progress=progress,
             on_plan=on_plan,
             executor=executor,
@@ -335,6 +351,8 @@ def _run_session(
     *,
     workers: int | None,
     progress: bool | str,
+    concurrency: int | None = None,
+    rate: str | None = None,
     reset_failed: bool = False,
     additional: int | None = None,
     on_plan: Callable[[ResumePlan], None] | None = None,
@@ -349,6 +367,9 @@ def _run_session(
     info = store.info()
     state = store.load_state(info.total)
     spec = with_stored_changes(info.spec, state.spec)  # job.json's, or the last --set/--job-file
+    if concurrency is not None:  # this session's, not stored
+        spec = replace(spec, map=replace(spec.map, concurrency=_checked_concurrency(concurrency)))
+    per_second = _rate_option(rate) if rate is not None else spec.rate
     choice = _executor_choice(spec, executor)
     halt_spec = _halt_choice(halt) if halt is not None else spec.halt
     check_callables(spec)
@@ -372,7 +393,7 @@ def _run_session(
             return _nothing_left(store.job_id, state, plan)
         if reset_failed:
             _reset_attempts(journal, state, plan)
-        options = _session_options(spec, command, additional, progress, stop, halt_spec)
+        options = _session_options(spec, command, additional, progress, stop, halt_spec, per_second)
         runner = _new_executor(store, spec, workers or spec.workers, choice, info.total)
         session = Session(store, state, journal, plan, runner, options)
         session.run()
@@ -592,6 +613,7 @@ def _session_options(
     progress: bool | str,
     stop,
     halt: HaltSpec | None = None,
+    rate: float | None = None,
 ) -> SessionOptions:
     return SessionOptions(
         retries=spec.map.retries,
@@ -603,6 +625,7 @@ def _session_options(
         command=command,
         stop=stop,
         halt=halt,
+        rate=rate,
     )
 
 
@@ -644,6 +667,11 @@ def _executor_choice(spec: JobSpec, option: str | None) -> ExecutorSpec:
             raise UsageError(f"--executor: {e}") from None
     else:
         choice = spec.executor
+    if choice.kind != "local" and spec.map.concurrency > 1:  # before the job exists, on run
+        raise UsageError(
+            f"map.concurrency ({spec.map.concurrency}) applies to the local executor only; "
+            "a Dask cluster runs as many attempts at once as it has worker threads"
+        )
     if choice.kind == "dask":
         try:
             import distributed  # noqa: F401 - the extra's package; the executor imports it too
@@ -656,7 +684,12 @@ def _executor_choice(spec: JobSpec, option: str | None) -> ExecutorSpec:
 
 def _new_executor(store: JobStore, spec: JobSpec, workers: int, choice: ExecutorSpec, items: int):
     config = WorkerConfig(
-        store.job_id, spec.base_dir, spec.map.command, spec.map.callable, spec.map.timeout
+        store.job_id,
+        spec.base_dir,
+        spec.map.command,
+        spec.map.callable,
+        spec.map.timeout,
+        spec.map.concurrency,
     )
     if choice.kind == "dask":
         from .dask_executor import DaskExecutor
@@ -1031,9 +1064,24 @@ def _as_spec(job: Any, base_dir: Any) -> JobSpec:
     return load_job_file(job)
 
 
-def _with_workers(spec: JobSpec, workers: int) -> JobSpec:
-    from dataclasses import replace
+def _checked_concurrency(concurrency: int) -> int:
+    from .spec import MAX_CONCURRENCY
 
+    if not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise UsageError(f"--concurrency must be from 1 to {MAX_CONCURRENCY}, got {concurrency}")
+    return concurrency
+
+
+def _rate_option(text: str) -> float:
+    from .rate import parse_rate
+
+    try:
+        return parse_rate(text)
+    except ValueError as e:
+        raise UsageError(f"--rate {e}") from None
+
+
+def _with_workers(spec: JobSpec, workers: int) -> JobSpec:
     from .spec import MAX_WORKERS
 
     if not 1 <= workers <= MAX_WORKERS:

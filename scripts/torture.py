@@ -39,7 +39,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 
-MAPPER = '''
+MAPPER = """
 import os, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -62,12 +62,15 @@ def work(item):
     else:
         time.sleep(0.002)
     return {"id": item["id"], "kind": kind}
-'''
+"""
 
 
 def make_items(rng: random.Random, n: int) -> list[dict]:
     kinds = ["ok"] * 8 + ["slow"] * 5 + ["fail", "crash", "flaky"]
-    return [{"id": i, "kind": rng.choice(kinds), "t": round(rng.uniform(0.05, 0.3), 3)} for i in range(n)]
+    return [
+        {"id": i, "kind": rng.choice(kinds), "t": round(rng.uniform(0.05, 0.3), 3)}
+        for i in range(n)
+    ]
 
 
 class Torture:
@@ -76,7 +79,12 @@ class Torture:
         self.rng = random.Random(args.seed)
         self.root = Path(tempfile.mkdtemp(prefix="mrpool-torture-"))
         self.tag = uuid.uuid4().hex
-        self.env = dict(os.environ, MRPOOL_HOME=str(self.root / "state"), MRPOOL_TEST_TAG=self.tag, PYTHONPATH=str(REPO))
+        self.env = dict(
+            os.environ,
+            MRPOOL_HOME=str(self.root / "state"),
+            MRPOOL_TEST_TAG=self.tag,
+            PYTHONPATH=str(REPO),
+        )
         self.env.pop("MRPOOL_FAILPOINTS", None)
         self.kills: Counter[str] = Counter()
         self.lost = self.duplicated = self.rerun = self.leaks = self.trials = 0
@@ -84,15 +92,28 @@ class Torture:
 
     # -- driving mrpool -----------------------------------------------------------
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "mrpool", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "mrpool", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def start(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "mrpool", *args], env=self.env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "mrpool", *args],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def results(self, job_id: str) -> list:
         r = self.cli("results", job_id)
-        return [json.loads(line)["id"] for line in r.stdout.splitlines()] if r.returncode == 0 else []
+        return (
+            [json.loads(line)["id"] for line in r.stdout.splitlines()] if r.returncode == 0 else []
+        )
 
     # -- one job --------------------------------------------------------------------
     def run_job(self, number: int) -> None:
@@ -102,7 +123,11 @@ class Torture:
         items = make_items(self.rng, self.args.items)
         with open(job_dir / "items.jsonl", "w") as handle:
             handle.writelines(json.dumps(it) + "\n" for it in items)
-        spec = {"input": "items.jsonl", "workers": 2, "map": {"callable": "mapper:work", "retries": 1}}
+        spec = {
+            "input": "items.jsonl",
+            "workers": 2,
+            "map": {"callable": "mapper:work", "retries": 1},
+        }
         (job_dir / "job.json").write_text(json.dumps(spec))
         job_id = f"t{number}"
         side = job_dir / "side.log"
@@ -112,8 +137,14 @@ class Torture:
             attempts += 1
             recorded = set(self.results(job_id))
             ran_before = len(side.read_text().split()) if side.exists() else 0
-            started = (self.root / "state" / "jobs" / job_id).is_dir()  # a run killed early left nothing
-            proc = self.start("resume", job_id, "--wait", "10") if started else self.start("run", str(job_dir / "job.json"), "--job-id", job_id)
+            started = (
+                self.root / "state" / "jobs" / job_id
+            ).is_dir()  # a run killed early left nothing
+            proc = (
+                self.start("resume", job_id, "--wait", "10")
+                if started
+                else self.start("run", str(job_dir / "job.json"), "--job-id", job_id)
+            )
             time.sleep(self.rng.uniform(0.05, 1.0))
             if self.kill(proc):
                 self.trials += 1
@@ -161,7 +192,10 @@ class Torture:
         alive = self.tagged_processes()
         if alive:
             self.leaks += 1
-            print(f"LEAK: processes alive 2 s after the supervisor died: {[p.pid for p in alive]}", file=sys.stderr)
+            print(
+                f"LEAK: processes alive 2 s after the supervisor died: {[p.pid for p in alive]}",
+                file=sys.stderr,
+            )
             for p in alive:
                 try:
                     p.kill()
@@ -172,7 +206,10 @@ class Torture:
         found = []
         for p in psutil.process_iter():
             try:
-                if p.environ().get("MRPOOL_TEST_TAG") == self.tag and p.status() != psutil.STATUS_ZOMBIE:
+                if (
+                    p.environ().get("MRPOOL_TEST_TAG") == self.tag
+                    and p.status() != psutil.STATUS_ZOMBIE
+                ):
                     found.append(p)
             except (psutil.Error, OSError):
                 pass
@@ -201,10 +238,15 @@ class Torture:
         dlq_ids = {e["id"] for e in json.loads(self.cli("dlq", "list", job_id, "--json").stdout)}
         self.duplicated += len(ids) - len(set(ids))
         lost = [it["id"] for it in items if it["id"] not in set(ids) and it["id"] not in dlq_ids]
-        wrongly_parked = [i for i in dlq_ids if next(it for it in items if it["id"] == i)["kind"] != "fail"]
+        wrongly_parked = [
+            i for i in dlq_ids if next(it for it in items if it["id"] == i)["kind"] != "fail"
+        ]
         self.lost += len(lost)
         if lost or wrongly_parked or status["pending"] or status["failed"]:
-            print(f"{job_id}: lost={lost} parked-but-should-succeed={wrongly_parked} status={status}", file=sys.stderr)
+            print(
+                f"{job_id}: lost={lost} parked-but-should-succeed={wrongly_parked} status={status}",
+                file=sys.stderr,
+            )
             self.lost += len(wrongly_parked)
         job_dir = self.root / "state" / "jobs" / job_id
         stray = [n for n in os.listdir(job_dir) if n in ("lock", "holder.json") or ".tmp-" in n]
@@ -221,7 +263,9 @@ class Torture:
         self.leaks += len(new_shm)
         kills = ", ".join(f"{k}={v}" for k, v in sorted(self.kills.items()))
         print(f"trials={self.trials} kills: {kills}")
-        print(f"lost={self.lost} duplicated={self.duplicated} re-run={self.rerun} leaks={self.leaks}")
+        print(
+            f"lost={self.lost} duplicated={self.duplicated} re-run={self.rerun} leaks={self.leaks}"
+        )
         shutil.rmtree(self.root, ignore_errors=True)
         return 0 if not (self.lost or self.duplicated or self.rerun or self.leaks) else 1
 
@@ -229,7 +273,9 @@ class Torture:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=40)
-    parser.add_argument("--kills", type=int, default=5, help="kills per job (trials = jobs * kills)")
+    parser.add_argument(
+        "--kills", type=int, default=5, help="kills per job (trials = jobs * kills)"
+    )
     parser.add_argument("--items", type=int, default=60)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
