@@ -78,6 +78,14 @@ def timed_process(
     """Wall seconds and peak RSS in bytes of running ``argv`` to its end: the largest
     process of its tree (``wait4``'s ``ru_maxrss`` covers the waited-for descendants).
     An exit status not in ``ok`` stops the benchmark with the command's stderr."""
+    return timed_process_cpu(argv, env, ok, stdout)[:2]
+
+
+def timed_process_cpu(
+    argv: list[str], env=None, ok=(0,), stdout=subprocess.DEVNULL
+) -> tuple[float, int, float]:
+    """``timed_process`` and the CPU seconds (user + system) of the process and its
+    waited-for descendants: on a shared machine, the figure a busy neighbour moves least."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -87,7 +95,7 @@ def timed_process(
     proc.stderr.close()
     if code not in ok:
         raise SystemExit(f"{' '.join(argv[:4])} ... exited {code}: {err}")
-    return elapsed, usage.ru_maxrss * 1024
+    return elapsed, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
 def interleaved_rounds(repeats: int, runners: dict) -> dict[str, list[float]]:

@@ -9,11 +9,13 @@ The folder is the architecture, one module per concept:
     dlq.py         the dead letter queue: parked items, history, signatures
     lock.py        one process per job: fasteners lock + holder record + psutil
     planner.py     what a session runs: pending > failed > DLQ, deduplicated
-    slots.py       per-worker shared slots (item, since, heartbeat), begun attempts, crash evidence
-    worker.py      a worker process: runs command / callable attempts
+    slots.py       per-worker shared slots (a lane per attempt held, heartbeat), begun attempts,
+                   crash evidence
+    worker.py      a worker process: runs command / callable attempts, K at once with lanes
     executor.py    the executor boundary; LocalExecutor = forked workers
     containment.py every process a session starts (cgroup or token) and its guardian
     supervisor.py  one session: dispatch, outcomes, retries, stop path
+    rate.py        the job-wide rate limit: a token bucket of attempt starts
     reduce.py      the reduce step
     gc_policy.py   fewer collector passes in mrpool's bulk loops, none in user code
     api.py         the Python API;  cli.py  the command line
@@ -35,11 +37,13 @@ API_NAMES = (
     "list_jobs",
     "iter_results",
     "iter_result_lines",
+    "iter_result_blocks",
     "reduce_output",
     "open_dlq",
     "export_dlq",
     "purge_dlq",
     "iter_events",
+    "iter_event_lines",
     "iter_joblog",
     "unlock_job",
     "change_spec",

@@ -18,36 +18,32 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shlex
 import shutil
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from . import records
 from .crashes import crash_limit
 from .dlq import DeadLetterQueue
-from .errors import CorruptStateError, MrpoolError, StorageError, UsageError
-from .executor import LocalExecutor
+from .errors import MrpoolError, StorageError, UsageError, command_line
 from .fsutil import atomic_write_chunks, fsync_dir, make_private_dir
 from .gc_policy import fewer_collections
 from .isotime import iso, with_iso
-from .items import indices_of, ingest, iter_item_lines, read_ids, split_line
+from .items import indices_of, ingest, iter_item_data, iter_item_lines, split_line
 from .joblog import exit_fields, iter_attempts
 from .journal import JournalWriter, read_records
 from .lock import JobLock, clear_stale, live_holder, unlock
-from .planner import PlanOptions, ResumePlan, plan_session
 from .progress import mode_of
 from .records import PARK, RETRY, Recorder, started_attempts, success_rows
 from .reduce import read_reduce_output, run_reduce
-from .slots import SLOTS_FILE
+from .results import jsonl_blocks, result_pairs
 from .spec import (
     ExecutorSpec,
     HaltSpec,
@@ -77,8 +73,11 @@ from .store import (
     validate_job_id,
     write_job_file,
 )
-from .supervisor import Session, SessionOptions, SessionReport
-from .worker import WorkerConfig
+
+if TYPE_CHECKING:  # the running side is imported by the functions that run items: reading
+    # commands (status, results, events, dlq list) need neither the executor nor psutil
+    from .planner import PlanOptions, ResumePlan
+    from .supervisor import SessionOptions, SessionReport
 
 __all__ = [
     "run_job",
@@ -89,11 +88,13 @@ __all__ = [
     "list_jobs",
     "iter_results",
     "iter_result_lines",
+    "iter_result_blocks",
     "reduce_output",
     "open_dlq",
     "export_dlq",
     "purge_dlq",
     "iter_events",
+    "iter_event_lines",
     "iter_joblog",
     "unlock_job",
     "change_spec",
@@ -103,6 +104,15 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str):
+    """``api.SessionReport``: imported with the running side, on first use."""
+    if name == "SessionReport":
+        from .supervisor import SessionReport
+
+        return SessionReport
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # -- starting and continuing work ------------------------------------------------
 @fewer_collections()
 def run_job(
@@ -110,6 +120,8 @@ def run_job(
     *,
     job_id: str | None = None,
     workers: int | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
     state_dir: str | os.PathLike | None = None,
     on_created: Callable[[str], None] | None = None,
     progress: bool | str = False,
@@ -122,17 +134,24 @@ def run_job(
 
     Everything is validated before any state exists; ``on_created(job_id)`` is
     called the moment the job exists (the CLI prints the id there). ``stop``: see
-    ``resume_job``. ``halt`` ("fail=5", "fail=5%", a ``HaltSpec``) is kept with the
-    job, as the job file's ``halt:``, which it overrides.
-    ``resume_job``. ``progress``: ``True`` draws a live line on stderr when it is a
+    ``resume_job``. ``concurrency`` and ``rate`` (``"20/s"``) replace the job
+    file's ``map.concurrency`` and ``rate``, and are stored with the job like it.
+    ``halt`` ("fail=5", "fail=5%", a ``HaltSpec``) is kept with the job, as the job
+    file's ``halt:``, which it overrides. ``progress``: ``True`` draws a live line on stderr when it is a
     terminal; ``"auto"`` (the CLI's default) also writes a heartbeat line every
     ``$MRPOOL_PROGRESS_SECONDS`` when it is not; ``"always"`` draws the line anyway
     (mrpool/progress.py).
     """
+    from .planner import PlanOptions
+
     _progress_mode(progress)
     spec = _as_spec(job, base_dir)
     if workers is not None:
         spec = _with_workers(spec, workers)
+    if concurrency is not None:
+        spec = replace(spec, map=replace(spec.map, concurrency=_checked_concurrency(concurrency)))
+    if rate is not None:
+        spec = replace(spec, rate=_rate_option(rate))
     if halt is not None:
         spec = replace_spec(spec, halt=_halt_choice(halt))
     choice = _executor_choice(spec, executor)  # a bad --executor fails before the job exists
@@ -183,6 +202,8 @@ def resume_job(
     *,
     state_dir: str | os.PathLike | None = None,
     workers: int | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
     no_dlq: bool = False,
     reset_failed: bool = False,
     max_additional_retries: int | None = None,
@@ -204,7 +225,8 @@ def resume_job(
     applies to this session only.
 
     ``executor`` ("local", "dask", "dask://HOST:PORT") overrides the job file's for
-    this session (a cluster's address may change between sessions).
+    this session (a cluster's address may change between sessions); so do
+    ``workers``, ``concurrency`` and ``rate`` (``"20/s"``).
 
     Any thread may call this (and ``run_job``, ``retry_dlq``), one job per thread. On
     the main thread SIGINT/SIGTERM stop the session; on another thread Python cannot
@@ -212,6 +234,8 @@ def resume_job(
     session stops as on Ctrl-C -- attempts killed, kept pending, report state
     ``"interrupted"`` -- and ``resume`` continues it later.
     """
+    from .planner import PlanOptions
+
     store = JobStore.open(state_root(state_dir), job_id)
     with JobLock(store.dir, command=f"mrpool resume {job_id}").acquire(wait):
         _change_spec_held(store, job_file, overrides, executor, on_spec_change)
@@ -221,6 +245,8 @@ def resume_job(
             "resume",
             options,
             workers=workers,
+            concurrency=concurrency,
+            rate=rate,
             progress=progress,
             reset_failed=reset_failed,
             additional=max_additional_retries,
@@ -240,6 +266,8 @@ def retry_dlq(
     kind: str | None = None,
     state_dir: str | os.PathLike | None = None,
     workers: int | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
     wait: float = 0.0,
     progress: bool | str = False,
     on_plan: Callable[[ResumePlan], None] | None = None,
@@ -254,6 +282,8 @@ def retry_dlq(
     prefix of one) and a failure ``kind`` when given; each success leaves the DLQ. Filters
     that match nothing run nothing and say so (``stop``, ``job_file``, ``overrides``,
     ``halt``: see ``resume_job``)."""
+    from .planner import PlanOptions
+
     store = JobStore.open(state_root(state_dir), job_id)
     with JobLock(store.dir, command=f"mrpool dlq retry {job_id}").acquire(wait):
         _change_spec_held(store, job_file, overrides, executor, on_spec_change)
@@ -264,6 +294,8 @@ def retry_dlq(
             "dlq retry",
             options,
             workers=workers,
+            concurrency=concurrency,
+            rate=rate,
             progress=progress,
             on_plan=on_plan,
             executor=executor,
@@ -304,6 +336,8 @@ def plan_resume(
     job_id: str, *, state_dir: str | os.PathLike | None = None, no_dlq: bool = False
 ) -> ResumePlan:
     """The plan ``resume`` would run now, without running (or locking) anything."""
+    from .planner import PlanOptions, plan_session
+
     store = JobStore.open(state_root(state_dir), job_id)
     info = store.info()
     state = store.load_state(info.total)
@@ -325,6 +359,8 @@ def run_held_session(
     """One session of a job whose lock is already held for it -- by ``mrpool.map``'s
     calling process, which runs this in a forked child (a POSIX lock is not inherited,
     so the child cannot take it, and must not need to)."""
+    from .planner import PlanOptions
+
     options = PlanOptions(include_dlq=include_dlq)
     return _run_session(store, command, options, workers=workers, progress=progress)
 
@@ -336,6 +372,8 @@ def _run_session(
     *,
     workers: int | None,
     progress: bool | str,
+    concurrency: int | None = None,
+    rate: str | None = None,
     reset_failed: bool = False,
     additional: int | None = None,
     on_plan: Callable[[ResumePlan], None] | None = None,
@@ -345,11 +383,17 @@ def _run_session(
 ) -> SessionReport:
     """Plan, run the map phase, then the reduce step and the DLQ snapshot, all under the
     lock the caller holds. A storage error comes out with what to do about it."""
+    from .planner import plan_session
+    from .supervisor import Session
+
     _progress_mode(progress)
     store.sweep()
     info = store.info()
     state = store.load_state(info.total)
     spec = with_stored_changes(info.spec, state.spec)  # job.json's, or the last --set/--job-file
+    if concurrency is not None:  # this session's, not stored
+        spec = replace(spec, map=replace(spec.map, concurrency=_checked_concurrency(concurrency)))
+    per_second = _rate_option(rate) if rate is not None else spec.rate
     choice = _executor_choice(spec, executor)
     halt_spec = _halt_choice(halt) if halt is not None else spec.halt
     check_callables(spec)
@@ -373,7 +417,7 @@ def _run_session(
             return _nothing_left(store.job_id, state, plan)
         if reset_failed:
             _reset_attempts(journal, state, plan)
-        options = _session_options(spec, command, additional, progress, stop, halt_spec)
+        options = _session_options(spec, command, additional, progress, stop, halt_spec, per_second)
         runner = _new_executor(store, spec, workers or spec.workers, choice, info.total)
         session = Session(store, state, journal, plan, runner, options)
         session.run()
@@ -385,7 +429,7 @@ def _run_session(
         _close_quietly(journal)
         _discard_evidence_unless_needed(store, info.total, previous)
         raise StorageError(
-            f"{e}; everything recorded before it is safe: free space, then 'mrpool resume {store.job_id}'"
+            f"{e}; everything recorded before it is safe: free space, then '{command_line(store.dir, 'resume')}'"
         ) from None
     except BaseException:
         _close_quietly(journal)
@@ -502,6 +546,8 @@ def rerun_items(
     it shows. A crash after it leaves them pending for ``resume``. An id the job does
     not have, or of an item that has not succeeded, is refused (exit 2) naming it.
     Other options as for ``resume_job``."""
+    from .planner import PlanOptions
+
     if not item_ids:
         raise UsageError("rerun: name the item(s) to run again")
     store = JobStore.open(state_root(state_dir), job_id)
@@ -541,7 +587,7 @@ def _indices_succeeded(store: JobStore, state, item_ids: list[str]) -> list[int]
             raise UsageError(
                 f"item {item_id!r} of job {store.job_id} has not succeeded (it is {where}); "
                 f"rerun runs succeeded items again"
-                + ("" if place == PURGED else f" -- run it with: {next_step(store, then)}")
+                + ("" if place == PURGED else f" -- run it with: {command_line(store.dir, then)}")
             )
     return sorted(set(found[item_id] for item_id in item_ids))
 
@@ -576,15 +622,6 @@ def remove_job(
     return store.dir
 
 
-def next_step(store: JobStore, command: str, *args: str) -> str:
-    """``mrpool COMMAND JOB_ID ARGS`` to paste as is: with ``--state-dir`` when the job's
-    state dir is not the one the same environment finds by default."""
-    words = ["mrpool", *command.split(), store.job_id, *args]
-    if store.root != state_root(None):
-        words += ["--state-dir", str(store.root)]
-    return shlex.join(words)
-
-
 def _reduce_due(spec: JobSpec, state) -> bool:
     return spec.reduce is not None and (state.reduce is None or not state.reduce.get("ok"))
 
@@ -602,7 +639,10 @@ def _session_options(
     progress: bool | str,
     stop,
     halt: HaltSpec | None = None,
+    rate: float | None = None,
 ) -> SessionOptions:
+    from .supervisor import SessionOptions
+
     return SessionOptions(
         retries=spec.map.retries,
         backoff=spec.map.backoff,
@@ -613,6 +653,7 @@ def _session_options(
         command=command,
         stop=stop,
         halt=halt,
+        rate=rate,
     )
 
 
@@ -654,6 +695,11 @@ def _executor_choice(spec: JobSpec, option: str | None) -> ExecutorSpec:
             raise UsageError(f"--executor: {e}") from None
     else:
         choice = spec.executor
+    if choice.kind != "local" and spec.map.concurrency > 1:  # before the job exists, on run
+        raise UsageError(
+            f"map.concurrency ({spec.map.concurrency}) applies to the local executor only; "
+            "a Dask cluster runs as many attempts at once as it has worker threads"
+        )
     if choice.kind == "dask":
         try:
             import distributed  # noqa: F401 - the extra's package; the executor imports it too
@@ -665,8 +711,17 @@ def _executor_choice(spec: JobSpec, option: str | None) -> ExecutorSpec:
 
 
 def _new_executor(store: JobStore, spec: JobSpec, workers: int, choice: ExecutorSpec, items: int):
+    from .executor import LocalExecutor
+    from .slots import SLOTS_FILE
+    from .worker import WorkerConfig
+
     config = WorkerConfig(
-        store.job_id, spec.base_dir, spec.map.command, spec.map.callable, spec.map.timeout
+        store.job_id,
+        spec.base_dir,
+        spec.map.command,
+        spec.map.callable,
+        spec.map.timeout,
+        spec.map.concurrency,
     )
     if choice.kind == "dask":
         from .dask_executor import DaskExecutor
@@ -682,6 +737,8 @@ def _last_executor(state) -> type:
         from .dask_executor import DaskExecutor
 
         return DaskExecutor
+    from .executor import LocalExecutor
+
     return LocalExecutor
 
 
@@ -706,6 +763,8 @@ def _discard_evidence_unless_needed(store: JobStore, total: int, previous: type)
 
 
 def _nothing_left(job_id: str, state, plan: ResumePlan) -> SessionReport:
+    from .supervisor import SessionReport
+
     return SessionReport(
         job_id,
         state.finished_state(),
@@ -784,6 +843,27 @@ def list_jobs(*, state_dir: str | os.PathLike | None = None) -> list[dict[str, A
     return rows
 
 
+def iter_result_lines(
+    job_id: str, *, state_dir: str | os.PathLike | None = None, with_item: bool = False
+) -> Iterator[bytes]:
+    """``iter_results`` as JSONL bytes, ``{"id":...,"result":...}`` LF per success (what
+    ``mrpool results`` prints; ``with_item``: ``{"id":...,"item":...,"result":...}``),
+    made from the stored bytes: neither the ids nor the results are decoded, so memory
+    does not grow with a result beyond about its size."""
+    source = _results_source(job_id, state_dir)
+    for raw_id, result in result_pairs(*source, with_item=with_item):
+        yield b'{"id":%b,"result":%b}\n' % (raw_id, result)
+
+
+def iter_result_blocks(
+    job_id: str, *, state_dir: str | os.PathLike | None = None, with_item: bool = False
+) -> Iterator[bytes | memoryview]:
+    """``iter_result_lines`` in pieces to write one after another: blocks of whole rows,
+    and a large row as three pieces (its result is a view of the stored bytes, not a
+    copy). What ``mrpool results`` writes; memory stays about one journal record."""
+    return jsonl_blocks(*_results_source(job_id, state_dir), with_item=with_item)
+
+
 def iter_results(
     job_id: str, *, state_dir: str | os.PathLike | None = None, with_item: bool = False
 ) -> Iterator[dict[str, Any]]:
@@ -793,35 +873,14 @@ def iter_results(
         yield orjson.loads(line)
 
 
-def iter_result_lines(
-    job_id: str, *, state_dir: str | os.PathLike | None = None, with_item: bool = False
-) -> Iterator[bytes]:
-    """``iter_results`` as JSONL bytes, ``{"id":...,"result":...}`` LF per success (what
-    ``mrpool results`` prints; ``with_item``: ``{"id":...,"item":...,"result":...}``),
-    made from the stored bytes: neither the ids nor the results are decoded, so memory
-    does not grow with a result beyond about its size."""
-    for line, result in _results_by_line(job_id, state_dir):
-        raw_id, _, item = line.rstrip(b"\n").partition(b"\t")
-        if with_item:
-            yield b'{"id":%b,"item":%b,"result":%b}\n' % (raw_id, item, result)
-        else:
-            yield b'{"id":%b,"result":%b}\n' % (raw_id, result)
-
-
-def _results_by_line(job_id: str, state_dir) -> Iterator[tuple[bytes, bytes | memoryview]]:
-    """``(the item's items.jsonl line: id TAB item, result as stored JSON)`` per success,
-    in input order."""
+def _results_source(job_id: str, state_dir) -> tuple[Path, int, Iterator[bytes]]:
+    """What results.py reads: the journal, the item count and items.jsonl's verified
+    blocks; the job's state is loaded first, which refuses a journal that lost records
+    or whose prefix is damaged."""
     store = JobStore.open(state_root(state_dir), job_id)
     total = store.info().total
-    store.load_state(total)  # refuses a journal that lost records or a damaged prefix
-    lines = iter_item_lines(store.dir)  # checksum-verified, and exactly `total` lines
-    position = 0
-    for index, result in store.iter_result_json(total):
-        line = next(islice(lines, index - position, None), None)
-        if line is None:  # (the verified reader raises first; never a StopIteration)
-            raise CorruptStateError(f"{store.dir / 'items.jsonl'}: fewer lines than items")
-        position = index + 1
-        yield line, result
+    store.load_state(total)
+    return store.journal_path, total, iter_item_data(store.dir)
 
 
 def reduce_output(job_id: str, *, state_dir: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -930,26 +989,84 @@ def iter_events(
 ) -> Iterator[dict[str, Any]]:
     """The job's event log, one dict per event (``t`` epoch seconds, then ``t_iso``);
     ``follow`` tails it while a holder lives."""
-    for event in _iter_raw_events(job_id, state_dir, follow):
-        yield with_iso(event, "t")
+    for record, ids, command in _event_records(job_id, state_dir, follow):
+        for event in _events_of(record, ids, command):
+            yield with_iso(event, "t")
 
 
-def _iter_raw_events(job_id: str, state_dir, follow: bool) -> Iterator[dict[str, Any]]:
+def iter_event_lines(
+    job_id: str, *, state_dir: str | os.PathLike | None = None, follow: bool = False
+) -> Iterator[bytes]:
+    """``iter_events`` as JSONL (what ``mrpool events`` prints), a record's events at a
+    time: the events of attempts started and succeeded -- nearly all of them -- are
+    formatted from the stored id bytes a run at a time, not built as dicts and encoded
+    one by one; the bytes are what encoding ``iter_events``' dicts gives."""
+    for record, ids, command in _event_records(job_id, state_dir, follow):
+        kind = record["k"]
+        if kind == "s" or kind == "ok":
+            yield _attempt_lines(record, ids.raw, command)
+        else:
+            yield b"".join(
+                orjson.dumps(with_iso(e, "t")) + b"\n" for e in _events_of(record, ids, command)
+            )
+
+
+def _event_records(job_id: str, state_dir, follow: bool) -> Iterator[tuple[dict, _Ids, bool]]:
     store = JobStore.open(state_root(state_dir), job_id)
     store.load_state(store.info().total)  # refuses a journal that lost records
-    ids = read_ids(store.dir)
+    ids = _Ids([line[: line.index(b"\t")] for line in iter_item_lines(store.dir)])
     command = store.info().spec.map.command is not None
     offset = 0
     while True:
         for _, end, record in read_records(store.journal_path, offset):
-            yield from _events_of(record, ids, command)
+            yield record, ids, command
             offset = end
         if not follow or not live_holder(store.dir):
             if follow:  # the holder just ended: drain its last records
                 for _, _end, record in read_records(store.journal_path, offset):
-                    yield from _events_of(record, ids, command)
+                    yield record, ids, command
             return
         time.sleep(0.2)
+
+
+class _Ids:
+    """Item ids by index, kept as their stored bytes (compact JSON), decoded when asked."""
+
+    def __init__(self, raw: list[bytes]) -> None:
+        self.raw = raw
+
+    def __getitem__(self, index: int) -> Any:
+        return orjson.loads(self.raw[index])
+
+
+def _attempt_lines(record: dict[str, Any], ids: list[bytes], command: bool) -> bytes:
+    """The events of an ``s`` or ``ok`` record as JSONL, exactly as ``_events_of`` gives
+    them encoded: ``{"t":..,"event":..,"id":..,"attempt":..[,"duration":..,..]}``."""
+    t = record.get("t")
+    stamp = orjson.dumps(t)
+    if isinstance(t, (int, float)) and not isinstance(t, bool):  # isotime.with_iso's twin
+        stamp += b',"t_iso":' + orjson.dumps(iso(t))
+    head = b'{"t":%b,"event":"item_%b","id":' % (
+        stamp,
+        b"started" if record["k"] == "s" else b"succeeded",
+    )
+    if record["k"] == "s":
+        parts = []
+        for first, count, attempt in record.get("r", ()):
+            tail = b',"attempt":%d}\n' % attempt
+            parts.append(head + (tail + head).join(ids[first : first + count]) + tail)
+        parts += [b'%b%b,"attempt":%d}\n' % (head, ids[i], a) for i, a in record.get("b", ())]
+        return b"".join(parts)
+    ended = b',"exit_code":0,"signal":null}\n' if command else b"}\n"
+    rows = success_rows(record)
+    if not rows:
+        return b""
+    indices, attempts, durations, _results = zip(*rows)
+    parts = [head, b"", b',"attempt":', b"", b',"duration":', b"", ended] * len(rows)
+    parts[1::7] = [ids[i] for i in indices]
+    parts[3::7] = orjson.dumps(attempts)[1:-1].split(b",")  # (what orjson writes of each)
+    parts[5::7] = orjson.dumps(durations)[1:-1].split(b",")
+    return b"".join(parts)
 
 
 def _events_of(
@@ -1041,9 +1158,24 @@ def _as_spec(job: Any, base_dir: Any) -> JobSpec:
     return load_job_file(job)
 
 
-def _with_workers(spec: JobSpec, workers: int) -> JobSpec:
-    from dataclasses import replace
+def _checked_concurrency(concurrency: int) -> int:
+    from .spec import MAX_CONCURRENCY
 
+    if not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise UsageError(f"--concurrency must be from 1 to {MAX_CONCURRENCY}, got {concurrency}")
+    return concurrency
+
+
+def _rate_option(text: str) -> float:
+    from .rate import parse_rate
+
+    try:
+        return parse_rate(text)
+    except ValueError as e:
+        raise UsageError(f"--rate {e}") from None
+
+
+def _with_workers(spec: JobSpec, workers: int) -> JobSpec:
     from .spec import MAX_WORKERS
 
     if not 1 <= workers <= MAX_WORKERS:

@@ -43,6 +43,7 @@ __all__ = [
     "ChunkedCrcWriter",
     "job_checksum",
     "verified_item_blocks",
+    "verified_item_data",
 ]
 
 ITEMS_CHUNK = 1 << 20
@@ -103,6 +104,14 @@ def verified_item_blocks(
     unverified, but the shape (whole lines, their count unless ``lines`` is None) is
     still checked.
     Raises ``CorruptStateError`` naming the file, the bytes and the line."""
+    for data in verified_item_data(path, table, lines, hint):
+        yield io.BytesIO(data).readlines()
+
+
+def verified_item_data(
+    path: Path, table: dict[str, Any] | None, lines: int | None, hint: str
+) -> Iterator[bytes]:
+    """``verified_item_blocks`` as the bytes of each block's whole lines."""
     chunk = table["chunk"] if table else ITEMS_CHUNK
     crcs = table["crc"] if table else None
     try:
@@ -124,15 +133,15 @@ def verified_item_blocks(
             cut = data.rfind(b"\n") + 1
             carry = data[cut:]
             if cut:
-                found = io.BytesIO(data[:cut]).readlines()
-                if crcs is None and not all(b"\t" in line for line in found):
+                whole = data[:cut] if cut < len(data) else data
+                if crcs is None and not all(b"\t" in line for line in io.BytesIO(whole)):
                     raise CorruptStateError(
                         f"{path}: a line near line {seen + 1} has no TAB (damaged); {hint}"
                     )
-                seen += len(found)
+                seen += whole.count(b"\n")
                 if lines is not None and seen > lines:
                     break
-                yield found
+                yield whole
     if table is not None and (at != table["size"] or number != len(crcs)):
         raise CorruptStateError(
             f"{path}: {at} bytes, but {table['size']} were written (cut); {hint}"

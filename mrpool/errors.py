@@ -31,6 +31,7 @@ __all__ = [
     "ExecutorError",
     "StateRebuiltWarning",
     "fsck_hint",
+    "command_line",
 ]
 
 EXIT_OK = 0
@@ -87,7 +88,27 @@ class CorruptStateError(MrpoolError):
 
 def fsck_hint(job_dir) -> str:
     """What a user can do about a damaged file of the job in ``job_dir``."""
-    return f"run 'mrpool fsck {os.path.basename(job_dir)}' to see what is affected and salvage the rest"
+    return f"run '{command_line(job_dir, 'fsck')}' to see what is affected and salvage the rest"
+
+
+def command_line(job_dir, command: str, *args: str) -> str:
+    """``mrpool COMMAND JOB_ID ARGS`` for the job in ``job_dir``, to paste as is: with
+    ``--state-dir`` when its state dir is not the one the same environment finds by
+    default (``$MRPOOL_HOME``, ...), so a hint never sends a user to "no such job"."""
+    import shlex
+
+    from .store import state_root  # (store imports this module)
+
+    job_dir = os.path.abspath(job_dir)
+    words = ["mrpool", *command.split(), os.path.basename(job_dir), *args]
+    root = os.path.dirname(os.path.dirname(job_dir))
+    try:
+        default = str(state_root(None))
+    except (RuntimeError, KeyError, OSError):  # no home directory to find it in
+        default = None
+    if os.path.realpath(root) != default:
+        words += ["--state-dir", root]
+    return shlex.join(words)
 
 
 class StorageError(MrpoolError):

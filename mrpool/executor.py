@@ -52,6 +52,16 @@ had started (their outcome died with it), with the same one for items it never
 reached -- and a replacement is started. What each worker incarnation starts is
 contained (containment.py): a killed or dead worker's leftovers are ended with
 it, and the session's close (in ``shutdown``) ends whatever is left.
+
+With ``concurrency`` K > 1 each worker has K lanes (worker.py, ``_Lanes``): it is
+sent up to 2K items, one by one as room frees, runs K at once and answers in
+any order, so what it holds is kept by item (``_Worker.inflight``), not in send
+order. Its death charges exactly the attempts its lanes show running; of the
+rest, those the begun table says it began take the next number, the others run
+again under theirs (``_lanes_lost``). Each lane's timeout is the worker's own;
+the supervisor's backstop is ``timeout + LANE_TIMEOUT_GRACE``. A worker that
+asks to retire (a plain callable's thread past its timeout cannot be stopped)
+is sent nothing more and is stopped and replaced once it holds nothing.
 """
 
 from __future__ import annotations
@@ -91,6 +101,7 @@ BATCH_SECONDS = 0.02
 MAX_BATCH = 4096  # the very fastest items: a few ms of work a batch, two queued per worker
 MAX_BATCH_BYTES = 4 << 20  # large fast items: at most ~8 MiB of them held per worker
 HUNG_AFTER = 60.0  # seconds without a heartbeat
+LANE_TIMEOUT_GRACE = 5.0  # lanes: the worker times attempts out itself; then the backstop
 
 
 @dataclass(slots=True)
@@ -218,6 +229,10 @@ class _Worker:
     sock: Any = None  # the pipe's socket, for writes that never wait (see LocalExecutor._send)
     outgoing: deque[memoryview] = field(default_factory=deque)  # framed, not yet taken by the pipe
     poll_events: int = select.POLLIN
+    # lanes (map.concurrency > 1): what it holds, by item -- it answers in any order
+    inflight: dict[int, tuple[int, bytes]] | None = None
+    retiring: bool = False  # it asked to be replaced: send nothing, stop it once it is empty
+    kill_item: int = -1  # the item whose lane outran its timeout (kill_reason "timeout")
 
     def take_answered(self, count: int) -> Batch:
         """Drop the next ``count`` attempts this worker holds (it answered them), in order."""
@@ -243,6 +258,13 @@ class _Worker:
 
     def unanswered(self) -> Batch:
         """Everything this worker holds that it has not answered, in order."""
+        if self.inflight is not None:
+            held = self.inflight.items()
+            return Batch(
+                [index for index, _ in held],
+                [attempt for _, (attempt, _) in held],
+                [line for _, (_, line) in held],
+            )
         rest = [self.queued[0].part(self.answered, len(self.queued[0]))] if self.queued else []
         rest.extend(list(self.queued)[1:])
         return _joined(rest)
@@ -250,6 +272,8 @@ class _Worker:
     def take_rest(self) -> Batch:
         """``unanswered()``, which this worker no longer holds."""
         rest = self.unanswered()
+        if self.inflight is not None:
+            self.inflight.clear()
         self.queued.clear()
         self.outgoing.clear()
         self.answered = self.held = 0
@@ -382,6 +406,7 @@ class LocalExecutor:
         for each of the job's ``items`` (see slots.py); it is created by ``start``."""
         self.config = config
         self.n = workers
+        self.lanes = config.concurrency
         self._slots_path = slots_path
         self._items = items
         self.slots: SlotTable | None = None
@@ -410,7 +435,7 @@ class LocalExecutor:
         """End what a crashed session of this job left (containment), create this
         session's slot file (a new one: see slots.py), fork the workers."""
         self.containment.start()
-        self.slots = SlotTable(self.n, self._slots_path, self._items)
+        self.slots = SlotTable(self.n, self._slots_path, self._items, lanes=self.lanes)
         for slot in range(self.n):
             self._spawn(slot)
         started, self._events = self._events, []
@@ -432,6 +457,8 @@ class LocalExecutor:
             self.slots.register(slot, process.pid)  # on record before it is sent anything
             child_end.close()
         worker = self.workers[slot] = _Worker(slot, process, parent_end, process.pid, unit)
+        if self.lanes > 1:
+            worker.inflight = {}
         worker.death_fd = _death_fd(process)
         worker.sock = socket.socket(fileno=os.dup(parent_end.fileno()))
         for fd, is_death in ((parent_end.fileno(), False), (worker.death_fd, True)):
@@ -503,6 +530,14 @@ class LocalExecutor:
         for w in self.workers:
             if w is None or not w.held:
                 continue
+            if w.inflight is not None:
+                running = self._running_lanes(w)
+                found.extend(
+                    index
+                    for index, (attempt, _) in w.inflight.items()
+                    if running.get(index, (0,))[0] == attempt or self._began(index, attempt)
+                )
+                continue
             view = self.slots.read(w.slot)
             rest = w.unanswered()
             found.extend(rest.indices[: _started_prefix(rest, view.index, view.attempt)])
@@ -544,6 +579,8 @@ class LocalExecutor:
         one, and go out a whole batch or more at a time: topping up a few items at a time
         as outcomes trickle back costs a message, a start record and a worker wake-up
         each (with millisecond items, batches several times smaller: NOTES.md)."""
+        if w.inflight is not None:  # lanes: all busy, and as many more waiting in its queue
+            return 0 if w.retiring else max(0, 2 * self.lanes - w.held)
         size = self._batch_size(w)
         if size == 1:
             return max(0, 1 - w.held)
@@ -552,6 +589,12 @@ class LocalExecutor:
 
     def capacity(self) -> int:
         return sum(self._room(w) for w in self.workers if w is not None)
+
+    def running(self) -> int:
+        """Attempts running now, for the progress line: a worker with lanes holds up to
+        2K, of which at most K run (all K while any waits: it starts one as a lane frees)."""
+        cap = self.lanes if self.lanes > 1 else 1
+        return sum(min(w.held, cap) for w in self.workers if w is not None)
 
     def submit(self, batch: Batch) -> None:
         """Hand ``batch`` out to workers with room, in order, one message per worker batch.
@@ -586,7 +629,10 @@ class LocalExecutor:
         batch (large items) into its full pipe would deadlock the two. What the
         pipe does not take now is written when poll says there is room."""
         header = orjson.dumps([batch.indices, batch.attempts])
-        w.queued.append(batch)
+        if w.inflight is not None:
+            w.inflight.update(zip(batch.indices, zip(batch.attempts, batch.lines)))
+        else:
+            w.queued.append(batch)
         w.held += len(batch)
         message = _framed([header, b"\n", *batch.lines])  # lines end in LF
         w.item_bytes = len(message) // len(batch)
@@ -628,6 +674,10 @@ class LocalExecutor:
                 self._receive(w, outcomes)
         for w in lost:
             self._worker_lost(w, outcomes)
+        if self.lanes > 1:
+            for w in self.workers:
+                if w is not None and w.retiring and not w.held and not w.outgoing:
+                    self._retire(w)
         if time.monotonic() >= self._next_check:
             self._check_deadlines()
             self._next_check = time.monotonic() + 0.05
@@ -639,23 +689,105 @@ class LocalExecutor:
         """Read one message of ``w`` (poll said there is one): the outcomes of the next
         attempts it holds. False at end of file."""
         try:
-            answer = Answer.decode(_received(w.sock))
+            message = _received(w.sock)
         except (EOFError, OSError):
             return False  # it died (mid-send): _worker_lost attributes what is left
+        if w.inflight is not None:
+            cut = message.index(b"\n")
+            head, rows = memoryview(message)[:cut], memoryview(message)[cut + 1 :]
+            self._receive_lanes(w, orjson.loads(head), rows, outcomes)
+            return True
+        answer = Answer.decode(message)
         answer.sort(w.take_answered(answer.count), w.pid, outcomes)
         mean = answer.duration / answer.count
         w.per_item = mean if w.per_item <= 0 else 0.7 * w.per_item + 0.3 * mean
         return True
+
+    def _receive_lanes(self, w: _Worker, head: list, rows: bytes, outcomes: Outcomes) -> None:
+        """``_receive`` for a worker with lanes: its attempts end in any order, so its
+        header names the successes (see worker.py, ``_lanes_message``)."""
+        count, _, failures, ok, retire = head
+        inflight = w.inflight
+        for index, attempt, duration, error in failures:
+            held_attempt, line = inflight.pop(index)
+            if held_attempt != attempt:
+                raise RuntimeError(f"worker {w.pid} answered attempt {attempt} of {index}")
+            error["pid"] = w.pid
+            outcomes.failed.append(Failure(index, attempt, line, error, duration))
+        for index in ok:
+            if inflight.pop(index, None) is None:
+                raise RuntimeError(f"worker {w.pid} answered for item {index}, never sent")
+        if ok:
+            outcomes.ok.append(Successes(ok, rows))
+        w.held -= count
+        if retire:
+            w.retiring = True
+
+    def _retire(self, w: _Worker) -> None:
+        """Stop a worker that asked to be replaced (an attempt's thread it could not stop
+        runs on in it) once it holds nothing, and start a new one in its slot."""
+        try:
+            w.conn.send_bytes(b"")  # "exit": it ends, and the thread with it
+        except OSError:
+            pass
+        if not self._reaped(w, 2.0):
+            self._kill(w)
+            self._reaped(w, 5.0)
+        self._events.append(records.worker_died(w.pid, w.slot, w.process.exitcode, "retired"))
+        self._forget(w)
+        self._spawn(w.slot)
+
+    def _running_lanes(self, w: _Worker) -> dict[int, tuple[int, float]]:
+        """``{index: (attempt, started)}`` of what ``w``'s lanes show running."""
+        running = {}
+        for lane in range(self.lanes):
+            view = self.slots.read(w.slot, lane)
+            if view.state == RUNNING:
+                running[view.index] = (view.attempt, view.started)
+        return running
+
+    def _began(self, index: int, attempt: int) -> bool:
+        """Whether a worker began this attempt (unknown without a begun table: assume so)."""
+        return not self._items or self.slots.began(index) == attempt
 
     def _worker_lost(self, w: _Worker, outcomes: Outcomes) -> None:
         """The crash path: attribute the held item, hand back the rest, replace the worker."""
         while w.conn.poll() and self._receive(w, outcomes):
             pass  # what it sent before it died
         view = self.slots.read(w.slot)
+        running = self._running_lanes(w) if w.inflight is not None else {}
         self._reaped(w, 1.0)  # its death fd fired: it has exited
         code = w.process.exitcode
         if w.unit is not None:
             self.containment.end_unit(w.unit)  # what it started dies with it
+        if w.inflight is not None:
+            self._lanes_lost(w, code, running, outcomes)
+        else:
+            self._slot_lost(w, code, view, outcomes)
+        self._events.append(records.worker_died(w.pid, w.slot, code, w.kill_reason))
+        self._forget(w)
+        self._spawn(w.slot)
+
+    def _lanes_lost(
+        self, w: _Worker, code: int | None, running: dict[int, tuple[int, float]], outcomes
+    ) -> None:
+        """A worker with lanes died: every attempt its lanes show running failed with it
+        (exactly those: a worker holding K charges K); of the rest it held, those it had
+        begun (the begun table says so) lost their outcome and take the next number,
+        those it never reached run again under the same one."""
+        now = time.monotonic()
+        rest = w.take_rest()
+        for index, attempt, line in zip(rest.indices, rest.attempts, rest.lines):
+            lane = running.get(index)
+            if lane is not None and lane[0] == attempt:
+                error = self._death_error(w, code, index)
+                outcomes.failed.append(Failure(index, attempt, line, error, now - lane[1]))
+            else:
+                outcomes.requeued.append(
+                    HandBack(index, attempt, line, self._began(index, attempt))
+                )
+
+    def _slot_lost(self, w: _Worker, code: int | None, view, outcomes: Outcomes) -> None:
         rest = w.take_rest()
         started = _started_prefix(rest, view.index, view.attempt)
         for position, (index, attempt, line) in enumerate(
@@ -667,11 +799,14 @@ class LocalExecutor:
                 outcomes.failed.append(Failure(index, attempt, line, error, ran))
             else:  # started (its outcome died with the worker): a new attempt; else the same one
                 outcomes.requeued.append(HandBack(index, attempt, line, position < started))
-        self._events.append(records.worker_died(w.pid, w.slot, code, w.kill_reason))
-        self._forget(w)
-        self._spawn(w.slot)
 
-    def _death_error(self, w: _Worker, code: int | None) -> dict[str, Any]:
+    def _death_error(self, w: _Worker, code: int | None, index: int = -1) -> dict[str, Any]:
+        if w.kill_reason == "timeout" and index != w.kill_item and w.inflight is not None:
+            message = (
+                "worker killed: another of its attempts outran its timeout "
+                f"by over {LANE_TIMEOUT_GRACE:g} s without yielding"
+            )
+            return records.error("worker_died", message, pid=w.pid)
         if w.kill_reason == "timeout":
             return records.error("timeout", f"timed out after {self._timeout:g} s", pid=w.pid)
         if w.kill_reason == "hung":
@@ -695,8 +830,18 @@ class LocalExecutor:
         for w in self.workers:
             if w is None or w.kill_reason:
                 continue
+            if w.inflight is not None and self._timeout is not None:
+                # Each lane's own timeout is enforced in the worker; this is the backstop
+                # for one that cannot be (a blocking call inside an async def).
+                for index, (_, started) in self._running_lanes(w).items():
+                    if now - started > self._timeout + LANE_TIMEOUT_GRACE:
+                        w.kill_reason, w.kill_item = "timeout", index
+                        self._kill(w)
+                        break
+                if w.kill_reason:
+                    continue
             view = self.slots.read(w.slot)
-            if view.state == RUNNING and self._timeout is not None:
+            if view.state == RUNNING and self._timeout is not None and w.inflight is None:
                 # A command's own timeout is enforced in the worker; this is the backstop.
                 grace = 0.2 if self.config.callable else 5.0
                 if now - view.started > self._timeout + grace:

@@ -295,7 +295,7 @@ def _read(path: Path, start: int, kind: str | None, decode: bool) -> Iterator[tu
         offset = start
         bad_at: int | None = None
         last = b""
-        for line in handle:
+        for line in _lines(handle):
             end = offset + len(line)
             payload = checked_payload(line)
             if payload is None:
@@ -318,6 +318,30 @@ def _read(path: Path, start: int, kind: str | None, decode: bool) -> Iterator[tu
         if bad_at is not None and last.endswith(b"\n"):
             # A crash cuts the last line short; a whole last line that fails is damage.
             raise _corrupt(path, bad_at, "a whole line, not a torn tail")
+
+
+_LONG = 1 << 20
+
+
+def _lines(handle) -> Iterator[bytes]:
+    """The file's lines from the handle's position, LF kept (the last may lack it).
+
+    A line longer than 1 MiB (a record holding a large result) is measured first and
+    then read whole into one buffer: ``readline`` collects such a line in pieces and
+    joins them, twice its size at the peak, and a reader must cost about one record."""
+    while line := handle.readline(_LONG):
+        if len(line) < _LONG or line[-1] == 0x0A:
+            yield line
+            continue
+        start = handle.tell() - len(line)
+        del line
+        while (block := handle.read(_LONG)) and (cut := block.find(b"\n")) < 0:
+            pass
+        end = handle.tell() - (len(block) - cut - 1 if block else 0)
+        del block
+        handle.seek(start)
+        yield handle.read(end - start)
+        handle.seek(end)
 
 
 def _corrupt(path: Path, at: int, why: str) -> CorruptStateError:

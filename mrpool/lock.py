@@ -58,15 +58,17 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import fasteners
 import orjson
-import psutil
 
 from . import failpoints
-from .errors import LockedError, NoSuchJob
+from .errors import LockedError, NoSuchJob, command_line
 from .fsutil import atomic_write, fsync_dir, open_private
+
+if TYPE_CHECKING:  # imported where used: a job without lock files (what status and
+    # results mostly see) needs neither
+    import fasteners
 
 __all__ = ["JobLock", "live_holder", "describe_holder", "clear_stale", "unlock", "UnlockRefused"]
 
@@ -105,7 +107,7 @@ class JobLock:
                 return self
             now = time.monotonic()
             if now >= deadline and (holder or now >= grace):
-                raise LockedError(_locked_message(self.job_dir.name, holder))
+                raise LockedError(_locked_message(self.job_dir, holder))
             time.sleep(0.02 if not holder else 0.05)
 
     def _try_once(self) -> dict[str, Any] | None:
@@ -132,6 +134,8 @@ class JobLock:
             return None
 
     def _write_holder(self) -> dict[str, Any]:
+        import psutil
+
         me = psutil.Process()
         holder = {
             "v": 1,
@@ -248,7 +252,7 @@ def _unlock(
         holder = mine.holder if mine is not None else read_holder(job_dir)
         holder = holder or {}
         try:
-            refusal = _why_kept(job_dir.name, holder, lock is not None, force)
+            refusal = _why_kept(Path(job_dir), holder, lock is not None, force)
             if refusal is not None:
                 if lock is not None and not had_lock_file:  # the one _lock_now just made
                     lock_path.unlink(missing_ok=True)
@@ -264,15 +268,17 @@ def _unlock(
     return holder
 
 
-def _why_kept(job_id: str, holder: dict[str, Any], locked_by_us: bool, force: bool) -> str | None:
+def _why_kept(job_dir: Path, holder: dict[str, Any], locked_by_us: bool, force: bool) -> str | None:
     """Why ``unlock`` must leave this holder alone, or None when it may remove it."""
+    job_id = job_dir.name
     if not locked_by_us:
         return f"job {job_id} is locked right now ({describe_holder(holder)}); nothing removed"
     foreign = bool(holder) and holder.get("hostname") != _HOSTNAME
     if foreign and not force:
         return (
             f"job {job_id} is held by {describe_holder(holder)}, another host, which cannot be "
-            f"checked from here; if that process is gone, run 'mrpool unlock {job_id} --force'"
+            f"checked from here; if that process is gone, run "
+            f"'{command_line(job_dir, 'unlock', '--force')}'"
         )
     if _is_live(holder):
         return (
@@ -289,6 +295,8 @@ def _lock_now(job_dir: Path) -> fasteners.InterProcessLock | None:
     not hold the job: on a refusal the descriptor is closed at once (not left for the
     garbage collector), which would drop a lock this process held on that file.
     """
+    import fasteners
+
     path = job_dir / LOCK_FILE
     os.close(open_private(path, os.O_RDWR | os.O_CREAT))
     lock = fasteners.InterProcessLock(str(path))
@@ -333,6 +341,8 @@ def _is_live(holder: dict[str, Any]) -> bool:
     if pid == os.getpid():
         with _REGISTRY_GUARD:
             return any(lock.holder == holder for lock in _REGISTRY.values())
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
@@ -364,12 +374,13 @@ def describe_holder(holder: dict[str, Any]) -> str:
     return f"pid {holder['pid']} on {holder.get('hostname', '?')} since {when} ({holder.get('command', '?')})"
 
 
-def _locked_message(job_id: str, holder: dict[str, Any]) -> str:
+def _locked_message(job_dir: Path, holder: dict[str, Any]) -> str:
+    job_id = job_dir.name
     if holder.get("hostname") not in (None, _HOSTNAME):
         return (
             f"job {job_id} is locked by {describe_holder(holder)}, another host, which cannot be "
             f"checked from here; wait for it, or, if that process is gone, "
-            f"run 'mrpool unlock {job_id} --force'"
+            f"run '{command_line(job_dir, 'unlock', '--force')}'"
         )
     return (
         f"job {job_id} is locked by {describe_holder(holder)}; wait for it, or pass --wait SECONDS"

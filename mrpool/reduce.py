@@ -10,7 +10,6 @@ outcome is journaled, so ``results --reduce`` reads what the last reduce made.
 
 from __future__ import annotations
 
-import multiprocessing
 import subprocess
 import time
 import traceback
@@ -89,6 +88,8 @@ def _child(spec: JobSpec, results: list[Any], conn) -> None:
 
 
 def _reduce_callable(spec: JobSpec, results: list[Any]) -> dict[str, Any]:
+    import multiprocessing  # (here: the reading commands import this module too)
+
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_child, args=(spec, results, child), daemon=True)

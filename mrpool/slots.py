@@ -45,17 +45,26 @@ Life of the file (one per session, never shared by two)
   kept only if the journal on disk still has an open attempt -- the next
   session needs it then; otherwise the exit path removes it.
 
-File format (version 2, little endian)
---------------------------------------
+File format (versions 2 and 3, little endian)
+---------------------------------------------
 A 64-byte header::
 
-    magic b"MRPSLOT1" | version u32 = 2 | slot count u32 | item count u64
-    | boot id 16 bytes (/proc/sys/kernel/random/boot_id) | zero padding
+    magic b"MRPSLOT1" | version u32 | slot count u32 | item count u64
+    | boot id 16 bytes (/proc/sys/kernel/random/boot_id)
+    | lanes u32 (version 3 only; version 2: 1) | zero padding
 
-then one 64-byte slot per worker::
+then one slot per worker, ``lanes`` 64-byte records each. A worker that runs up
+to K attempts at once (``map.concurrency``) has K lanes, one per attempt it can
+hold; the first record is the slot's head and also lane 0::
 
     state i32 | pid i32 | child i32 | attempt i32 | index i64 | started f64
     | heartbeat f64 | pid start u64 | child at f64 | pad 8
+
+A further lane (1 .. K-1) uses the same layout for the attempt's fields
+(``state``, ``child``, ``attempt``, ``index``, ``started``, ``child at``); its
+``pid``, ``heartbeat`` and ``pid start`` are unused (zero): they are the head's.
+A session with one lane a worker writes version 2, byte for byte what mrpool
+wrote before lanes; with more, version 3.
 
 then the begun table: one u32 per item, the attempt number a worker of this
 session began for it (0: none). ``pid start`` is the worker's start time in
@@ -64,7 +73,7 @@ clock ticks since boot (``/proc/PID/stat`` field 22, exact, where psutil's
 right after the fork, before the worker is sent anything; ``child at`` is the
 ``CLOCK_BOOTTIME`` at which the worker recorded ``child`` (after spawning it).
 
-A worker writes its slot with a few plain stores per attempt (this is on the
+A worker writes its lane with a few plain stores per attempt (this is on the
 hot path: no call, no lock): the begun-table entry, the item's fields, then
 ``state``; the end rewrites only ``state``, so the slot keeps naming the last
 attempt started. The supervisor reads a slot twice and retries until both
@@ -117,7 +126,8 @@ __all__ = [
 ]
 
 SLOTS_FILE = "slots.bin"
-VERSION = 2
+VERSION = 2  # one lane a worker; LANES_VERSION with more
+LANES_VERSION = 3
 
 IDLE, RUNNING = 0, 1
 _FIELDS = struct.Struct("<iiiiqd")  # state, pid, child, attempt, index, started
@@ -132,9 +142,11 @@ _CHILD_AT = _PID_START_AT + 8  # 48
 _SLOT_SIZE = 64
 _HEADER_V1 = struct.Struct("<8sII")
 _HEADER = struct.Struct("<8sIIQ16s")
+_LANES_AT = _HEADER.size  # 40: the lane count, version 3
 _HEADER_SIZE = 64
 _MAGIC = b"MRPSLOT1"
 _TICKS = os.sysconf("SC_CLK_TCK")
+_MAX_LANES = 1 << 16
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
 
 
@@ -153,13 +165,18 @@ class SlotTable:
     """``n`` slots and an ``items``-entry begun table in a shared mapping (of a new file
     at ``path`` if given: see the module doc); fork the workers after creating it."""
 
-    def __init__(self, n: int, path: Path | None = None, items: int = 0) -> None:
+    def __init__(self, n: int, path: Path | None = None, items: int = 0, lanes: int = 1) -> None:
         self.n = n
         self.path = path
-        self._began_at = _HEADER_SIZE + max(1, n) * _SLOT_SIZE
+        self.lanes = lanes
+        self._stride = lanes * _SLOT_SIZE
+        self._began_at = _HEADER_SIZE + max(1, n) * self._stride
         size = self._began_at + 4 * items
         self._mem = mmap.mmap(-1, size) if path is None else _new_mapping(path, size)
-        _HEADER.pack_into(self._mem, 0, _MAGIC, VERSION, n, items, _boot_id())
+        version = VERSION if lanes == 1 else LANES_VERSION
+        _HEADER.pack_into(self._mem, 0, _MAGIC, version, n, items, _boot_id())
+        if lanes > 1:
+            _U32.pack_into(self._mem, _LANES_AT, lanes)
         view = memoryview(self._mem)
         slots = view[: self._began_at]
         began = view[self._began_at :]
@@ -171,24 +188,32 @@ class SlotTable:
     def register(self, slot: int, pid: int) -> None:
         """Name the worker just forked into ``slot`` (pid and kernel start time), before
         it is sent any work: a worker that can begin an attempt is always on record."""
-        base = _HEADER_SIZE + slot * _SLOT_SIZE
+        base = self._base(slot)
         _U64.pack_into(self._mem, base + _PID_START_AT, process_start(pid) or 0)
         _I32.pack_into(self._mem, base + 4, pid)
 
     # -- worker side -----------------------------------------------------
+    def _base(self, slot: int, lane: int = 0) -> int:
+        return _HEADER_SIZE + slot * self._stride + lane * _SLOT_SIZE
+
     def claim(self, slot: int, pid: int) -> None:
-        _FIELDS.pack_into(self._mem, _HEADER_SIZE + slot * _SLOT_SIZE, IDLE, pid, 0, 0, -1, 0.0)
+        _FIELDS.pack_into(self._mem, self._base(slot), IDLE, pid, 0, 0, -1, 0.0)
+        for lane in range(1, self.lanes):
+            _FIELDS.pack_into(self._mem, self._base(slot, lane), IDLE, 0, 0, 0, -1, 0.0)
         self.beat(slot)
 
-    def writer(self, slot: int) -> tuple[Callable[[int, int, float], None], Callable[[], None]]:
-        """The worker's hot-path pair ``begin(index, attempt, started)`` / ``end()``.
+    def writer(
+        self, slot: int, lane: int = 0
+    ) -> tuple[Callable[[int, int, float], None], Callable[[], None]]:
+        """The worker's hot-path pair ``begin(index, attempt, started)`` / ``end()`` for
+        one lane of its slot (each lane written by one thread at a time).
 
         Plain stores into typed views of the mapping: the item's begun-table entry
         first (an attempt is on record before it can start), then the slot, ``state``
         last on begin (a reader that sees RUNNING sees the item's fields) and alone
         on end (the slot keeps naming the item as the last one started). A table of
         no items (an executor not told the job's size) keeps no begun entries."""
-        base = _HEADER_SIZE + slot * _SLOT_SIZE
+        base = self._base(slot, lane)
         if sys.byteorder != "little":  # the file is little endian: pack explicitly
             mem, began_at, keep = self._mem, self._began_at, len(self._began) > 0
 
@@ -226,22 +251,21 @@ class SlotTable:
 
         return (begin if len(began) else begin_untabled), end
 
-    def set_child(self, slot: int, child: int) -> None:
-        """The pid of the map command the running attempt started (0: none), and when
-        (its start time can be no later: how the next session recognises it)."""
-        base = _HEADER_SIZE + slot * _SLOT_SIZE
+    def set_child(self, slot: int, child: int, lane: int = 0) -> None:
+        """The pid of the map command the lane's running attempt started (0: none), and
+        when (its start time can be no later: how the next session recognises it)."""
+        base = self._base(slot, lane)
         if child:
             _F64.pack_into(self._mem, base + _CHILD_AT, time.clock_gettime(time.CLOCK_BOOTTIME))
         _I32.pack_into(self._mem, base + 8, child)
 
     def beat(self, slot: int) -> None:
-        _F64.pack_into(
-            self._mem, _HEADER_SIZE + slot * _SLOT_SIZE + _HEARTBEAT_AT, time.monotonic()
-        )
+        _F64.pack_into(self._mem, self._base(slot) + _HEARTBEAT_AT, time.monotonic())
 
     # -- supervisor side -------------------------------------------------
-    def read(self, slot: int) -> SlotView:
-        base = _HEADER_SIZE + slot * _SLOT_SIZE
+    def read(self, slot: int, lane: int = 0) -> SlotView:
+        """One lane of a slot (``pid`` and ``heartbeat``: the slot's head's)."""
+        base = self._base(slot, lane)
         fields = _FIELDS.unpack_from(self._mem, base)
         while True:
             again = _FIELDS.unpack_from(self._mem, base)
@@ -249,7 +273,10 @@ class SlotTable:
                 break
             fields = again
         state, pid, child, attempt, index, started = fields
-        heartbeat = _F64.unpack_from(self._mem, base + _HEARTBEAT_AT)[0]
+        head = self._base(slot)
+        if lane:
+            pid = _I32.unpack_from(self._mem, head + 4)[0]
+        heartbeat = _F64.unpack_from(self._mem, head + _HEARTBEAT_AT)[0]
         return SlotView(state, pid, child, index, attempt, started, heartbeat)
 
     def began(self, index: int) -> int:
@@ -257,10 +284,11 @@ class SlotTable:
         return _U32.unpack_from(self._mem, self._began_at + 4 * index)[0]
 
     def reset(self, slot: int) -> None:
-        """An empty slot (no worker yet, nothing started)."""
-        base = _HEADER_SIZE + slot * _SLOT_SIZE
-        self._mem[base : base + _SLOT_SIZE] = bytes(_SLOT_SIZE)
-        _FIELDS.pack_into(self._mem, base, IDLE, 0, 0, 0, -1, 0.0)
+        """An empty slot, every lane (no worker yet, nothing started)."""
+        for lane in range(self.lanes):
+            base = self._base(slot, lane)
+            self._mem[base : base + _SLOT_SIZE] = bytes(_SLOT_SIZE)
+            _FIELDS.pack_into(self._mem, base, IDLE, 0, 0, 0, -1, 0.0)
 
     def close(self, remove: bool = True) -> None:
         """Unmap; remove the file (a clean end leaves nothing behind)."""
@@ -328,6 +356,8 @@ def _is(pid: int, start: int) -> bool:
 # -- after a crash -----------------------------------------------------------
 @dataclass(frozen=True)
 class _Slot:
+    """One lane of a slot as a crash left it (a lane's ``pid``: its worker's)."""
+
     state: int
     pid: int
     child: int
@@ -356,27 +386,37 @@ def _read(path: Path, with_began: bool = True) -> _Snapshot | None:
             if len(head) < _HEADER_SIZE or head[:8] != _MAGIC:
                 return None
             _, version, n = _HEADER_V1.unpack_from(head)
-            if version == 2:
+            lanes = 1
+            if version in (VERSION, LANES_VERSION):
                 _, _, _, items, boot = _HEADER.unpack_from(head)
+                if version == LANES_VERSION:
+                    lanes = _U32.unpack_from(head, _LANES_AT)[0]
+                    if not 1 <= lanes <= _MAX_LANES:
+                        return None
             elif version == 1:
                 items, boot = None, None
             else:
                 return None
-            body = handle.read(n * _SLOT_SIZE)
+            body = handle.read(n * lanes * _SLOT_SIZE)
             raw = handle.read(4 * items) if with_began and items is not None else b""
     except OSError:
         return None
-    if len(body) < n * _SLOT_SIZE or len(raw) < (4 * items if with_began and items else 0):
+    if len(body) < n * lanes * _SLOT_SIZE or len(raw) < (4 * items if with_began and items else 0):
         return None
     slots = []
-    for slot in range(n):
-        base = slot * _SLOT_SIZE
+    for record in range(n * lanes):
+        base = record * _SLOT_SIZE
         state, pid, child, attempt, index, _ = _FIELDS.unpack_from(body, base)
-        pid_start = _U64.unpack_from(body, base + _PID_START_AT)[0] if version == 2 else 0
-        child_at = _F64.unpack_from(body, base + _CHILD_AT)[0] if version == 2 else 0.0
+        if version == 1:
+            pid_start, child_at = 0, 0.0
+        else:
+            child_at = _F64.unpack_from(body, base + _CHILD_AT)[0]
+            head = base - (record % lanes) * _SLOT_SIZE  # a lane's process is its head's
+            pid = _I32.unpack_from(body, head + 4)[0]
+            pid_start = _U64.unpack_from(body, head + _PID_START_AT)[0]
         slots.append(_Slot(state, pid, child, attempt, index, pid_start, child_at))
     began = None
-    if version == 2 and with_began:
+    if version != 1 and with_began:
         began = array("I")
         began.frombytes(raw)
         if sys.byteorder != "little":
@@ -397,7 +437,7 @@ def end_session(job_dir: Path, timeout: float = 5.0) -> None:
     snapshot = _read(Path(job_dir) / SLOTS_FILE, with_began=False)
     if snapshot is None or snapshot.version < 2 or not snapshot.this_boot:
         return  # no pid to trust, or none that can still live
-    workers = [s.pid for s in snapshot.slots if _is(s.pid, s.pid_start)]
+    workers = list(dict.fromkeys(s.pid for s in snapshot.slots if _is(s.pid, s.pid_start)))
     frozen = _freeze(workers, {s.pid: s.pid_start for s in snapshot.slots})
     deadline = time.monotonic() + timeout
     victims = _kill_trees_of(frozen, deadline)

@@ -26,6 +26,7 @@ import orjson
 
 from .errors import JobSpecError, UsageError
 from .fsutil import NotRegularFileError, open_regular_file
+from .rate import parse_rate, rate_text
 
 __all__ = [
     "MapSpec",
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 MAX_WORKERS = 1024  # one process each: beyond this a typo, not a plan
+MAX_CONCURRENCY = 1024  # attempts in flight per worker (threads, tasks or child processes)
 _TOP_KEYS = {
     "name",
     "input",
@@ -59,10 +61,11 @@ _TOP_KEYS = {
     "reduce",
     "dlq",
     "executor",
+    "rate",
     "halt",
 }
 _HALT_KEYS = {"fail"}
-_MAP_KEYS = {"command", "callable", "timeout", "retries", "backoff"}
+_MAP_KEYS = {"command", "callable", "timeout", "retries", "backoff", "concurrency"}
 _REDUCE_KEYS = {"command", "callable", "timeout"}
 _DLQ_KEYS = {"max_items", "on_full"}
 _EXECUTOR_KEYS = {"kind", "address"}
@@ -80,6 +83,7 @@ class MapSpec:
     timeout: float | None = None
     retries: int = 0
     backoff: float = 0.0
+    concurrency: int = 1  # attempts one worker runs at once (see worker.py)
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,7 @@ class JobSpec:
     reduce: ReduceSpec | None = None
     dlq: DlqSpec = field(default_factory=DlqSpec)
     executor: ExecutorSpec = field(default_factory=ExecutorSpec)
+    rate: float | None = None  # attempt starts per second across the job (rate.py); None: no cap
     source: str = ""  # the job file it came from, for messages
     halt: HaltSpec | None = None
 
@@ -307,6 +312,12 @@ def spec_from_dict(
     reduce_spec = None if data.get("reduce") is None else _reduce_spec(where, data["reduce"])
     dlq_spec = _dlq_spec(where, data.get("dlq"))
     executor_spec = _executor_spec(where, data.get("executor"))
+    rate = None
+    if data.get("rate") is not None:
+        try:
+            rate = parse_rate(data["rate"])
+        except ValueError as e:
+            raise where.error("rate", str(e)) from None
     halt_spec = _halt_spec(where, data.get("halt"))
     return JobSpec(
         name=name.strip(),
@@ -319,6 +330,7 @@ def spec_from_dict(
         reduce=reduce_spec,
         dlq=dlq_spec,
         executor=executor_spec,
+        rate=rate,
         source=str(source),
         halt=halt_spec,
     )
@@ -338,6 +350,7 @@ def spec_from_stored(data: dict[str, Any]) -> JobSpec:
         reduce=ReduceSpec(**reduce) if reduce else None,
         dlq=DlqSpec(**data.get("dlq", {})),
         executor=ExecutorSpec(**data.get("executor", {})),
+        rate=data.get("rate"),
         source=data.get("source", ""),
         halt=HaltSpec(**data["halt"]) if data.get("halt") else None,
     )
@@ -562,6 +575,9 @@ def _map_spec(where: _Where, data: Any) -> MapSpec:
     backoff = data.get("backoff", 0.0)
     if not _is_number(backoff) or backoff < 0:
         raise where.error("map.backoff", "must be a number of seconds >= 0")
+    concurrency = data.get("concurrency", 1)
+    if not _is_int(concurrency) or not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise where.error("map.concurrency", f"must be a whole number from 1 to {MAX_CONCURRENCY}")
     return MapSpec(
         command=_command(where, "map.command", data["command"])
         if data.get("command") is not None
@@ -572,6 +588,7 @@ def _map_spec(where: _Where, data: Any) -> MapSpec:
         timeout=_timeout(where, "map.timeout", data.get("timeout")),
         retries=retries,
         backoff=float(backoff),
+        concurrency=concurrency,
     )
 
 
@@ -753,6 +770,8 @@ def spec_document(spec: JobSpec) -> dict[str, Any]:
     for section in ("map", "reduce", "dlq", "executor", "halt"):
         if isinstance(doc.get(section), dict):
             doc[section] = {k: v for k, v in doc[section].items() if v is not None}
+    if doc.get("rate") is not None:  # kept as starts a second; the file's form is "N/s"
+        doc["rate"] = rate_text(doc["rate"])
     return {k: v for k, v in doc.items() if v is not None}
 
 

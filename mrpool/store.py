@@ -51,19 +51,17 @@ from .errors import (
     NoSuchJob,
     StateRebuiltWarning,
     UsageError,
+    command_line,
     fsck_hint,
 )
 from .fsutil import atomic_write, fsync_dir, make_private_dir, missing_dirs, sweep_temp_files
 from .journal import (
     FORMAT_VERSION,
     JOURNAL_FILE,
-    checked_payload,
     crc_of_bytes,
     decode_line,
     encode_record,
-    read_payloads,
     read_records,
-    result_spans,
     scan_journal,
 )
 from .records import succeeded_indices
@@ -596,58 +594,11 @@ class JobStore:
             yield index, orjson.loads(raw)
 
     def iter_result_json(self, total: int) -> Iterator[tuple[int, bytes | memoryview]]:
-        """``(index, result as stored JSON)`` of every success, in input order, each once.
+        """``(index, result as stored JSON)`` of every success, in input order, each once
+        (results.py: two sequential reads of the ``ok`` records, memory about one record)."""
+        from .results import result_json
 
-        Two passes, so memory stays 8 bytes an item plus about one record however
-        large the results: the first finds the record holding each item's (first)
-        success from its raw payload (journal.result_spans: nothing is decoded) --
-        the first after the last ``rerun`` record naming it, if one does --
-        the second reads those records again in input order and hands out each
-        result's bytes as they are in the journal, keeping the last few small
-        records (outcomes are journaled in nearly input order)."""
-        where = array("q", [-1]) * total
-        length = array("q", [0]) * total  # of the record: read whole, in one allocation
-        for offset, end, line in read_payloads(self.journal_path):
-            if line.startswith(_OK_PREFIX, 9):
-                for index, _start, _end in result_spans(line):
-                    if 0 <= index < total and where[index] < 0:
-                        where[index], length[index] = offset, end - offset
-            elif line.startswith(_RERUN_PREFIX, 9):  # mrpool rerun: the next success counts
-                for index in orjson.loads(memoryview(line)[9:-1])["b"]:
-                    where[index] = -1
-            del line  # before the next (possibly huge) line is read
-        cache: dict[int, dict[int, bytes | memoryview]] = {}
-        cached_bytes = 0
-        with open(self.journal_path, "rb", buffering=0) as handle:
-            for index in range(total):
-                offset = where[index]
-                if offset < 0:
-                    continue
-                results = cache.get(offset)
-                if results is None:
-                    if cached_bytes > 1 << 24 or len(cache) > 64:
-                        cache.clear()
-                        cached_bytes = 0
-                    handle.seek(offset)
-                    results = self._results_at(handle.read(length[index]), offset)
-                    cache[offset] = results
-                    cached_bytes += sum(len(r) for r in results.values())
-                yield index, results.pop(index)
-
-    def _results_at(self, line: bytes, offset: int) -> dict[int, bytes | memoryview]:
-        """``{index: result JSON}`` of the ``ok`` record ``line`` (read at ``offset``)."""
-        if checked_payload(line) is None:
-            raise CorruptStateError(
-                f"{self.journal_path}: record at byte {offset} changed while reading"
-            )
-        spans = result_spans(line)
-        record = orjson.loads(memoryview(line)[9:-1]) if spans and spans[0][1] < 0 else None
-        view = memoryview(line)
-        results: dict[int, bytes | memoryview] = {}
-        for n, (index, start, end) in enumerate(spans):
-            if index not in results:  # (a record never repeats an item; the first counts)
-                results[index] = orjson.dumps(record["b"][n][3]) if record else view[start:end]
-        return results
+        return result_json(self.journal_path, total)
 
     # -- housekeeping ----------------------------------------------------
     def sweep(self) -> None:
@@ -666,9 +617,7 @@ def create_job_dir(root: Path, job_id: str, build) -> JobStore:
     """
     store = JobStore(root, job_id)
     if store.dir.exists():
-        raise JobExists(
-            f"job {job_id!r} already exists; use 'mrpool resume {job_id}' to continue it"
-        )
+        raise _exists(store)
     tmp_root = root / "tmp"
     created = missing_dirs(tmp_root)
     try:
@@ -720,11 +669,16 @@ def _publish(tmp: Path, store: JobStore, job_id: str) -> None:
         os.rename(tmp, store.dir)
     except OSError:
         if store.dir.exists():
-            raise JobExists(
-                f"job {job_id!r} already exists; use 'mrpool resume {job_id}' to continue it"
-            ) from None
+            raise _exists(store) from None
         raise
     fsync_dir(jobs)
+
+
+def _exists(store: JobStore) -> JobExists:
+    return JobExists(
+        f"job {store.job_id!r} already exists; use "
+        f"'{command_line(store.dir, 'resume')}' to continue it"
+    )
 
 
 def write_job_file(

@@ -46,11 +46,19 @@ from typing import Any
 
 from . import failpoints, records
 from .crashes import clear_abort_marks, mark_aborted
-from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, DlqFullError, HaltedError
+from .errors import (
+    EXIT_FAILURES,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    DlqFullError,
+    HaltedError,
+    command_line,
+)
 from .executor import Batch, Executor, Failure, HandBack, Outcomes, Successes
 from .journal import JOURNAL_VERSION, JournalWriter, journal_version
 from .planner import PlanCursor, ResumePlan
 from .progress import ProgressModel, open_progress
+from .rate import TokenBucket
 from .records import Recorder
 from .spec import HaltSpec
 from .store import DLQ, PURGED, SUCCEEDED, JobState, JobStore
@@ -75,6 +83,7 @@ class SessionOptions:
     progress: bool | str = False  # a progress.open_progress mode (True: "tty")
     command: str = "run"
     stop: threading.Event | None = None  # set: stop like Ctrl-C (any thread can set it)
+    rate: float | None = None  # attempt starts a second across the job (rate.py); None: no cap
     halt: HaltSpec | None = None  # stop once this many items were parked (halt: / --halt)
 
 
@@ -132,6 +141,8 @@ class Session:
             ProgressModel(store.job_id, state.total, plan.total), options.progress
         )
         self._count_progress()
+        self.bucket: TokenBucket | None = None  # options.rate's, once the workers are up
+        self._rate_bound = False  # the last dispatch sent fewer than there was room for
         self.kept_failed = 0  # items not parked because the DLQ was full (keep_failed)
         # tail text -> offset of the f record holding it, so the next failure with the same
         # tail names that record instead (None: a version-1 journal, tails kept inline)
@@ -149,6 +160,8 @@ class Session:
         previous = self._install_signal_handlers()
         try:
             self._record_all(self.executor.start())
+            if self.options.rate:  # from now: no tokens saved up while the workers forked
+                self.bucket = TokenBucket(self.options.rate)
             self._loop()
             if self.stop_signal is not None or self.stop_error is not None:
                 self._interrupt()
@@ -232,9 +245,12 @@ class Session:
         return self.cursor.done and not self.ready and not self.delayed and self.in_flight == 0
 
     def _wait_timeout(self) -> float:
+        timeout = 0.05
         if self.delayed:
-            return max(0.0, min(0.05, self.delayed[0][0] - time.monotonic()))
-        return 0.05
+            timeout = max(0.0, min(timeout, self.delayed[0][0] - time.monotonic()))
+        if self._rate_bound:  # the rate held starts back: the next one is due then
+            timeout = min(timeout, self.bucket.next_in())
+        return timeout
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.stop_signal = signum
@@ -257,6 +273,11 @@ class Session:
 
     def _dispatch(self) -> None:
         room = self.executor.capacity()
+        self._rate_bound = False
+        if self.bucket is not None and room > 0:
+            allowed = self.bucket.available()  # the job's rate: every start counts
+            self._rate_bound = allowed < room
+            room = min(room, allowed)
         if room <= 0:
             return
         indices: list[int] = []
@@ -286,6 +307,8 @@ class Session:
         self._record(records.starts(pairs, runs))
         self.journal.write()  # the start is on disk before the worker sees the item
         self.executor.submit(Batch(indices, numbers, lines))
+        if self.bucket is not None:
+            self.bucket.take(len(indices))
         self.in_flight += len(indices)
         if failpoints.ENABLED:
             failpoints.hit("supervisor.after_dispatch")
@@ -411,7 +434,8 @@ class Session:
         if self.options.dlq_on_full == "stop" and self.stop_error is None:
             self.stop_error = DlqFullError(
                 f"the DLQ is full (dlq.max_items = {limit}); stopped with the item kept as failed. "
-                f"Inspect with 'mrpool dlq list {self.store.job_id}', then purge or retry and resume"
+                f"Inspect with '{command_line(self.store.dir, 'dlq list')}', then purge or "
+                "retry and resume"
             )
         self.kept_failed += 1
         return records.KEEP
@@ -463,7 +487,9 @@ class Session:
         """The job-wide counts and this session's in-flight attempts, for the display."""
         counts, shown = self.state.counts, self.progress.model
         shown.set_counts(counts[SUCCEEDED], counts[DLQ], self.state.total - counts[PURGED])
-        shown.in_flight = self.in_flight
+        # an executor that queues attempts ahead in its workers knows what really runs
+        running = getattr(self.executor, "running", None)
+        shown.in_flight = self.in_flight if running is None else running()
 
     def _maybe_checkpoint(self) -> None:
         if time.monotonic() - self._last_checkpoint < CHECKPOINT_EVERY:

@@ -1,4 +1,4 @@
-"""A worker process: runs the attempts the supervisor sends, one after another.
+"""A worker process: runs the attempts the supervisor sends, one after another (or K at once).
 
 Protocol on the worker's own pipe (``multiprocessing`` Connection, bytes):
 
@@ -15,6 +15,11 @@ Protocol on the worker's own pipe (``multiprocessing`` Connection, bytes):
   supervisor journals as they are, without decoding them. Outcomes are sent
   when a batch ends or 20 ms after the previous send, so fast items travel in
   bulk and a slow item is reported the moment it ends.
+* With ``concurrency`` K > 1 (``_Lanes``) a worker runs up to K attempts at
+  once, one per lane of its slot, and they end in any order: its header is
+  ``[count, duration, failures, ok, retire]``, ``ok`` the successes' indices in
+  the order of their rows, ``retire`` true once it asks to be replaced (an
+  attempt's thread it could not stop runs on in it).
 
 Before each attempt the worker writes the item into its shared slot, and a
 watchdog thread heartbeats every 0.1 s; if the supervisor disappears (its pid
@@ -32,6 +37,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import functools
+import inspect
 import linecache
 import mmap
 import os
@@ -43,6 +49,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -77,6 +84,7 @@ class WorkerConfig:
     command: list[str] | None
     callable: str | None
     timeout: float | None
+    concurrency: int = 1  # attempts run at once (lanes); 1: one after another, in order
 
 
 def worker_main(
@@ -99,8 +107,13 @@ def worker_main(
     if config.callable:
         _die_with_parent()
     threading.Thread(target=_watchdog, args=(slots, slot, parent_pid), daemon=True).start()
-    outbox = _Outbox(conn)
+    outbox = _Outbox(conn, lanes=config.concurrency)
     threading.Thread(target=outbox.send_every_interval, daemon=True).start()
+    if config.concurrency > 1:
+        _Lanes(config, slots, slot, outbox).serve(conn)
+        outbox.send()
+        _end_descendants()
+        os._exit(0)
     run_batch = _batch_runner(config, slots, slot, outbox)
     while True:
         try:
@@ -132,12 +145,14 @@ class _Outbox:
     takes a prefix of ``rows`` (the loop only ever appends) and gives the loop a new
     buffer; a row already pointing into the old one stays valid."""
 
-    def __init__(self, conn) -> None:
+    def __init__(self, conn, lanes: int = 1) -> None:
         self.conn = conn
         self.rows: list[Any] = []
         self.buffer = bytearray()
         self.last_send = time.monotonic()
         self._sending = threading.Lock()
+        self.lanes = lanes
+        self.retire = False  # lanes: an attempt's thread could not be stopped (see _Lanes)
 
     def add_encoded(
         self, index: int, attempt: int, duration: float, result: Any
@@ -158,7 +173,16 @@ class _Outbox:
 
     def send(self) -> None:
         with self._sending:
-            self._send_waiting()
+            if self.lanes > 1:  # lanes: rows in the order they ended (see _lanes_message)
+                n = len(self.rows)
+                if n:
+                    if failpoints.ENABLED:
+                        failpoints.hit("worker.before_send")
+                    rows = self.rows[:n]
+                    self.conn.send_bytes(_lanes_message(rows, self.retire))
+                    del self.rows[:n]
+            else:
+                self._send_waiting()
             self.last_send = time.monotonic()
 
     def send_alone(self, index: int, attempt: int, duration: float, result: bytearray) -> None:
@@ -275,6 +299,172 @@ def _outcomes_message(rows: list[list[Any]]) -> bytes:
     return b"%s\n[%s]" % (orjson.dumps([len(rows), duration, failures]), body)
 
 
+def _lanes_message(rows: list[list[Any]], retire: bool) -> bytes:
+    """The message of a worker with lanes: as ``_outcomes_message``, its attempts in the
+    order they ended (not the order sent), so the header also lists the successes'
+    indices, and says whether the worker asks to be replaced (``retire``)."""
+    duration = sum(map(_duration, rows))
+    failures = [row[:4] for row in rows if len(row) == 5]
+    successes = [row for row in rows if len(row) == 4]
+    ok = [row[0] for row in successes]
+    return b"%s\n%s" % (
+        orjson.dumps([len(rows), duration, failures, ok, retire]),
+        orjson.dumps(successes),
+    )
+
+
+class _Lanes:
+    """Up to K attempts at once (``map.concurrency``), each in a lane of this worker's slot.
+
+    An event loop on the main thread starts attempts as lanes free up, from the
+    items the supervisor sent (a reader thread hands its messages over); each
+    attempt is written into its lane before it starts and cleared after its row
+    is in the outbox, as a single-lane worker does with its slot. Per kind:
+
+    * ``async def`` callable: a task on the loop; past ``timeout`` it is
+      cancelled and fails as ``timeout`` (its result, if it ever comes, is dropped).
+    * plain callable: a thread of a pool of K. Python cannot stop a thread, so an
+      attempt past ``timeout`` fails as ``timeout`` at once, its thread is
+      abandoned (a fresh pool takes new attempts, the late result is dropped) and
+      the worker asks to be replaced (``retire``): the supervisor sends it nothing
+      more, lets its other attempts finish, then stops it -- which ends the thread.
+    * command: a child process per attempt, spawned and waited for on a pool
+      thread, in its own process group; past ``timeout`` its tree and its group
+      are killed and it fails as ``timeout``; nothing else is touched. What a
+      finished attempt left running (an orphan adopted by this subreaper, in no
+      running attempt's group) is killed when the attempt ends.
+
+    A blocking call inside an ``async def`` stalls the whole loop: the
+    supervisor's backstop then kills the worker ``timeout`` + 5 s after the
+    attempt started, and its attempts fail with it."""
+
+    def __init__(self, config: WorkerConfig, slots: SlotTable, slot: int, outbox: _Outbox) -> None:
+        import asyncio
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._asyncio = asyncio
+        self._pool_class = ThreadPoolExecutor
+        self.config = config
+        self.timeout = config.timeout
+        self.outbox = outbox
+        self.loop = asyncio.new_event_loop()
+        self.writers = [slots.writer(slot, lane) for lane in range(config.concurrency)]
+        self.free = list(range(config.concurrency - 1, -1, -1))  # lane 0 first
+        self.waiting: deque[tuple[int, int, bytes]] = deque()
+        self.running = 0
+        self.closing = False
+        self.pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="mrpool-lane")
+        if config.command:
+            self.kind = "command"
+            self.run_command = _command_runner(config, slots, slot, lanes=config.concurrency)
+        else:
+            function = resolve_callable(config.callable, config.base_dir)
+            self.function = function
+            self.kind = "async" if inspect.iscoroutinefunction(function) else "thread"
+
+    def serve(self, conn) -> None:
+        """Run attempts until the supervisor says "exit" (or is gone) and none runs."""
+        threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+        try:
+            self.loop.run_forever()
+        finally:
+            self.pool.shutdown(wait=False)
+
+    def _read(self, conn) -> None:
+        while True:
+            try:
+                message = conn.recv_bytes()
+            except (EOFError, OSError):
+                message = b""
+            self.loop.call_soon_threadsafe(self._received, message)
+            if not message:
+                return
+
+    def _received(self, message: bytes) -> None:
+        if not message:
+            self.closing = True
+        else:
+            header, _, body = message.partition(b"\n")
+            indices, attempts = orjson.loads(header)
+            self.waiting.extend(zip(indices, attempts, body.split(b"\n")))
+        self._start_more()
+
+    def _start_more(self) -> None:
+        monotonic = time.monotonic
+        while self.waiting and self.free:
+            lane = self.free.pop()
+            index, attempt, line = self.waiting.popleft()
+            started = monotonic()
+            self.writers[lane][0](index, attempt, started)  # on record before it starts
+            self.running += 1
+            self.loop.create_task(self._attempt(lane, index, attempt, line, started))
+        if self.closing and not self.running and not self.waiting:
+            self.loop.stop()
+
+    async def _attempt(self, lane: int, index: int, attempt: int, line: bytes, started: float):
+        try:
+            ok, payload = await self._outcome(lane, index, attempt, line)
+        except Exception as e:  # noqa: BLE001 - ours, not the map's: still only this attempt
+            ok, payload = False, _exception_failure(e)
+        now = time.monotonic()
+        if ok:
+            ok, payload = _lane_result(payload)
+        if ok:
+            self.outbox.rows.append([index, attempt, now - started, payload])
+        else:
+            self.outbox.rows.append([index, attempt, now - started, payload, 1])
+        self.writers[lane][1]()
+        self.running -= 1
+        self.free.append(lane)
+        self._start_more()
+
+    async def _outcome(self, lane: int, index: int, attempt: int, line: bytes):
+        asyncio = self._asyncio
+        if self.kind == "command":
+            return await self.loop.run_in_executor(
+                self.pool, self.run_command, index, attempt, line, lane
+            )
+        item = orjson.loads(line[line.index(b"\t") + 1 :])
+        if self.kind == "async":
+            work = asyncio.ensure_future(_awaited(self.function, item))
+        else:
+            work = self.loop.run_in_executor(self.pool, _called, self.function, item)
+        done, _ = await asyncio.wait({work}, timeout=self.timeout)
+        if done:
+            return work.result()
+        work.cancel()  # a task: cancelled; a thread's future: only its result is dropped
+        work.add_done_callback(_drop_result)
+        if self.kind == "thread":  # that thread runs on: replace the pool, then the worker
+            self.outbox.retire = True
+            self.pool.shutdown(wait=False)
+            self.pool = self._pool_class(self.config.concurrency, thread_name_prefix="mrpool-lane")
+        how = "cancelled" if self.kind == "async" else "its thread abandoned"
+        return False, _failure("timeout", f"timed out after {self.timeout:g} s ({how})")
+
+
+async def _awaited(function, item: Any) -> tuple[bool, Any]:
+    try:
+        result = await function(item)
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - a map's failure is data
+        return False, _exception_failure(e)
+    return _lane_result(result)
+
+
+def _called(function, item: Any) -> tuple[bool, Any]:
+    """One attempt of a plain callable on a lane's thread (the traceback is this thread's)."""
+    try:
+        result = function(item)
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - a map's failure is data
+        return False, _exception_failure(e)
+    return _lane_result(result)
+
+
+def _drop_result(future) -> None:
+    """Read a timed-out attempt's late end, so that nothing reports it unread."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _batch_runner(config: WorkerConfig, slots: SlotTable, slot: int, outbox: _Outbox):
     """``run_batch(indices, attempts, body)``: run a batch's attempts in order, each one
     announced in the slot before it starts, its row in the outbox when it ends."""
@@ -283,6 +473,8 @@ def _batch_runner(config: WorkerConfig, slots: SlotTable, slot: int, outbox: _Ou
         run_one = _command_runner(config, slots, slot)
     else:
         function = resolve_callable(config.callable, config.base_dir)  # mrpool.map: no import
+        if inspect.iscoroutinefunction(function):  # one attempt at a time, on a loop of its own
+            function = _on_own_loop(function)
         run_one = _callable_runner(function)
 
     def run_each(indices: list[int], attempts: list[int], body: bytes) -> None:
@@ -368,6 +560,30 @@ def _record(
 # Anything else (a dict, a list, ...) may be changed by later calls, so it is
 # encoded at return (``_Outbox.add_encoded``).
 _KEPT_AS_IS = frozenset({type(None), bool, float, int, str, orjson.Fragment})
+
+
+def _lane_result(result: Any) -> tuple[bool, Any]:
+    """A lane's result made safe to hold until its message is sent (lanes run attempts
+    side by side, so nothing is encoded into a shared buffer): encoded now unless it is
+    None, a bool or a float; an unencodable one fails its own attempt."""
+    if type(result) is _Encoded:
+        return True, orjson.Fragment(bytes(result.data))
+    if type(result) in (type(None), bool, float, orjson.Fragment):
+        return True, result
+    try:
+        return True, orjson.Fragment(orjson.dumps(result))
+    except TypeError as e:
+        return False, _not_json(e)
+
+
+def _on_own_loop(function):
+    """An ``async def`` map callable as a plain one: each call runs on one event loop."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    return lambda item: loop.run_until_complete(function(item))
+
+
 _WHOLE_BATCH_DECODE_MAX = 1 << 20
 
 
@@ -433,6 +649,32 @@ def _kill_strays(pid: int) -> None:
     except (OSError, ValueError):
         return
     for stray in strays:
+        kill_tree(stray)
+        try:
+            os.waitpid(stray, 0)
+        except ChildProcessError:
+            pass
+
+
+def _kill_orphans(pid: int, live: set[int]) -> None:
+    """``_kill_strays`` for a worker with lanes: kill and reap the orphans its commands
+    left (adopted by its main thread, the subreaper's first thread), except those in a
+    running attempt's process group. The commands themselves are children of the pool
+    threads that spawned them, never listed here."""
+    try:
+        fd = os.open(f"/proc/{pid}/task/{pid}/children", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            strays = [int(p) for p in os.read(fd, 1 << 16).split()]
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):
+        return
+    for stray in strays:
+        try:
+            if os.getpgid(stray) in live:
+                continue  # a running attempt's helper: it ends with that attempt
+        except ProcessLookupError:
+            pass
         kill_tree(stray)
         try:
             os.waitpid(stray, 0)
@@ -589,7 +831,7 @@ def _not_json(e: Exception) -> dict[str, Any]:
     return _failure("exception", f"result is not JSON-serializable: {e}")
 
 
-def _command_runner(config: WorkerConfig, slots: SlotTable, slot: int):
+def _command_runner(config: WorkerConfig, slots: SlotTable, slot: int, lanes: int = 1):
     """Run each attempt as ``posix_spawn`` of the map command, in the job file's directory.
 
     Cheaper than ``subprocess.Popen`` (a third less per attempt for a trivial
@@ -597,7 +839,11 @@ def _command_runner(config: WorkerConfig, slots: SlotTable, slot: int):
     stdin, stdout and stderr are anonymous memory files -- stdin holds the item,
     stdout and stderr are read once the command has exited. Nothing can block
     on a full pipe, and a background child that keeps stdout open cannot hold
-    the attempt up (it is killed with the attempt, see ``_kill_strays``)."""
+    the attempt up (it is killed with the attempt, see ``_kill_strays``).
+
+    With ``lanes`` (several attempts at once, on pool threads: see ``_Lanes``) each
+    command gets its own process group, its pid goes into its lane, and what is
+    killed after an attempt spares the running attempts (``_kill_orphans``)."""
     os.chdir(config.base_dir)
     _no_inherited_fds()
     base_env = dict(os.environb)  # bytes: posix_spawn need not encode ~40 variables an attempt
@@ -606,7 +852,26 @@ def _command_runner(config: WorkerConfig, slots: SlotTable, slot: int):
     program = functools.lru_cache(maxsize=64)(_program)
     render_argv = argv_renderer(config.command)
 
-    def run(index: int, attempt: int, line: bytes) -> tuple[bool, Any]:
+    live: set[int] = set()  # with lanes: the running commands (each its own group)
+    live_lock = threading.Lock()
+
+    def started(path: str | None, argv: list[str], env: dict[bytes, bytes], fds) -> int:
+        if lanes == 1:
+            return _spawn(path, argv, env, fds)
+        with live_lock:  # never seen by _kill_orphans before it is on record
+            pid = _spawn(path, argv, env, fds, own_group=True)
+            live.add(pid)
+            return pid
+
+    def cleaned(pid: int) -> None:
+        if lanes == 1:
+            _kill_strays(worker_pid)
+            return
+        with live_lock:
+            live.discard(pid)
+            _kill_orphans(worker_pid, live)
+
+    def run(index: int, attempt: int, line: bytes, lane: int = 0) -> tuple[bool, Any]:
         raw_id, _, item_json = line.partition(b"\t")
         item = orjson.loads(item_json)
         try:
@@ -625,17 +890,17 @@ def _command_runner(config: WorkerConfig, slots: SlotTable, slot: int):
         stdin, stdout, stderr = _memory_file(item_json), _memory_file(), _memory_file()
         try:
             try:
-                pid = _spawn(program(argv[0]), argv, env, (stdin, stdout, stderr))
+                pid = started(program(argv[0]), argv, env, (stdin, stdout, stderr))
             except OSError as e:
                 return False, _failure("exec", f"cannot run {argv[0]!r}: {e.strerror}")
             except ValueError as e:  # an argument filled from the item holds a NUL byte
                 return False, _failure("exec", f"cannot run {argv[0]!r}: {e}")
-            slots.set_child(slot, pid)
+            slots.set_child(slot, pid, lane)
             try:
-                code = _wait_for(pid, config.timeout)
+                code = _wait_for(pid, config.timeout, own_group=lanes > 1)
             finally:
-                slots.set_child(slot, 0)  # reaped: its pid may be reused, never kill it again
-            _kill_strays(worker_pid)  # nothing an attempt started outlives it
+                slots.set_child(slot, 0, lane)  # reaped: its pid may be reused, never kill it
+            cleaned(pid)  # nothing an attempt started outlives it
             if code == 0:
                 return True, _command_result(stdout)
             err = _tail(stderr)
@@ -663,15 +928,21 @@ def _program(name: str) -> str | None:
 
 
 def _spawn(
-    path: str | None, argv: list[str], env: dict[bytes, bytes], fds: tuple[int, int, int]
+    path: str | None,
+    argv: list[str],
+    env: dict[bytes, bytes],
+    fds: tuple[int, int, int],
+    own_group: bool = False,
 ) -> int:
-    """``posix_spawn`` of ``argv`` with ``fds`` as its stdin, stdout and stderr. A program
-    not found, or gone since it was looked up, is left to ``posix_spawnp``, whose error
-    is the one to report."""
-    options = {
+    """``posix_spawn`` of ``argv`` with ``fds`` as its stdin, stdout and stderr (in a
+    process group of its own if ``own_group``). A program not found, or gone since it
+    was looked up, is left to ``posix_spawnp``, whose error is the one to report."""
+    options: dict[str, Any] = {
         "file_actions": [(_DUP2, fd, target) for target, fd in enumerate(fds)],
         "setsigdef": _DEFAULT_SIGNALS,
     }
+    if own_group:
+        options["setpgroup"] = 0
     if path is not None:
         try:
             return os.posix_spawn(path, argv, env, **options)
@@ -709,11 +980,17 @@ def _tail(fd: int) -> str:
     return os.pread(fd, size - start, start).decode("utf-8", errors="replace")
 
 
-def _wait_for(pid: int, timeout: float | None) -> int | None:
+def _wait_for(pid: int, timeout: float | None, own_group: bool = False) -> int | None:
     """The command's exit status (negative: killed by that signal), or None when it ran
-    past ``timeout`` seconds -- then it and everything it started are killed and reaped."""
+    past ``timeout`` seconds -- then it and everything it started (its process group
+    too, if it has its own) are killed and reaped."""
     if timeout is not None and not _exits_within(pid, timeout):
         kill_tree(pid)
+        if own_group:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
         os.waitpid(pid, 0)
         return None
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])

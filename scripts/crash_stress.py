@@ -26,6 +26,10 @@ legitimate, so the trial then ``dlq retry``s them. Then it counts:
 Usage::
 
     python scripts/crash_stress.py [--trials 200] [--seed N] [--items 100] [--workers 2]
+                                   [--concurrency K]
+
+``--concurrency 8`` (or ``MRPOOL_TEST_CONCURRENCY=8``) runs every trial with
+``map.concurrency: 8``: each worker holds 8 attempts at once, so a kill cuts 8.
 
 Exits 1 if any of lost / duplicated / re-run / problems is non-zero. The same
 trial function is used by tests/test_resume.py (20+ trials in the normal suite).
@@ -111,6 +115,7 @@ class Trial:
         items: int = 100,
         workers: int = 2,
         sleep: float = 0.002,
+        concurrency: int | None = None,
     ) -> None:
         self.dir = workdir
         self.job_id = job_id
@@ -128,6 +133,10 @@ class Trial:
             "workers": workers,
             "map": {"callable": "crashmap:work", "retries": 1},
         }
+        if concurrency is None:  # MRPOOL_TEST_CONCURRENCY: the whole suite with lanes
+            concurrency = int(os.environ.get("MRPOOL_TEST_CONCURRENCY") or 1)
+        if concurrency > 1:
+            job["map"]["concurrency"] = concurrency
         self.job_file = workdir / "job.json"
         self.job_file.write_text(json.dumps(job))
         self.side = workdir / "side.log"
@@ -446,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--sleep", type=float, default=0.002, help="seconds per item")
+    parser.add_argument(
+        "--concurrency", type=int, default=None, help="map.concurrency (attempts per worker)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the state of failed trials")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
@@ -471,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                 items=args.items,
                 workers=args.workers,
                 sleep=args.sleep,
+                concurrency=args.concurrency,
             )
             results.append(result)
             if not result.ok:

@@ -151,6 +151,9 @@ def write_job(
             handle.write(json.dumps(item) + "\n")
     for filename, text in (files or {}).items():
         (directory / filename).write_text(text)
+    lanes = int(os.environ.get("MRPOOL_TEST_CONCURRENCY") or 1)
+    if lanes > 1 and "concurrency" not in map_step:  # the suite with lanes (scripts/stress.sh)
+        map_step = {**map_step, "concurrency": lanes}
     job = {
         "name": name,
         "input": "items.jsonl",

@@ -22,7 +22,9 @@ SCRIPTS = [
     ("payloads", ["--cases", "20x20000", "--repeats", "1"]),
     ("failures", ["--items", "200", "--repeats", "1"]),
     ("python_map", ["--items", "300", "--slow-items", "20", "--repeats", "1"]),
+    ("io_bound", "--items 40 --wait 0.05 --workers 1 --concurrency 4 --repeats 1".split()),
     ("map_cost", ["--small", "100", "--large", "400", "--repeats", "1"]),
+    ("end_to_end", ["--sizes", "300", "--repeats", "1"]),
 ]
 
 

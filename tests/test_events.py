@@ -5,8 +5,11 @@ import json
 import select
 import subprocess
 
+import orjson
 import pytest
 from conftest import wait_for, write_job
+
+from mrpool import api
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -105,6 +108,12 @@ def test_attempt_end_events_carry_duration_and_for_commands_exit_code_and_signal
         "term": (None, 15),
     }
     assert all(e["duration"] >= 0 for e in ends.values())
+    # the CLI's lines, formatted from stored bytes a record at a time, are the dicts encoded
+    assert mrpool.run("resume", "py", "--reset-failed").returncode == 1  # a reset, new starts
+    for job_id in ("py", "sh"):
+        assert mrpool.run("events", job_id).stdout.encode() == b"".join(
+            orjson.dumps(e) + b"\n" for e in api.iter_events(job_id, state_dir=mrpool.state_dir)
+        )
 
 
 def events(mrpool, job_id):

@@ -144,7 +144,7 @@ def test_one_item_without_an_id_switches_every_chunk_to_content_hashes(
 
 
 def test_a_large_clean_input_takes_several_real_chunks(tmp_path):
-    n = 300_000  # > CHUNK_BYTES (4 MiB) of input: the real chunk size, more than one chunk
+    n = 300_000  # > CHUNK_BYTES (1 MiB) of input: the real chunk size, more than one chunk
     lines = [b'{"id": "item-%07d", "payload": "%s"}' % (i, b"x" * 8) for i in range(n)]
     lines.append(b'{"id": "item-0000005"}')  # a duplicate of an early item, in the last chunk
     report, stored = ingest_lines(tmp_path, lines)
