@@ -11,6 +11,8 @@ a ``figures`` list in one shape (``_common.figure``): ``workload``, ``mrpool``,
 ``rounds``. This script takes any benchmark's file in that shape, so a new
 benchmark adds rows by writing figures; nothing in the table is typed by hand.
 The table replaces what stands between the two marker lines in the README.
+``benchmarks/results/`` stays ignored by git (local runs land there); the files the
+README is rendered from are committed, and a new one is added with ``git add -f``.
 """
 
 from __future__ import annotations
