@@ -60,7 +60,7 @@ import orjson
 
 from . import failpoints, records
 from .checksums import ChunkedCrcWriter
-from .errors import CorruptStateError, InputError, MrpoolError, UsageError
+from .errors import CorruptStateError, InputError, MrpoolError, UsageError, command_line
 from .gc_policy import fewer_collections
 from .items import (
     ITEMS_FILE,
@@ -112,13 +112,14 @@ class MapFailures(MrpoolError):
     results in input order with a ``Failed`` in each failed place, ``failures`` the
     ``Failed`` markers alone (input order)."""
 
-    def __init__(self, job: str, failures: list[Failed], results: list[Any]) -> None:
+    def __init__(self, job: str, failures: list[Failed], results: list[Any], job_dir=None) -> None:
         self.job, self.failures, self.results = job, failures, results
         first = failures[0]
+        listing = command_line(job_dir, "dlq list") if job_dir else f"mrpool dlq list {job}"
         super().__init__(
             f"{len(failures)} of {len(results)} item(s) of job {job} failed every attempt "
             f"(first: id {first.id!r} after {first.attempts} attempt(s): {first.error}); "
-            f"they are in the DLQ ('mrpool dlq list {job}'); call mrpool.map again to retry them"
+            f"they are in the DLQ ('{listing}'); call mrpool.map again to retry them"
         )
 
 
@@ -163,7 +164,7 @@ def map(  # noqa: A001 - the name users reach for, as Pool.map
             run.lock.release()
         results = _in_input_order(run, by_index)
     if failures and on_failure == "raise":
-        raise MapFailures(job, failures, results)
+        raise MapFailures(job, failures, results, run.store.dir)
     return results
 
 
@@ -221,7 +222,7 @@ def imap(
         if on_failure == "return" or not isinstance(result, Failed):
             yield run.originals[position], result
     if failures and on_failure == "raise":
-        raise MapFailures(job, failures, _in_input_order(run, by_index))
+        raise MapFailures(job, failures, _in_input_order(run, by_index), run.store.dir)
 
 
 def _put(by_index: list[Any], indices: list[int], results: list[Any]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -431,3 +432,17 @@ def test_sigkill_during_extend_leaves_the_old_job_or_the_extended_one(script, po
     # one record of the extension, also when the crash cut it off (the next session wrote it)
     assert _extensions("cut", state) == [(10, 16, 6)]
     assert not fsck("cut", state_dir=state).findings  # stray rows, temp files: all gone
+
+
+def test_the_dlq_hint_of_map_failures_pastes_as_is_with_its_own_state_dir(tmp_path, monkeypatch):
+    """A state dir other than the default: the printed ``dlq list`` must name it."""
+    monkeypatch.setenv("MRPOOL_HOME", str(tmp_path / "default"))
+    with pytest.raises(mrpool.MapFailures) as caught:
+        mrpool.map(int, ["1", "x"], job="hint", state_dir=tmp_path / "elsewhere", workers=1)
+    hint = str(caught.value).split("('", 1)[1].split("')", 1)[0]
+    assert "--state-dir" in hint, hint
+    words = shlex.split(hint)
+    assert words[0] == "mrpool"
+    listed = subprocess.run([PY, "-m", *words], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert "invalid literal for int()" in listed.stdout
