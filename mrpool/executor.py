@@ -603,8 +603,22 @@ class LocalExecutor:
         message when it has run all of it, so with one big message it would finish,
         answer and then sit idle for a whole round trip (its answer read, journaled,
         the next batch sent); with two, the second is waiting in its pipe (with no-op
-        items a worker spent a large share of its time waiting: NOTES.md)."""
+        items a worker spent a large share of its time waiting: NOTES.md).
+
+        With lanes, idle lanes are filled first, across all workers, and only then
+        their queues: otherwise the first worker would take 2K items and run K of
+        them while the next worker's lanes sat idle (4 slow items, 2 workers x 2
+        lanes: 2 at a time, not 4)."""
         start, total = 0, len(batch)
+        if self.lanes > 1:
+            for w in self.workers:
+                if w is None or w.inflight is None or start >= total:
+                    continue
+                free = min(self._room(w), self.lanes - w.held)
+                if free > 0:
+                    stop = min(total, start + free)
+                    self._send(w, batch if stop - start == total else batch.part(start, stop))
+                    start = stop
         while start < total:
             progressed = False
             for w in self.workers:

@@ -128,6 +128,17 @@ def test_a_command_map_holds_8_children_per_worker(mrpool, tmp_path):
     assert most_at_once(stamps(tmp_path)) == 16  # 2 workers x 8 child processes
 
 
+def test_idle_lanes_of_every_worker_fill_before_any_queue(mrpool, tmp_path):
+    # 4 slow items, 2 workers x 2 lanes: all 4 at once, not 2 run by the first worker
+    # with the other 2 queued behind them while the second worker idles
+    items = [{"id": i, "sleep": 0.3} for i in range(4)]
+    r = mrpool.run("run", str(job(tmp_path, items, {"callable": "m:aio", "concurrency": 2})))
+    assert r.returncode == 0, r.stderr
+    assert most_at_once(stamps(tmp_path)) == 4
+    pids = [line.split()[3] for line in (tmp_path / "side.log").read_text().splitlines()]
+    assert sorted(map(pids.count, set(pids))) == [4, 4]  # 2 items (S and E stamps) each
+
+
 def test_concurrency_1_runs_one_after_another_as_before(mrpool, tmp_path):
     items = [{"id": i, "sleep": 0.05} for i in range(10)]
     r = mrpool.run("run", str(job(tmp_path, items, {"callable": "m:aio"}, workers=1)))
