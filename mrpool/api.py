@@ -354,6 +354,7 @@ def run_held_session(
     *,
     include_dlq: bool = True,
     workers: int | None = None,
+    concurrency: int | None = None,
     progress: bool | str = False,
 ) -> SessionReport:
     """One session of a job whose lock is already held for it -- by ``mrpool.map``'s
@@ -362,7 +363,9 @@ def run_held_session(
     from .planner import PlanOptions
 
     options = PlanOptions(include_dlq=include_dlq)
-    return _run_session(store, command, options, workers=workers, progress=progress)
+    return _run_session(
+        store, command, options, workers=workers, concurrency=concurrency, progress=progress
+    )
 
 
 def _run_session(

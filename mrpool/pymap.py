@@ -131,6 +131,7 @@ def map(  # noqa: A001 - the name users reach for, as Pool.map
     job: str,
     key: str | Callable[[Any], str | int] | None = None,
     workers: int | None = None,
+    concurrency: int | None = None,
     retries: int = 0,
     backoff: float = 0,
     timeout: float | None = None,
@@ -145,7 +146,9 @@ def map(  # noqa: A001 - the name users reach for, as Pool.map
     crash, Ctrl-C or kernel restart) it resumes: recorded results are not run again.
     Items whose every attempt failed raise one ``MapFailures`` at the end (or, with
     ``on_failure="return"``, stand as ``Failed`` markers in the list)."""
-    call = _Call(fn, items, job, key, workers, retries, backoff, timeout, state_dir, progress)
+    call = _Call(
+        fn, items, job, key, workers, retries, backoff, timeout, state_dir, progress, concurrency
+    )
     call.check(on_failure)
     with fewer_collections():
         run = _prepare(call, extend, keep_items=False)
@@ -175,6 +178,7 @@ def imap(
     job: str,
     key: str | Callable[[Any], str | int] | None = None,
     workers: int | None = None,
+    concurrency: int | None = None,
     retries: int = 0,
     backoff: float = 0,
     timeout: float | None = None,
@@ -189,7 +193,9 @@ def imap(
     (``ordered=True``: in input order). A re-run yields the results recorded before
     first, then the rest as they come. Like any generator it starts on the first
     ``next()``; closing it early stops the session (what ran is kept)."""
-    call = _Call(fn, items, job, key, workers, retries, backoff, timeout, state_dir, progress)
+    call = _Call(
+        fn, items, job, key, workers, retries, backoff, timeout, state_dir, progress, concurrency
+    )
     call.check(on_failure)
     run = _prepare(call, extend, keep_items=True)
     if run is None:
@@ -268,6 +274,7 @@ class _Call:
     timeout: float | None
     state_dir: str | os.PathLike | None
     progress: bool | None
+    concurrency: int | None = None  # map.concurrency: attempts each worker runs at once
 
     @property
     def where(self) -> str:
@@ -292,6 +299,8 @@ class _Call:
         data: dict[str, Any] = {"name": self.job, "input": "items.jsonl", "map": step}
         if self.workers is not None:
             data["workers"] = self.workers
+        if self.concurrency is not None:
+            step["concurrency"] = self.concurrency
         if isinstance(self.key, str):
             data["id_field"] = self.key
         spec = spec_from_dict(data, base_dir=base_dir, source=self.where)
@@ -914,6 +923,7 @@ def _session_main(
                 "mrpool.map",
                 include_dlq=include_dlq,
                 workers=call.workers,
+                concurrency=call.concurrency,
                 progress=progress,
             )
         message: tuple[str, Any] = ("report", (report.exit_code, report.state, report.message))

@@ -395,6 +395,33 @@ def test_extend_runs_only_the_new_items_and_every_reader_sees_them(tmp_path, mon
     assert len(log.read_text().splitlines()) == 10 and _extensions("grow", state) == [(20, 30, 10)]
 
 
+async def _stamped_nap(n):
+    import asyncio
+    import time
+
+    with open(os.environ["SIDE_LOG"], "a") as log:
+        log.write(f"S {time.time():.6f}\n")
+    await asyncio.sleep(0.3)
+    with open(os.environ["SIDE_LOG"], "a") as log:
+        log.write(f"E {time.time():.6f}\n")
+    return n * 2
+
+
+def test_concurrency_runs_an_async_function_8_at_once_in_one_worker(tmp_path, monkeypatch):
+    state, log = tmp_path / "state", tmp_path / "side.log"
+    monkeypatch.setenv("SIDE_LOG", str(log))
+    got = mrpool.map(_stamped_nap, range(8), job="lanes", state_dir=state, workers=1, concurrency=8)
+    assert got == [n * 2 for n in range(8)]
+    events = sorted(
+        (float(t), 1 if kind == "S" else -1)
+        for kind, t in map(str.split, log.read_text().splitlines())
+    )
+    running = [sum(step for _, step in events[: i + 1]) for i in range(len(events))]
+    assert max(running) == 8  # all 8 naps overlapped: one worker, 8 lanes
+    with pytest.raises(UsageError, match="concurrency"):
+        mrpool.map(_stamped_nap, range(8), job="lanes2", state_dir=state, concurrency=0)
+
+
 EXTEND_KILLS = [  # (failpoint, is the job extended once the process is dead?)
     ("extend.after_items", False),
     ("extend.before_replace", False),
