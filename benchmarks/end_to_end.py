@@ -30,7 +30,15 @@ import statistics
 import sys
 from pathlib import Path
 
-from _common import REPO, compile_bytecode, report, scratch, timed_process, timed_process_cpu
+from _common import (
+    REPO,
+    compile_bytecode,
+    figure,
+    report,
+    scratch,
+    timed_process,
+    timed_process_cpu,
+)
 
 SCRIPT = """
 import sys, orjson
@@ -68,21 +76,24 @@ def main() -> None:
     args = parser.parse_args()
     compile_bytecode()
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    rows, notes = [], []
+    rows, notes, figures = [], [], []
     for n in [int(s) for s in args.sizes.split(",")]:
         work = scratch()
         try:
-            rows += measure(work, n, args.workers, args.repeats, env)
+            measured, headline = measure(work, n, args.workers, args.repeats, env)
+            rows += measured
+            figures.append(headline)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     notes.append(
         f"{args.repeats} interleaved rounds, {args.workers} workers; machine: "
         f"{os.cpu_count()} CPUs (shared unless stated)"
     )
-    report("end_to_end", rows, notes)
+    report("end_to_end", rows, notes, figures)
 
 
-def measure(work: Path, n: int, workers: int, repeats: int, env: dict) -> list[dict]:
+def measure(work: Path, n: int, workers: int, repeats: int, env: dict) -> tuple[list[dict], dict]:
+    """The rows of one size, and its README figure (the whole-process ratio)."""
     job = write_input(work / "job", n, workers)
     script = work / "script.py"
     script.write_text(SCRIPT)
@@ -169,7 +180,15 @@ def measure(work: Path, n: int, workers: int, repeats: int, env: dict) -> list[d
                 "ratio range": "",
             }
         )
-    return rows
+    headline = figure(
+        f"{n:,} items, `run` + `results > file`, whole processes",
+        f"{statistics.median(times['mrpool']):.2f} s, peak RSS "
+        f"{max(peaks['run'] + peaks['results']) / 1e6:.0f} MB",
+        f"read + `Pool({workers}).imap(len, chunksize=100)` + write script: "
+        f"{statistics.median(times['script']):.2f} s, peak RSS {max(peaks['script']) / 1e6:.0f} MB",
+        ratios,
+    )
+    return rows, headline
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import shutil
 import statistics
 import time
 
-from _common import interleaved_rounds, report, scratch
+from _common import figure, interleaved_rounds, report, scratch
 from noop_map import noop, sleep_1ms
 
 import mrpool
@@ -125,6 +125,7 @@ def main() -> None:
     work = scratch()
     notes: list[str] = []
     rows: list[dict] = []
+    figures: list[dict] = []
     for workload, fn, n in (
         (f"{args.items} no-op", noop, args.items),
         (f"{args.slow_items} x 1 ms", sleep_1ms, args.slow_items),
@@ -132,6 +133,15 @@ def main() -> None:
         items = list(range(n))
         rounds = interleaved_rounds(args.repeats, _runners(fn, items, work, notes))
         rows += _rows(workload, n, rounds)
+        ours, imap = rounds["mrpool.map (durable)"], rounds["Pool.imap chunksize=100"]
+        figures.append(
+            figure(
+                f"`mrpool.map`, {workload} items, 2 workers, in-process",
+                f"{statistics.median(ours):.3f} s",
+                f"`Pool.imap(chunksize=100)`: {statistics.median(imap):.3f} s",
+                [i / m for i, m in zip(imap, ours)],
+            )
+        )
     notes += [
         f"2 workers each; median of {args.repeats} interleaved rounds; the same list of ints for all",
         "'mrpool speed vs it' = its seconds / mrpool's (>1: mrpool faster); "
@@ -140,7 +150,7 @@ def main() -> None:
         "mrpool.map includes creating the job (items streamed to its copy, content-hash ids), "
         "journaling every start and outcome, and reading the results back from the journal",
     ]
-    report("python_map", rows, notes)
+    report("python_map", rows, notes, figures)
     shutil.rmtree(work, ignore_errors=True)
 
 
