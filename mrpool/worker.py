@@ -640,15 +640,7 @@ def _kill_strays(pid: int) -> None:
         os.waitpid(-1, os.WNOHANG)  # reaps at most one exited stray; the rest are read below
     except ChildProcessError:
         return
-    try:  # raw os calls: this runs after every attempt, and open() is much dearer
-        fd = os.open(f"/proc/{pid}/task/{pid}/children", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            strays = [int(p) for p in os.read(fd, 1 << 16).split()]
-        finally:
-            os.close(fd)
-    except (OSError, ValueError):
-        return
-    for stray in strays:
+    for stray in _main_thread_children(pid):
         kill_tree(stray)
         try:
             os.waitpid(stray, 0)
@@ -656,20 +648,25 @@ def _kill_strays(pid: int) -> None:
             pass
 
 
+def _main_thread_children(pid: int) -> list[int]:
+    """The children of ``pid``'s main thread (as a subreaper, the orphans it adopted).
+    Raw os calls: this runs after every attempt, and open() is much dearer."""
+    try:
+        fd = os.open(f"/proc/{pid}/task/{pid}/children", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return [int(p) for p in os.read(fd, 1 << 16).split()]
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):
+        return []
+
+
 def _kill_orphans(pid: int, live: set[int]) -> None:
     """``_kill_strays`` for a worker with lanes: kill and reap the orphans its commands
     left (adopted by its main thread, the subreaper's first thread), except those in a
     running attempt's process group. The commands themselves are children of the pool
     threads that spawned them, never listed here."""
-    try:
-        fd = os.open(f"/proc/{pid}/task/{pid}/children", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            strays = [int(p) for p in os.read(fd, 1 << 16).split()]
-        finally:
-            os.close(fd)
-    except (OSError, ValueError):
-        return
-    for stray in strays:
+    for stray in _main_thread_children(pid):
         try:
             if os.getpgid(stray) in live:
                 continue  # a running attempt's helper: it ends with that attempt
