@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import re
 import shlex
 import signal
@@ -690,8 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("mrpool: interrupted")
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        sys.stderr.close()  # the reader went away (| head): not an error
+    except BrokenPipeError:  # stdout's reader went away (results | head): not an error
+        _silence(sys.stdout)
         return 0
     except OSError as e:  # an unexpected system error: still one line, no traceback
         _say(f"mrpool: {e}")
@@ -1016,7 +1017,10 @@ def _status(args: argparse.Namespace, state_dir: str | None) -> int:
 
 # -- output helpers ----------------------------------------------------------------
 def _print_job_id(job_id: str) -> None:
-    _out(job_id.encode() + b"\n")
+    """The job id on stdout as soon as the job exists. A reader that went away
+    (``mrpool run job.yaml | head -c0``) must not stop the run it names: stdout is
+    silenced and the job runs on, ending with its own exit code."""
+    _out_or_silence(job_id.encode() + b"\n")
 
 
 def _plan_printer(args: argparse.Namespace):
@@ -1030,7 +1034,7 @@ def _print_plan(plan) -> None:
 def _finish(report, as_json: bool, state_dir: str | None = None) -> int:
     c = report.counts
     if as_json:
-        _out(
+        _out_or_silence(
             orjson.dumps(
                 {
                     "job_id": report.job_id,
@@ -1128,6 +1132,25 @@ def _out(data: bytes) -> None:
     sys.stdout.buffer.flush()
 
 
+def _out_or_silence(data: bytes) -> None:
+    """``_out`` for a command that runs items: its stdout is a report, not the product,
+    so a closed pipe silences it instead of ending the command."""
+    try:
+        _out(data)
+    except BrokenPipeError:
+        _silence(sys.stdout)
+
+
+def _silence(stream) -> None:
+    """Point a stream whose reader went away at /dev/null: later writes, and the flush
+    at exit, succeed quietly instead of raising EPIPE again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)
+
+
 def _write_lines(lines, *, live: bool = False) -> None:
     """Print JSONL lines: in 64 KiB blocks, one write each (with -u or PYTHONUNBUFFERED,
     a write per line would be a system call per line), or, ``live`` (a --follow tail),
@@ -1166,8 +1189,13 @@ def _write_blocks(blocks) -> None:
 
 
 def _say(message: str) -> None:
-    """One line for a human on stderr, control characters escaped."""
-    print(printable(message), file=sys.stderr, flush=True)
+    """One line for a human on stderr, control characters escaped. A stderr whose reader
+    went away (``2>&1 | head -1``) is silenced: a message is never worth an exit code or
+    an unfinished command."""
+    try:
+        print(printable(message), file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        _silence(sys.stderr)
 
 
 def _human_line(text: str) -> bytes:
