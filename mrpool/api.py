@@ -887,11 +887,15 @@ def _results_source(job_id: str, state_dir) -> tuple[Path, int, Iterator[bytes]]
 
 
 def reduce_output(job_id: str, *, state_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The reduce step's last output. None until a reduce has run over the current
+    results: a ``rerun`` or an ``extend`` clears the journal's reduce record,
+    and the ``reduce.json`` left from before describes results that no longer stand."""
     store = JobStore.open(state_root(state_dir), job_id)
     info = store.info()
-    if with_stored_changes(info.spec, store.load_state(info.total).spec).reduce is None:
+    state = store.load_state(info.total)
+    if with_stored_changes(info.spec, state.spec).reduce is None:
         raise UsageError(f"job {job_id} has no reduce step")
-    output = read_reduce_output(store.dir)
+    output = read_reduce_output(store.dir) if state.reduce is not None else None
     if output is None:
         raise MrpoolError(
             f"job {job_id} has no reduce output yet (it runs when every item has succeeded)"
