@@ -1120,7 +1120,7 @@ def _events_of(
     elif kind == "spec":  # what changed and how; the whole new spec stays in the journal
         yield {"t": t, "event": "spec_changed", "changed": record["changed"], "by": record["by"]}
     elif kind in ("reset", "purge", "rerun"):
-        yield {"t": t, "event": _EVENT_NAMES[kind], "ids": [ids[i] for i in record["b"]]}
+        yield {"t": t, "event": _EVENT_NAMES[kind], "ids": [ids[i] for i in records.named_indices(record)]}
     else:
         yield {
             "t": t,

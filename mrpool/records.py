@@ -299,6 +299,11 @@ def succeeded_indices(record: Record) -> list[int]:
     return [row[0] for row in record["b"]]
 
 
+def named_indices(record: Record) -> list[int]:
+    """The items a ``reset``, ``purge`` or ``rerun`` record names."""
+    return record["b"]
+
+
 def failure_history(record: Record) -> dict[str, Any]:
     """What a DLQ entry's history keeps of an ``f`` record."""
     return {k: record[k] for k in _HISTORY_KEYS if k in record}
