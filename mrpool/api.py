@@ -427,7 +427,7 @@ def _run_session(
         previous.discard_evidence(store.dir)  # settled by this session's open record
         report = session.report(store.job_id)
         _reduce_if_due(store, spec, info.total, state, journal, plan, report)
-        DeadLetterQueue(store, state).save_snapshot()
+        DeadLetterQueue(store, state).save_snapshot(session.failures)
     except StorageError as e:
         _close_quietly(journal)
         _discard_evidence_unless_needed(store, info.total, previous)
