@@ -10,6 +10,7 @@ The folder is the architecture, one module per concept:
     store.py       a job's directory, replayed state, checkpoint
     results.py     reading a job's results at disk speed (mrpool results)
     dlq.py         the dead letter queue: parked items, history, signatures
+    dlqfile.py     dlq.json, the DLQ snapshot: failure histories by reference, list columns
     lock.py        one process per job: fasteners lock + holder record + psutil
     planner.py     what a session runs: pending > failed > DLQ, deduplicated
     slots.py       per-worker shared slots (a lane per attempt held, heartbeat), begun attempts,

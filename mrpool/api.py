@@ -427,7 +427,7 @@ def _run_session(
         previous.discard_evidence(store.dir)  # settled by this session's open record
         report = session.report(store.job_id)
         _reduce_if_due(store, spec, info.total, state, journal, plan, report)
-        DeadLetterQueue(store, state).save_snapshot()
+        DeadLetterQueue(store, state).save_snapshot(session.failures)
     except StorageError as e:
         _close_quietly(journal)
         _discard_evidence_unless_needed(store, info.total, previous)
@@ -887,11 +887,15 @@ def _results_source(job_id: str, state_dir) -> tuple[Path, int, Iterator[bytes]]
 
 
 def reduce_output(job_id: str, *, state_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The reduce step's last output. None until a reduce has run over the current
+    results: a ``rerun`` or an ``extend`` clears the journal's reduce record,
+    and the ``reduce.json`` left from before describes results that no longer stand."""
     store = JobStore.open(state_root(state_dir), job_id)
     info = store.info()
-    if with_stored_changes(info.spec, store.load_state(info.total).spec).reduce is None:
+    state = store.load_state(info.total)
+    if with_stored_changes(info.spec, state.spec).reduce is None:
         raise UsageError(f"job {job_id} has no reduce step")
-    output = read_reduce_output(store.dir)
+    output = read_reduce_output(store.dir) if state.reduce is not None else None
     if output is None:
         raise MrpoolError(
             f"job {job_id} has no reduce output yet (it runs when every item has succeeded)"
@@ -1116,7 +1120,7 @@ def _events_of(
     elif kind == "spec":  # what changed and how; the whole new spec stays in the journal
         yield {"t": t, "event": "spec_changed", "changed": record["changed"], "by": record["by"]}
     elif kind in ("reset", "purge", "rerun"):
-        yield {"t": t, "event": _EVENT_NAMES[kind], "ids": [ids[i] for i in record["b"]]}
+        yield {"t": t, "event": _EVENT_NAMES[kind], "ids": [ids[i] for i in records.named_indices(record)]}
     else:
         yield {
             "t": t,

@@ -11,17 +11,14 @@ and leaving are therefore single journal appends: a success recorded by
 ``resume`` or ``dlq retry`` *is* the removal from the DLQ, so no crash can leave
 an item both succeeded and parked, or lose the success.
 
-``dlq.json`` (version 2) is a derived, atomically replaced snapshot that keeps
-``dlq`` commands fast on long journals: one journal-codec record
-``{"k":"dlq","v":2,"journal_offset":N,"records":{"<index>":[offset, ...]}}``
-naming, for every item that was failed or parked at offset N, the byte offsets
-of its ``f`` records in the journal (its failure history) -- references, not
-copies: a failure's text is stored once, in the journal. Readers load it, replay
-the ``f`` records after N, and read the records they show by offset (one checked
-record each: ``dlq list`` reads an item's first and last). A snapshot whose
-reference does not lead to that item's ``f`` record, or that is damaged, is
-ignored and rebuilt from the journal. Version 1 (``"histories"``: each item's
-history copied in, tails and all) is still read.
+``dlq.json`` is a derived, atomically replaced snapshot that keeps ``dlq``
+commands fast on long journals (format: dlqfile.py): each failed or parked item's
+``f`` record offsets (references, not copies: a failure's text is stored once, in
+the journal) and what ``dlq list`` shows of it, as columns. Readers load it, replay
+the ``f`` records after it, and read the records they show by offset (``show``,
+``export``, ``retry``); ``list`` and ``stats`` read none. A snapshot that is
+damaged, describes another journal, or whose reference does not lead to that
+item's ``f`` record is ignored and rebuilt from the journal.
 
 A failure's ``tail`` is at most 2048 bytes (``worker.TAIL_BYTES``); an ``f``
 record may name an earlier one's instead (``tail_at``, journal.py), which is
@@ -39,37 +36,53 @@ from __future__ import annotations
 import hashlib
 import re
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
+from itertools import compress
 from typing import Any
 
 import orjson
 
 from . import records
+from .dlqfile import NO_RECORD, UNREAD, Brief, FailureLog, Histories, brief_of, journal_crc
+from .dlqfile import decode as decode_snapshot
+from .dlqfile import encode as encode_snapshot
 from .errors import CorruptStateError, StateRebuiltWarning, UsageError
 from .fsutil import atomic_write
 from .isotime import with_iso
-from .items import identity_text, indices_of, iter_item_lines, split_line
-from .journal import RecordReader, decode_line, encode_record, read_payloads
+from .items import identity_text, indices_of, iter_item_lines, raw_ids_at, split_line
+from .journal import RecordReader, read_payloads
 from .records import Recorder
 from .store import DLQ, FAILED, JobState, JobStore
 
-__all__ = ["DlqEntry", "DeadLetterQueue", "error_signature", "normalise_message", "matches"]
+__all__ = [
+    "DlqEntry",
+    "Listing",
+    "DeadLetterQueue",
+    "FailureLog",
+    "error_signature",
+    "normalise_message",
+    "matches",
+]
 
 SNAPSHOT_FILE = "dlq.json"
-SNAPSHOT_VERSION = 2
 _FAILURE_PREFIX = b'{"k":"f",'  # an f record's payload as orjson writes it (k first)
 _INDEX_AT = 9 + len(b'{"k":"f","i":')  # where records.failed puts the index, "i" next
+# (pattern, token, a substring every match holds -- None: no cheap test): a message
+# without it skips the pattern (the path pattern alone was ~5 us of a worker's ~12 us
+# signature of a short message; benchmarks/NOTES.md)
 _NORMALISERS = [
     (
         re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"),
         "<uuid>",
+        ("-",),
     ),
-    (re.compile(r"0x[0-9a-fA-F]+"), "<addr>"),
-    (re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.\-]+)+[\\/]?"), "<path>"),
-    (re.compile(r"\b[0-9a-fA-F]{12,}\b"), "<hex>"),
-    (re.compile(r"\d+(?:\.\d+)?"), "<n>"),
+    (re.compile(r"0x[0-9a-fA-F]+"), "<addr>", ("0x",)),
+    (re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.\-]+)+[\\/]?"), "<path>", ("/", "\\")),
+    (re.compile(r"\b[0-9a-fA-F]{12,}\b"), "<hex>", None),
+    (re.compile(r"\d+(?:\.\d+)?"), "<n>", None),
 ]
 
 
@@ -119,8 +132,9 @@ def normalise_message(message: str, item_id: str | None = None) -> str:
     # substring replace of id "5" turned "errno 5" / "offset 20480" into different labels.
     if item_id and not item_id.isdigit() and item_id in message:
         message = _replace_token(message, item_id, "<id>")
-    for pattern, token in _NORMALISERS:
-        message = pattern.sub(token, message)
+    for pattern, token, needs in _NORMALISERS:
+        if needs is None or needs[0] in message or needs[-1] in message:
+            message = pattern.sub(token, message)
     return " ".join(message.split())
 
 
@@ -156,6 +170,35 @@ def error_signature(kind: str, message: str, item_id: str | None = None) -> tupl
     return hashlib.sha1(label.encode()).hexdigest()[:12], label
 
 
+@dataclass
+class Listing:
+    """``dlq list``'s columns, one position per parked item, in input order (a table of
+    100k rows is built from columns, not from 100k entries)."""
+
+    ids: list[Any]
+    attempts: list[int]
+    errors: list[str]
+    kinds: list[str]
+    signatures: list[str]
+    first: list[float | None]
+    last: list[float | None]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def briefs(self) -> list[dict[str, Any]]:
+        """``DlqEntry.brief`` of each item (``dlq list --json``)."""
+        keys = ("id", "attempts", "error", "kind", "signature", "first_failure", "last_failure")
+        columns = (self.ids, self.attempts, self.errors, self.kinds, self.signatures)
+        return [
+            with_iso(dict(zip(keys, row)), "first_failure", "last_failure")
+            for row in zip(*columns, self.first, self.last)
+        ]
+
+
+_KEPT = bytes(s in (FAILED, DLQ) for s in range(256))  # status -> kept in the snapshot
+
+
 class DeadLetterQueue:
     """The DLQ of one job. Reading needs nothing; ``purge`` needs the job lock."""
 
@@ -166,38 +209,81 @@ class DeadLetterQueue:
 
     # -- reading -----------------------------------------------------------
     def indices(self) -> list[int]:
-        status = self.state.status
-        return [i for i in range(self.state.total) if status[i] == DLQ]
+        return list(compress(range(self.state.total), map(DLQ.__eq__, self.state.status)))
 
     def entries(self, only: Iterable[int] | None = None, detail: bool = True) -> list[DlqEntry]:
         """DLQ items in input order (all, or the given indices that are parked). Without
-        ``detail`` (``dlq list``, ``stats``), an entry holds what ``brief`` shows: its
-        item is not decoded (None) and its history is not read (empty)."""
-        wanted = set(
-            self.indices() if only is None else (i for i in only if self.state.status[i] == DLQ)
-        )
+        ``detail`` (``stats``), an entry holds what ``brief`` shows: its item is not
+        decoded (None) and its history is not read (empty)."""
+        wanted = self._wanted(only)
         if not wanted:
             return []
-        histories = self._histories(wanted)  # replayed first: the reader maps all it names
+        return self._read_through(wanted, detail, self._entries)
+
+    def listing(self, signature: str | None = None, kind: str | None = None) -> Listing:
+        """The parked items that pass the filters (see ``matches``), as ``dlq list``
+        shows them: from the snapshot's briefs, no journal record read for an item
+        the snapshot covers."""
+        wanted = self._wanted(None)
+        if not wanted:
+            return Listing([], [], [], [], [], [], [])
+        order = sorted(wanted)
+        first, last, kinds, sigs, msgs = self._read_through(wanted, False, self._columns)
+        ids = orjson.loads(b"[%s]" % b",".join(raw_ids_at(self.store.dir, order)))
+        if None in sigs:  # a failure the worker did not sign (a crash, a timeout, ...)
+            sigs = [
+                s if s is not None else error_signature(k, m, identity_text(i))[0]
+                for s, k, m, i in zip(sigs, kinds, msgs, ids)
+            ]
+        columns = [ids, list(map(self.state.attempts.__getitem__, order)), msgs, kinds, sigs]
+        columns += [first, last]
+        if signature is not None or kind is not None:
+            prefix = signature.lower() if signature is not None else ""
+            keep = [
+                p
+                for p, (s, k) in enumerate(zip(sigs, kinds))
+                if s.startswith(prefix) and (kind is None or k == kind)
+            ]
+            columns = [[column[p] for p in keep] for column in columns]
+        return Listing(*columns)
+
+    def _wanted(self, only: Iterable[int] | None) -> set[int]:
+        status = self.state.status
+        return set(self.indices() if only is None else (i for i in only if status[i] == DLQ))
+
+    def _read_through(self, wanted: set[int], detail: bool, read):
+        """``read(wanted, histories, reader, detail)`` from the snapshot and the journal
+        after it, or, if the snapshot proves stale on the way, from the journal alone."""
+        histories = self._histories(wanted, need_refs=detail)
         with RecordReader(self.store.journal_path) as reader:
             try:
-                return self._entries(wanted, histories, reader, detail)
+                return read(wanted, histories, reader, detail)
             except _StaleSnapshot as e:
                 _warn_damaged(self.store.dir / SNAPSHOT_FILE, str(e))
-        histories, _ = self._replay(({}, 0), want=wanted)
+        histories, _ = self._replay(Histories(), 0, want=wanted)
         with RecordReader(self.store.journal_path) as reader:
-            return self._entries(wanted, histories, reader, detail)
+            return read(wanted, histories, reader, detail)
 
-    def _entries(self, wanted, histories, reader: RecordReader, detail: bool) -> list[DlqEntry]:
+    def _entries(self, wanted, histories: Histories, reader, detail: bool) -> list[DlqEntry]:
         entries = []
         for index, line in self._lines(wanted):
-            refs = histories.get(index, [])
             if detail:
-                history = [_history_entry(_resolved(reader, index, ref), reader) for ref in refs]
+                found = [_resolved(reader, index, r) for r in histories.refs.get(index, [])]
+                brief = brief_of(found[-1], found[0].get("t")) if found else NO_RECORD
+                history = [_history_entry(record, reader) for record in found]
             else:
-                history = [_resolved(reader, index, ref) for ref in refs[:1] + refs[1:][-1:]]
-            entries.append(self._entry(index, line, history, detail))
+                brief, history = _brief(index, histories, reader), []
+            entries.append(self._entry(index, line, brief, history, detail))
         return entries
+
+    def _columns(self, wanted, histories: Histories, reader, _detail: bool) -> tuple[list, ...]:
+        """The ``Brief`` fields of the ``wanted`` items as columns, in input order."""
+        order = sorted(wanted)
+        columns = histories.columns(order)
+        if columns is None:
+            briefs = [_brief(index, histories, reader) for index in order]
+            columns = tuple(map(list, zip(*briefs)))
+        return columns
 
     def select(
         self,
@@ -251,82 +337,106 @@ class DeadLetterQueue:
             recorder.record(records.purge(victims))
         return len(victims)
 
-    def save_snapshot(self) -> None:
+    def save_snapshot(self, written: FailureLog | None = None) -> None:
         """Rewrite ``dlq.json`` as of the end of the journal.
 
-        With nothing failed or parked there is no history to keep, so the journal
-        is not replayed (a clean run of a million items ends without reading it)."""
+        ``written``: the ``f`` records a session just journaled, noted as it wrote them;
+        only the journal outside them is replayed. With nothing failed or parked there
+        is no history to keep, and the journal is not read at all."""
+        end = self.store.journal_path.stat().st_size
         counts = self.state.counts
+        kept = self.state.status.translate(_KEPT)  # a byte an item: failed or parked
         if counts[FAILED] == 0 and counts[DLQ] == 0:
-            keep, offset = {}, self.store.journal_path.stat().st_size
+            columns = Histories().columns_whole(kept.__getitem__)
         else:
-            histories, offset = self._replay(self._load_snapshot(), want=None)
-            keep = {i: h for i, h in histories.items() if self.state.status[i] in (FAILED, DLQ)}
-            if any(type(ref) is not int for refs in keep.values() for ref in refs):
-                histories, offset = self._replay(({}, 0), want=None)  # a v1 snapshot's copies
-                keep = {i: h for i, h in histories.items() if self.state.status[i] in (FAILED, DLQ)}
-        record = {
-            "k": "dlq",
-            "v": SNAPSHOT_VERSION,
-            "journal_offset": offset,
-            "records": {str(i): h for i, h in keep.items()},
-        }
-        atomic_write(self.store.dir / SNAPSHOT_FILE, encode_record(record), failpoint="dlq")
+            histories, written = self._current(written, end)
+            columns = None
+            if written is not None and not any(map(kept.__getitem__, histories.refs)):
+                columns = written.columns(kept)  # the session's records alone: the fast way
+            if columns is None:
+                columns = self._completed(histories, written).columns_whole(kept.__getitem__)
+        crc = journal_crc(self.store.journal_path, end, self.state)
+        atomic_write(
+            self.store.dir / SNAPSHOT_FILE, encode_snapshot(columns, end, crc), failpoint="dlq"
+        )
 
-    # -- internals ---------------------------------------------------------
-    def _histories(self, wanted: set[int]) -> dict[int, list[int | dict[str, Any]]]:
-        histories, _ = self._replay(self._load_snapshot(), want=wanted)
+    def _completed(self, histories: Histories, written: FailureLog | None) -> Histories:
+        """``histories`` with ``written`` added and every brief complete (read from the
+        journal where the snapshot had none: a version 1 or 2 snapshot, a crash)."""
+        if written is not None:
+            written.add_to(histories)
+        briefs = histories.briefs
+        with RecordReader(self.store.journal_path) as reader:
+            for index in histories.refs:
+                brief = briefs.get(index)
+                if brief is None or brief[0] == UNREAD:
+                    briefs[index] = _brief(index, histories, reader)
         return histories
 
-    def _load_snapshot(self) -> tuple[dict[int, list[int | dict[str, Any]]], int]:
-        """``({index: [reference, ...]}, journal offset)`` from ``dlq.json``: a reference is
-        an ``f`` record's offset (version 2) or the record's fields (version 1)."""
+    # -- internals ---------------------------------------------------------
+    def _current(self, written: FailureLog | None, end: int) -> tuple[Histories, FailureLog | None]:
+        """Every failed or parked item's history as of ``end``: the snapshot's and the
+        journal's ``f`` records outside ``written``, and ``written`` (None: the journal
+        was replayed whole, ``written``'s records included), for the caller to add."""
+        histories, offset = self._load_snapshot(need_refs=True)
+        if any(type(r) is not int for refs in histories.refs.values() for r in refs):
+            histories, offset = Histories(), 0  # a v1 snapshot's copies: rebuilt as offsets
+        if written is None or offset > written.start:
+            return self._replay(histories, offset)[0], None
+        histories, _ = self._replay(histories, offset, stop=written.start)
+        histories, _ = self._replay(histories, written.end, stop=end)
+        return histories, written
+
+    def _histories(self, wanted: set[int], need_refs: bool) -> Histories:
+        histories, offset = self._load_snapshot(need_refs)
+        return self._replay(histories, offset, want=wanted)[0]
+
+    def _load_snapshot(self, need_refs: bool) -> tuple[Histories, int]:
+        """``(histories, journal offset)`` from ``dlq.json`` (dlqfile.py); a damaged one
+        warns and counts as none."""
         path = self.store.dir / SNAPSHOT_FILE
         try:
-            record = decode_line(path.read_bytes())
+            data = path.read_bytes()
         except FileNotFoundError:
-            return {}, 0
+            return Histories(), 0
         try:
-            if record is None or record.get("k") != "dlq":
-                raise ValueError("checksum or format mismatch")
-            offset = int(record["journal_offset"])
-            if offset > self.store.journal_path.stat().st_size:
-                raise ValueError("points past the end of the journal")
-            if record.get("v") == 1:
-                return {int(i): h for i, h in record["histories"].items()}, offset
-            if record.get("v") != SNAPSHOT_VERSION:
-                raise ValueError(f"unknown version {record.get('v')!r}")
-            refs = record["records"]
-            if not all(type(r) is int for rs in refs.values() for r in rs):
-                raise ValueError("a reference is not a byte offset")
-            return {int(i): rs for i, rs in refs.items()}, offset
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            return decode_snapshot(data, self.store.journal_path, self.state, need_refs)
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            zlib.error,
+            CorruptStateError,
+        ) as e:
             _warn_damaged(path, str(e))
-            return {}, 0
+            return Histories(), 0
 
     def _replay(
-        self, snapshot, want: set[int] | None
-    ) -> tuple[dict[int, list[int | dict[str, Any]]], int]:
-        """The snapshot's histories extended with the journal's ``f`` records after it, as
-        their offsets. Only ``f`` records are decoded: a success or a purge ends an item's
-        history, but nothing fails after either, and every reader keeps only the
-        histories of items still failed or parked."""
-        histories, start_at = snapshot
-        if want is not None:
-            histories = {i: h for i, h in histories.items() if i in want}
+        self, histories: Histories, start_at: int, want: set[int] | None = None,
+        stop: int | None = None,
+    ) -> tuple[Histories, int]:  # fmt: skip
+        """``histories`` extended with the journal's ``f`` records from ``start_at`` (to
+        ``stop``), as their offsets and briefs. Only ``f`` records are decoded: a success
+        or a purge ends an item's history, but nothing fails after either, and every
+        reader keeps only the histories of items still failed or parked."""
         offset = start_at
         for start, end, record in read_payloads(self.store.journal_path, start_at):
+            if stop is not None and start >= stop:
+                break
             offset = end
-            if type(record) is bytes:  # undecoded (checksummed): only its index is needed
+            if type(record) is bytes:  # undecoded (checksummed): its index decides
                 if not record.startswith(_FAILURE_PREFIX, 9):
                     continue
                 index = _index_of(record)
+                if want is not None and index not in want:
+                    continue
+                record = orjson.loads(memoryview(record)[9:])  # (a trailing LF is fine)
             elif record.get("k") != "f":
                 continue
-            else:
-                index = record["i"]
+            index = record["i"]
             if want is None or index in want:
-                histories.setdefault(index, []).append(start)
+                histories.add(index, start, record)
         return histories, offset
 
     def _lines(self, wanted: set[int]) -> Iterator[tuple[int, bytes]]:
@@ -339,32 +449,39 @@ class DeadLetterQueue:
                     return
 
     def _entry(
-        self, index: int, line: bytes, history: list[dict[str, Any]], detail: bool = True
+        self, index: int, line: bytes, brief: Brief, history: list[dict[str, Any]], detail: bool
     ) -> DlqEntry:
         item_id, item_json = split_line(line)
-        last = history[-1] if history else {"kind": "unknown", "msg": "(no failure record)"}
-        signature = last.get("sig")
-        if not isinstance(signature, str):
-            signature, _ = error_signature(
-                last.get("kind", "unknown"), last.get("msg", ""), identity_text(item_id)
-            )
-        history_out = (
-            [{("attempt" if k == "a" else k): v for k, v in h.items()} for h in history]
-            if detail
-            else []
-        )
+        first, last, kind, signature, msg = brief
+        if signature is None:
+            signature, _ = error_signature(kind, msg, identity_text(item_id))
         return DlqEntry(
             id=item_id,
             index=index,
             item=orjson.loads(item_json) if detail else None,
             attempts=self.state.attempts[index],
-            first_failure=history[0].get("t") if history else None,
-            last_failure=last.get("t"),
-            error=last.get("msg", ""),
-            kind=last.get("kind", "unknown"),
+            first_failure=first,
+            last_failure=last,
+            error=msg,
+            kind=kind,
             signature=signature,
-            history=history_out,
+            history=[{("attempt" if k == "a" else k): v for k, v in h.items()} for h in history],
         )
+
+
+def _brief(index: int, histories: Histories, reader: RecordReader) -> Brief:
+    """The item's brief: known, or read from its first and last ``f`` records."""
+    brief = histories.briefs.get(index)
+    if brief is not None and brief[0] != UNREAD:
+        return brief
+    refs = histories.refs.get(index)
+    if not refs:
+        return NO_RECORD
+    if brief is None:
+        last = _resolved(reader, index, refs[-1])
+        first = last if len(refs) == 1 else _resolved(reader, index, refs[0])
+        return brief_of(last, first.get("t"))
+    return (_resolved(reader, index, refs[0]).get("t"), *brief[1:])
 
 
 def _index_of(line: bytes) -> int:

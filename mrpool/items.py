@@ -29,6 +29,7 @@ import os
 import shutil
 import signal
 from array import array
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ __all__ = [
     "split_line",
     "identity_text",
     "read_ids",
+    "raw_ids_at",
     "indices_of",
     "append_rows",
     "items_table_of",
@@ -657,6 +659,29 @@ def indices_of(job_dir: Path, item_ids: Iterable[str]) -> dict[str, int]:
         text = identity_text(raw)
         if text in wanted:
             found[text] = index
+    return found
+
+
+def raw_ids_at(job_dir: Path, indices: list[int]) -> list[bytes]:
+    """The stored id bytes (JSON) of the items at ``indices`` (increasing), from the
+    verified blocks of ``items.jsonl``: each block's ids split out at once."""
+    from .results import ids_of
+
+    found: list[bytes] = []
+    base, at, path = 0, 0, job_dir / ITEMS_FILE
+    for data in iter_item_data(job_dir):
+        if at == len(indices):
+            break
+        ids = ids_of(data, path)
+        stop = base + len(ids)
+        upto = bisect_left(indices, stop, at)
+        if upto - at == len(ids):  # every line of the block
+            found += ids
+        else:
+            found += [ids[index - base] for index in indices[at:upto]]
+        at, base = upto, stop
+    if at < len(indices):
+        raise CorruptStateError(f"{path}: fewer lines than item {indices[at]} needs")
     return found
 
 

@@ -53,7 +53,7 @@ import orjson
 
 from .items import ITEMS_FILE
 from .journal import read_records
-from .records import started_attempts
+from .records import started_attempts, success_rows
 
 __all__ = ["TSV_HEADER", "exit_fields", "iter_attempts", "tsv_line"]
 
@@ -103,7 +103,7 @@ class _Rows:
                 self.open[index] = entry
         elif kind == "ok":
             exit_code = 0 if self.command else None
-            for index, attempt, duration, _result in record["b"]:
+            for index, attempt, duration, _result in success_rows(record):
                 yield self._row(index, attempt, duration, exit_code, None, "ok")
         elif kind == "f":
             yield from self._failed(record)

@@ -224,10 +224,16 @@ def error(kind: str, msg: str, tail: str = "", **extra: Any) -> dict[str, Any]:
 
 
 def failed(
-    index: int, attempt: int, failure: dict[str, Any], next_: str, duration: float | None = None
+    index: int,
+    attempt: int,
+    failure: dict[str, Any],
+    next_: str,
+    duration: float | None = None,
+    t: float | None = None,
 ) -> Record:
     """An ``f`` record: ``failure`` (see ``error``; None values left out), and what
-    becomes of the item (``RETRY``, ``PARK``, ``KEEP``)."""
+    becomes of the item (``RETRY``, ``PARK``, ``KEEP``); ``t``: when (None: when it is
+    recorded)."""
     record: Record = {"k": "f", "i": index, "a": attempt}
     if duration is not None:
         record["dur"] = round(duration, 6)
@@ -235,6 +241,8 @@ def failed(
         if value is not None:
             record[key] = value
     record["next"] = next_
+    if t is not None:
+        record["t"] = t
     return record
 
 
@@ -297,6 +305,11 @@ def success_rows(record: Record) -> list[list[Any]]:
 
 def succeeded_indices(record: Record) -> list[int]:
     return [row[0] for row in record["b"]]
+
+
+def named_indices(record: Record) -> list[int]:
+    """The items a ``reset``, ``purge`` or ``rerun`` record names."""
+    return record["b"]
 
 
 def failure_history(record: Record) -> dict[str, Any]:

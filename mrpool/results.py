@@ -41,7 +41,7 @@ import orjson
 from .errors import CorruptStateError
 from .journal import checked_payload, read_payloads, result_spans
 
-__all__ = ["result_json", "result_pairs", "jsonl_blocks"]
+__all__ = ["result_json", "result_pairs", "jsonl_blocks", "ids_of"]
 
 SMALL_ROWS = 4096  # a record's mean bytes a row below which orjson decodes it whole
 BIG_ROW = 1 << 16  # a result at least this long goes out as its own piece, uncopied
@@ -341,11 +341,11 @@ class _Ids:
         if data is None:
             return False
         self.base += len(self.ids)
-        self.ids = _ids_of(data, self.path, self.with_item)
+        self.ids = ids_of(data, self.path, self.with_item)
         return True
 
 
-def _ids_of(data: bytes, path: Path, with_item: bool = False) -> list[bytes]:
+def ids_of(data: bytes, path: Path, with_item: bool = False) -> list[bytes]:
     """The id part of each ``id TAB item LF`` line of ``data`` (verified bytes: one TAB a
     line, which ingest writes and the reader checks of files without checksums), or
     ``with_item`` ``id,"item":item``."""

@@ -64,7 +64,7 @@ from .journal import (
     read_records,
     scan_journal,
 )
-from .records import succeeded_indices
+from .records import named_indices, succeeded_indices
 from .spec import JobSpec, spec_from_stored
 
 __all__ = [
@@ -210,10 +210,10 @@ class JobState:
         elif kind == "close":  # a clean stop: open attempts were interrupted, not crashed
             self._settle_open(record.get("cut"), crashed=False)
         elif kind == "reset":
-            for index in record["b"]:
+            for index in named_indices(record):
                 self.attempts[index] = 0
         elif kind == "purge":
-            for index in record["b"]:
+            for index in named_indices(record):
                 if self.status[index] == DLQ:
                     self.set_status(index, PURGED)
         elif kind == "reduce":
@@ -221,7 +221,7 @@ class JobState:
         elif kind == "spec":  # resume/dlq retry/rerun --job-file/--set changed the spec
             self.spec = record["spec"]
         elif kind == "rerun":  # succeeded items to run again on purpose (mrpool rerun)
-            for index in record["b"]:
+            for index in named_indices(record):
                 if self.status[index] == SUCCEEDED:
                     self.set_status(index, PENDING)
                     self.streak[index] = 0

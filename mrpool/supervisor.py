@@ -46,6 +46,7 @@ from typing import Any
 
 from . import failpoints, records
 from .crashes import clear_abort_marks, mark_aborted
+from .dlqfile import FailureLog
 from .errors import (
     EXIT_FAILURES,
     EXIT_INTERRUPTED,
@@ -149,6 +150,10 @@ class Session:
         self._tails: dict[str, int] | None = (
             {} if journal_version(journal.path) >= JOURNAL_VERSION else None
         )
+        # every f record this session journals, noted as it is appended: the DLQ snapshot
+        # at the end is written from it instead of reading them back (dlqfile.py)
+        self.failures = FailureLog(journal.offset + journal.buffered)
+        self._settled_at: float | None = None  # records.now() as the outcomes came in
         self.parked_here = 0  # items this session parked in the DLQ (for halt)
         self.finished_here = 0  # items this session settled: succeeded or parked (for halt)
 
@@ -225,6 +230,7 @@ class Session:
             raise
         self.state.offset = self.journal.offset
         self.store.write_checkpoint(self.state)
+        self.failures.end = self.journal.offset  # the session journals nothing after this
 
     def _install_signal_handlers(self) -> dict[int, Any]:
         """SIGINT/SIGTERM stop the session -- when it runs on the main thread, the only
@@ -333,6 +339,7 @@ class Session:
     # -- outcomes ----------------------------------------------------------
     def _settle(self, outcomes: Outcomes) -> None:
         self.in_flight -= len(outcomes)
+        self._settled_at = records.now()  # the t of this batch's failure records
         self._hand_back(outcomes.requeued)
         for failure in outcomes.failed:
             if self.stop_signal is None:
@@ -374,14 +381,14 @@ class Session:
         index = failure.index
         tries = self.tries[index] = self.tries.get(index, 0) + 1
         if tries < self._budget(index):
-            self._record(self._failed_record(failure, records.RETRY))
+            self._record_failure(self._failed_record(failure, records.RETRY))
             self.progress.model.retries += 1
             delay = self.options.backoff * 2.0 ** min(tries - 1, 32)  # no overflow at 1000s
             retry = (index, NEXT, failure.line)
             heapq.heappush(self.delayed, (time.monotonic() + delay, index, retry))
             return
         next_ = self._park_or_keep(index)
-        self._record(self._failed_record(failure, next_))
+        self._record_failure(self._failed_record(failure, next_))
         self.progress.model.session_settled += 1
         if next_ == records.PARK:
             self.parked_here += 1
@@ -404,26 +411,37 @@ class Session:
         self._record(records.halt(halt.text(), self.parked_here, self.finished_here, reason))
 
     def _failed_record(self, failure: Failure, next_: str) -> dict[str, Any]:
-        record = records.failed(
-            failure.index, failure.attempt, failure.error, next_, failure.duration
+        return records.failed(
+            failure.index,
+            failure.attempt,
+            failure.error,
+            next_,
+            failure.duration,
+            self._settled_at,
         )
-        self._share_tail(record)
-        return record
 
-    def _share_tail(self, record: dict[str, Any]) -> None:
+    def _record_failure(self, record: dict[str, Any]) -> None:
+        """Journal an ``f`` record (its tail shared, ``_share_tail``) and note it in
+        ``failures``, at the offset it gets."""
+        at = self.journal.offset + self.journal.buffered
+        self._share_tail(record, at)
+        self._record(record)
+        self.failures.note(record, at)
+
+    def _share_tail(self, record: dict[str, Any], at: int) -> None:
         """Journal a tail seen before in this session as a reference to the record that
-        holds it (``tail_at``, journal.py); remember where a new one will be. An ``f``
-        record is appended right after this, by ``_record``."""
+        holds it (``tail_at``, journal.py); remember a new one as in the record appended
+        at ``at``, next."""
         tails = self._tails
         tail = record.get("tail")
         if tails is None or not tail or len(tail) < SHARED_TAIL_MIN:
             return
-        at = tails.get(tail)
-        if at is not None:
+        known = tails.get(tail)
+        if known is not None:
             del record["tail"]
-            record["tail_at"] = at
+            record["tail_at"] = known
         elif len(tails) < SHARED_TAILS_MAX:
-            tails[tail] = self.journal.offset + self.journal.buffered
+            tails[tail] = at
 
     def _park_or_keep(self, index: int) -> str:
         limit = self.options.dlq_max_items
@@ -447,7 +465,9 @@ class Session:
                 "crash_loop",
                 f"in flight at {streak} crashes in a row; parked as a suspected poison item",
             )
-            self._record(records.failed(index, self.state.attempts[index], error, records.PARK))
+            self._record_failure(
+                records.failed(index, self.state.attempts[index], error, records.PARK)
+            )
 
     # -- the stop path -----------------------------------------------------
     def _interrupt(self) -> None:

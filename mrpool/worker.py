@@ -815,13 +815,28 @@ def _frames_text(tb: Any) -> list[str]:
     if len(frames) > _MAX_FRAMES:
         lines.append(f"  ... {len(frames) - _MAX_FRAMES} earlier frames omitted\n")
         frames = frames[-_MAX_FRAMES:]
+    known = _FRAME_TEXT
     for frame, lineno in frames:
-        code = frame.f_code
-        lines.append(f'  File "{code.co_filename}", line {lineno}, in {code.co_name}\n')
-        source = linecache.getline(code.co_filename, lineno).strip()
-        if source:
-            lines.append(f"    {source}\n")
+        key = (frame.f_code, lineno)
+        text = known.get(key)
+        if text is None:
+            text = _frame_text(*key)
+            if len(known) < _FRAME_TEXTS_MAX:
+                known[key] = text
+        lines.append(text)
     return lines
+
+
+# (code object, line number) -> the frame's lines: a map that keeps failing fails in the
+# same few places, and formatting a frame (its source line looked up) is most of the cost
+_FRAME_TEXT: dict[tuple[Any, int], str] = {}
+_FRAME_TEXTS_MAX = 4096
+
+
+def _frame_text(code: Any, lineno: int) -> str:
+    text = f'  File "{code.co_filename}", line {lineno}, in {code.co_name}\n'
+    source = linecache.getline(code.co_filename, lineno).strip()
+    return f"{text}    {source}\n" if source else text
 
 
 def _not_json(e: Exception) -> dict[str, Any]:

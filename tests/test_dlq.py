@@ -16,8 +16,10 @@ API matches the CLI; and ``dlq.json`` is only a derived cache.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import zlib
 from pathlib import Path
 
 import psutil
@@ -489,12 +491,11 @@ def test_dlq_snapshot_is_derived_damaged_or_missing_gives_same_answer(mrpool, tm
     assert baseline.returncode == 0 and not baseline.stderr
     shown = mrpool.run("dlq", "show", "j", "6").stdout
 
-    # Phase 1: flip a byte inside a reference to a failure record (a trusting reader would
-    # show another record).
+    # Phase 1: flip a byte inside the snapshot's packed references (a trusting reader would
+    # show another record): its checksum fails.
     good = snapshot.read_bytes()
     data = bytearray(good)
-    at = data.index(b":[", data.index(b'"records":{')) + 2
-    data[at] ^= 0x01  # one digit of a journal offset
+    data[data.index(b'"refs":"') + 12] ^= 0x01
     snapshot.write_bytes(bytes(data))
     r = mrpool.run("dlq", "list", "j", "--json")
     assert r.returncode == 0
@@ -503,15 +504,25 @@ def test_dlq_snapshot_is_derived_damaged_or_missing_gives_same_answer(mrpool, tm
     assert mrpool.run("dlq", "show", "j", "6").stdout == shown
 
     # Phase 1b: a well-formed snapshot whose references lead elsewhere (the first parked
-    # item's records named as the last one's): refused as stale, answered from the journal.
+    # item's records named as the last one's): refused as stale where they are read (show),
+    # answered from the journal.
     record = decode_line(good)
-    first, *_, last = record["records"]  # item indices
-    record["records"][last] = record["records"][first]
-    snapshot.write_bytes(encode_record(record))
+    refs = _unpacked(record["refs"])
+    refs[-1] = refs[0]
+    snapshot.write_bytes(encode_record({**record, "refs": _packed(refs)}))
+    r = mrpool.run("dlq", "show", "j", "6")
+    assert r.returncode == 0 and r.stdout == shown
+    assert "dlq.json" in r.stderr and "damaged" in r.stderr
+    r = mrpool.run("dlq", "list", "j", "--json")
+    assert json.loads(r.stdout) == json.loads(baseline.stdout)
+
+    # Phase 1c: a well-formed snapshot of another journal (its prefix's CRC differs): not
+    # trusted, answered from the journal.
+    snapshot.write_bytes(encode_record({**record, "journal_crc": record["journal_crc"] ^ 1}))
     r = mrpool.run("dlq", "list", "j", "--json")
     assert r.returncode == 0
     assert json.loads(r.stdout) == json.loads(baseline.stdout)
-    assert "dlq.json" in r.stderr and "damaged" in r.stderr
+    assert "dlq.json" in r.stderr and "changed" in r.stderr
     assert mrpool.run("dlq", "show", "j", "6").stdout == shown
 
     # Phase 2: delete it: same answer, no warning.
@@ -520,6 +531,59 @@ def test_dlq_snapshot_is_derived_damaged_or_missing_gives_same_answer(mrpool, tm
     assert r.returncode == 0 and not r.stderr
     assert json.loads(r.stdout) == json.loads(baseline.stdout)
     assert mrpool.run("dlq", "show", "j", "6").stdout == shown
+
+
+def test_dlq_snapshot_of_version_2_reads_the_same(mrpool, tmp_path):
+    """A ``dlq.json`` written by the previous format (v2: references only, no briefs) is
+    read as it is: list, show and stats answer as from a v3 snapshot, without a warning;
+    the next session's snapshot is v3 again."""
+    jobfile, job_dir = make_job(tmp_path, {4: "io", 5: "io", 6: "checksum"}, retries=1)
+    start_job(mrpool, jobfile, "j", expect=1)
+    snapshot = mrpool.job_dir("j") / "dlq.json"
+    answers = [mrpool.run(*cmd).stdout for cmd in _DLQ_READS]
+
+    # Phase 1: the v2 snapshot of the same journal, built from its f records.
+    from mrpool.journal import read_records
+
+    journal = mrpool.job_dir("j") / "journal.log"
+    refs: dict[str, list[int]] = {}
+    for start, _, record in read_records(journal):
+        if record["k"] == "f":
+            refs.setdefault(str(record["i"]), []).append(start)
+    v2 = {"k": "dlq", "v": 2, "journal_offset": journal.stat().st_size, "records": refs}
+    snapshot.write_bytes(encode_record(v2))
+    for cmd, answer in zip(_DLQ_READS, answers):
+        r = mrpool.run(*cmd)
+        assert (r.returncode, r.stdout) == (0, answer) and "damaged" not in r.stderr, cmd
+
+    # Phase 2: a session (retrying item 4, which fails again) writes v3 from the v2
+    # snapshot and its own failures: 4's history is whole, 6's unchanged.
+    assert mrpool.run("dlq", "retry", "j", "4").returncode == 1
+    assert decode_line(snapshot.read_bytes())["v"] == 3
+    shown = json.loads(mrpool.run("dlq", "show", "j", "4").stdout)
+    assert [h["attempt"] for h in shown["history"]] == [1, 2, 3, 4]
+    assert mrpool.run("dlq", "show", "j", "6").stdout == answers[2]
+    listed = {e["id"]: e for e in json.loads(mrpool.run("dlq", "list", "j", "--json").stdout)}
+    assert listed[4]["attempts"] == 4 and listed[4]["last_failure"] == shown["last_failure"]
+    assert listed[4]["first_failure"] == shown["history"][0]["t"]
+
+
+_DLQ_READS = [
+    ("dlq", "list", "j", "--json"),
+    ("dlq", "list", "j"),
+    ("dlq", "show", "j", "6"),
+    ("dlq", "stats", "j", "--json"),
+    ("dlq", "export", "j"),
+]
+
+
+def _unpacked(text: str):
+    """A packed column of dlq.json (base64 of zlib of JSON, mrpool/dlqfile.py)."""
+    return json.loads(zlib.decompress(base64.b64decode(text)))
+
+
+def _packed(value) -> str:
+    return base64.b64encode(zlib.compress(json.dumps(value).encode())).decode()
 
 
 RAISING_MOD = """

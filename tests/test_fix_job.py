@@ -160,6 +160,28 @@ def test_rerun_replaces_a_result(mrpool, tmp_path):
     assert mrpool.status("again")["succeeded"] == 4
 
 
+def test_a_rerun_that_parks_its_item_leaves_no_stale_reduce_output(mrpool, tmp_path):
+    """The reduce ran over four results; a rerun of one parks it (its second attempt
+    fails). ``results --reduce`` must not print the old sum as if it described the job:
+    it says there is no reduce output yet, until the job completes and the reduce runs."""
+    ok_once = ["sh", "-c", '[ "$MRPOOL_ATTEMPT" = 1 ] && echo 1']
+    job = write_job(
+        tmp_path / "job",
+        [{"id": n} for n in range(4)],
+        {"command": ok_once},
+        extra={"reduce": {"command": ["sh", "-c", "wc -l"]}},
+    )
+    assert mrpool.run("run", str(job), "--job-id", "sum").returncode == 0
+    assert mrpool.run("results", "sum", "--reduce").stdout.strip() == "4"
+    assert mrpool.run("rerun", "sum", "2").returncode == 1  # the item is parked
+    r = mrpool.run("results", "sum", "--reduce")
+    assert r.returncode == 1 and "no reduce output yet" in r.stderr, (r.stdout, r.stderr)
+    assert r.stdout == ""
+    assert mrpool.run("dlq", "purge", "sum", "--yes").returncode == 0
+    assert mrpool.run("resume", "sum").returncode == 0  # runs the reduce over three
+    assert mrpool.run("results", "sum", "--reduce").stdout.strip() == "3"
+
+
 def test_rerun_and_rm_honour_the_lock(mrpool, tmp_path):
     job = write_job(tmp_path / "job", [{"id": 1}], {"command": ["sleep", "30"]}, workers=1)
     proc = mrpool.start("run", str(job), "--job-id", "busy")

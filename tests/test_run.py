@@ -1015,3 +1015,30 @@ def test_printed_next_steps_paste_as_is_with_a_non_default_state_dir(mrpool, tmp
         pasted = subprocess.run(hint.replace("mrpool", f"{PY} -m mrpool", 1), shell=True,
                                 capture_output=True, text=True, env=env, cwd=str(REPO))  # fmt: skip
         assert pasted.returncode in (0, 1), (hint, pasted.stderr)  # 4 would be "no such job"
+
+
+@pytest.mark.parametrize("closed", ["stdout", "stderr", "both"])
+def test_a_reader_that_went_away_neither_stops_the_run_nor_hides_its_exit_code(
+    mrpool, tmp_path, closed
+):
+    """``mrpool run job.yaml | head -c0`` or ``2>&1 | head -1``: the job id and the summary
+    have nowhere to go, but the run is the product. Every item still runs, and the exit
+    code still says an item was parked (1), not 0."""
+    items = [{"id": n, "n": n, **({"die": True} if n == 3 else {})} for n in range(20)]
+    job = write_job(
+        tmp_path / "job", items, {"callable": "mapmod:kill_always"}, files={"mapmod.py": MAPMOD}
+    )
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe fails with EPIPE from the start
+    streams = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    for name in ("stdout", "stderr") if closed == "both" else (closed,):
+        streams[name] = write_end
+    proc = mrpool.start("run", str(job), "--job-id", "gone", "--json", **streams)
+    os.close(write_end)
+    assert proc.wait(timeout=60) == 1
+    status = mrpool.status("gone")
+    assert (status["succeeded"], status["dlq"], status["state"]) == (
+        19,
+        1,
+        "completed_with_failures",
+    )
