@@ -1117,15 +1117,11 @@ def _when(ts: float | None) -> str:
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> None:
-    """Aligned columns; control characters in a cell are escaped (an id or error holding
-    a newline or an ANSI escape must not forge a row or repaint the terminal)."""
-    cells = [header, *[[printable(str(c)) for c in row] for row in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    _write_lines(  # in blocks: a write and a flush per row dominated a long DLQ's listing
-        ("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n").encode()
-        for row in cells
-    )
-    sys.stdout.buffer.flush()
+    """Aligned columns from rows of cells (``_column_table`` does the work); control
+    characters in a cell are escaped (an id or error holding a newline or an ANSI escape
+    must not forge a row or repaint the terminal)."""
+    columns = [list(map(str, col)) for col in zip(*rows)] if rows else [[] for _ in header]
+    _column_table(header, columns)
 
 
 def _column_table(header: list[str], columns: list[list[str]]) -> None:
